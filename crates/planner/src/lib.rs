@@ -1,0 +1,304 @@
+//! Schedule generators: one pure function per schedule family, from (family, ranks,
+//! micro-batches) to a format-v1 [`Schedule`].
+//!
+//! - `dualpipe` and `dualpipev` reproduce the reference implementation instruction for
+//!   instruction (compute, send, recv and commit, in order).
+//! - `1f1b`, `gpipe`, `zb1p`, `zbv` and `interleaved-1f1b` are generated as compute orders and
+//!   lowered by [`lower`], which inserts the sends, receives and commits.
+//!
+//! The planner does no I/O and never prints; every schedule it returns passes
+//! [`dualpipe_schedule::validate`] (the CLI checks again before writing).
+//!
+//! ```
+//! use dualpipe_planner::{plan, Family, PlanRequest};
+//! let schedule = plan(&PlanRequest::new(Family::DualPipeV, 4, 10)).unwrap();
+//! assert_eq!(schedule.num_stages, 8);
+//! dualpipe_schedule::validate(&schedule).unwrap();
+//! ```
+
+mod classic;
+mod dualpipe;
+pub mod lower;
+
+use std::fmt;
+use std::str::FromStr;
+
+use dualpipe_schedule::{Format, Pipeline, Schedule};
+
+/// A schedule family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// DeepSeek's DualPipe: two pipelines in opposite directions over N stages on N ranks.
+    DualPipe,
+    /// DualPipeV, DualPipe cut in half: one pipeline folded into a V, 2N stages on N ranks.
+    DualPipeV,
+    /// One forward, one backward (PipeDream-flush).
+    OneFOneB,
+    /// All forwards, then all backwards.
+    GPipe,
+    /// ZB-H1 from the zero-bubble paper: 1F1B with the weight gradient split off and moved
+    /// into the cool-down bubble, at 1F1B's activation memory.
+    Zb1p,
+    /// ZB-V from the zero-bubble paper: two stages per rank in a V, split backward.
+    Zbv,
+    /// Interleaved 1F1B (Megatron-LM): V stages per rank in a loop.
+    Interleaved1F1B,
+}
+
+impl Family {
+    /// Every family, in the order `--help` lists them.
+    pub const ALL: [Family; 7] = [
+        Family::DualPipe,
+        Family::DualPipeV,
+        Family::OneFOneB,
+        Family::GPipe,
+        Family::Zb1p,
+        Family::Zbv,
+        Family::Interleaved1F1B,
+    ];
+
+    /// The name used on the command line and in the `schedule` field.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::DualPipe => "dualpipe",
+            Family::DualPipeV => "dualpipev",
+            Family::OneFOneB => "1f1b",
+            Family::GPipe => "gpipe",
+            Family::Zb1p => "zb1p",
+            Family::Zbv => "zbv",
+            Family::Interleaved1F1B => "interleaved-1f1b",
+        }
+    }
+
+    /// What the family requires of its parameters, in words.
+    pub const fn constraint(self) -> &'static str {
+        match self {
+            Family::DualPipe => {
+                "an even number of ranks N >= 2 and an even number of micro-batches C >= 2N"
+            }
+            Family::DualPipeV => "ranks N >= 1 and micro-batches C >= 2N",
+            Family::OneFOneB | Family::GPipe | Family::Zb1p => {
+                "ranks N >= 1 and micro-batches C >= 1"
+            }
+            Family::Zbv => "ranks N >= 1 and micro-batches C >= 2N",
+            Family::Interleaved1F1B => {
+                "ranks N >= 1, chunks per rank V >= 1 and micro-batches C >= N with C a multiple of N"
+            }
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Family {
+    type Err = PlanError;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Family::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| PlanError::UnknownFamily(name.to_string()))
+    }
+}
+
+/// What to plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanRequest {
+    /// The schedule family.
+    pub family: Family,
+    /// Number of ranks N.
+    pub ranks: u32,
+    /// Number of micro-batches C.
+    pub microbatches: u32,
+    /// Stages per rank for `interleaved-1f1b` (V); other families take none.
+    pub chunks_per_rank: Option<u32>,
+    /// Inference: forwards only.
+    pub forward_only: bool,
+}
+
+impl PlanRequest {
+    /// A training step of `family` on `ranks` ranks with `microbatches` micro-batches.
+    pub const fn new(family: Family, ranks: u32, microbatches: u32) -> Self {
+        PlanRequest {
+            family,
+            ranks,
+            microbatches,
+            chunks_per_rank: None,
+            forward_only: false,
+        }
+    }
+
+    /// The same request, forward only.
+    pub const fn forward_only(mut self) -> Self {
+        self.forward_only = true;
+        self
+    }
+
+    /// The same request with `v` stages per rank (`interleaved-1f1b`).
+    pub const fn chunks_per_rank(mut self, v: u32) -> Self {
+        self.chunks_per_rank = Some(v);
+        self
+    }
+}
+
+/// Why a request cannot be planned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// The family name is not known.
+    #[error(
+        "unknown schedule `{0}`; known schedules: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b"
+    )]
+    UnknownFamily(String),
+    /// The parameters break the family's constraint.
+    #[error("{family} needs {}; got {ranks} ranks and {microbatches} micro-batches{}", family.constraint(), chunks.map(|v| format!(" with {v} chunks per rank")).unwrap_or_default())]
+    Constraint {
+        /// The family.
+        family: Family,
+        /// Requested ranks.
+        ranks: u32,
+        /// Requested micro-batches.
+        microbatches: u32,
+        /// Requested chunks per rank.
+        chunks: Option<u32>,
+    },
+    /// `--chunks-per-rank` given to a family that has a fixed number of stages per rank.
+    #[error(
+        "{family} has a fixed number of stages per rank; --chunks-per-rank applies to interleaved-1f1b only"
+    )]
+    ChunksNotAccepted {
+        /// The family.
+        family: Family,
+    },
+    /// A generator produced a compute order that does not lower: a bug in the planner.
+    #[error("internal planner error, please report it: {0}")]
+    Internal(String),
+    /// The request is too large to index with 32-bit ids.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// Plans one step. Pure: no I/O.
+pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
+    check(request)?;
+    let PlanRequest {
+        family,
+        ranks: n,
+        microbatches: c,
+        forward_only,
+        ..
+    } = *request;
+    let schedule = match family {
+        Family::DualPipe | Family::DualPipeV => {
+            let variant = if family == Family::DualPipe {
+                dualpipe::Variant::DualPipe
+            } else {
+                dualpipe::Variant::DualPipeV
+            };
+            Schedule {
+                format: Format::V1,
+                schedule: family.name().to_string(),
+                num_ranks: n,
+                num_stages: stages(family, n, 1),
+                num_microbatches: c,
+                forward_only,
+                pipelines: pipelines(family, n, c, 1),
+                ranks: (0..n)
+                    .map(|r| dualpipe::rank_program(variant, n, c, r, forward_only))
+                    .collect(),
+            }
+        }
+        _ => {
+            let v = request.chunks_per_rank.unwrap_or(1);
+            let order = classic::compute_order(family, n, c, v, forward_only);
+            let header = lower::Header {
+                schedule: family.name().to_string(),
+                num_ranks: n,
+                num_stages: stages(family, n, v),
+                num_microbatches: c,
+                forward_only,
+                pipelines: pipelines(family, n, c, v),
+            };
+            lower::lower(header, order).map_err(|e| PlanError::Internal(e.to_string()))?
+        }
+    };
+    Ok(schedule)
+}
+
+/// Checks `request` against its family's constraint.
+pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
+    let PlanRequest {
+        family,
+        ranks: n,
+        microbatches: c,
+        chunks_per_rank,
+        ..
+    } = *request;
+    if chunks_per_rank.is_some() && family != Family::Interleaved1F1B {
+        return Err(PlanError::ChunksNotAccepted { family });
+    }
+    let v = chunks_per_rank.unwrap_or(2);
+    let fits = match family {
+        Family::DualPipe => n >= 2 && n % 2 == 0 && c % 2 == 0 && c >= 2 * n,
+        Family::DualPipeV | Family::Zbv => n >= 1 && c >= 2 * n,
+        Family::OneFOneB | Family::GPipe | Family::Zb1p => n >= 1 && c >= 1,
+        Family::Interleaved1F1B => n >= 1 && v >= 1 && c >= n && c % n == 0,
+    };
+    if !fits {
+        return Err(PlanError::Constraint {
+            family,
+            ranks: n,
+            microbatches: c,
+            chunks: chunks_per_rank,
+        });
+    }
+    let stage_count = u64::from(n) * u64::from(v.max(2));
+    if stage_count * u64::from(c) > u64::from(u32::MAX) / 8 {
+        return Err(PlanError::TooLarge(format!(
+            "{n} ranks x {c} micro-batches is too large to plan"
+        )));
+    }
+    Ok(())
+}
+
+/// Number of stages of `family` on `n` ranks with `v` chunks per rank.
+fn stages(family: Family, n: u32, v: u32) -> u32 {
+    match family {
+        Family::DualPipeV | Family::Zbv => 2 * n,
+        Family::Interleaved1F1B => n * v,
+        _ => n,
+    }
+}
+
+/// The routes of `family` and which micro-batches take them.
+fn pipelines(family: Family, n: u32, c: u32, v: u32) -> Vec<Pipeline> {
+    let down: Vec<u32> = (0..n).collect();
+    let up: Vec<u32> = (0..n).rev().collect();
+    match family {
+        Family::DualPipe => vec![
+            Pipeline {
+                route: down,
+                microbatches: (0..c / 2).collect(),
+            },
+            Pipeline {
+                route: up,
+                microbatches: (c / 2..c).collect(),
+            },
+        ],
+        Family::DualPipeV | Family::Zbv => vec![Pipeline {
+            route: down.into_iter().chain(up).collect(),
+            microbatches: (0..c).collect(),
+        }],
+        Family::Interleaved1F1B => vec![Pipeline {
+            route: (0..v).flat_map(|_| 0..n).collect(),
+            microbatches: (0..c).collect(),
+        }],
+        Family::OneFOneB | Family::GPipe | Family::Zb1p => vec![Pipeline {
+            route: down,
+            microbatches: (0..c).collect(),
+        }],
+    }
+}

@@ -1,0 +1,42 @@
+//! Schedule format v1 for bidirectional pipeline parallelism: the types, their JSON and compact
+//! text forms, and the validator.
+//!
+//! A schedule says, for every rank, which forward (`F`), backward (`B`), weight-gradient (`W`),
+//! overlapped forward-and-backward (`FB`), `send`, `recv` and `commit` runs, in order. This crate
+//! owns that format: nothing else in the workspace parses or writes it.
+//!
+//! ```
+//! use dualpipe_schedule::{Schedule, validate};
+//! let text = r#"{
+//!   "format": "dualpipe-schedule/v1", "schedule": "demo",
+//!   "num_ranks": 1, "num_stages": 1, "num_microbatches": 1, "forward_only": false,
+//!   "pipelines": [{"route": [0], "microbatches": [0]}],
+//!   "ranks": [[{"op": "F", "stage": 0, "mb": 0}, {"op": "B", "stage": 0, "mb": 0}]]
+//! }"#;
+//! let schedule = Schedule::from_json(text).unwrap();
+//! validate(&schedule).unwrap();
+//! ```
+
+mod format;
+mod json;
+mod topology;
+mod validate;
+
+pub use format::{
+    FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
+    parse_program,
+};
+pub use json::ParseError;
+pub use topology::Topology;
+pub use validate::{
+    ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,
+    validate,
+};
+
+/// The JSON Schema of format v1, pretty-printed; checked in as `docs/schedule-v1.schema.json`.
+pub fn json_schema() -> String {
+    let schema = schemars::schema_for!(Schedule);
+    let mut text = serde_json::to_string_pretty(&schema).expect("schemas serialize");
+    text.push('\n');
+    text
+}

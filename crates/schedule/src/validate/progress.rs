@@ -1,0 +1,348 @@
+//! Rule 4: the schedule runs to the end under both execution models.
+//!
+//! Each model becomes a dependency graph whose nodes are events (a rank reaching a commit, a
+//! batch completing, a compute getting its data) and whose edges say "cannot happen before".
+//! Every event waits for all of its predecessors, so the schedule runs to the end exactly when
+//! the graph is acyclic. On a cycle, a Kahn pass finds where each rank stops, and the error says
+//! what each stopped rank waits for.
+//!
+//! - Blocking (the reference implementation): a commit posts its batch and returns only when
+//!   every op in it has met its partner, i.e. when each partner's batch has been posted.
+//!   Computes never wait: their data arrived before the rank passed the commit.
+//! - Async: a commit launches its batch on the rank's communication stream and returns; batches
+//!   on one stream run in order; a batch completes once every partner batch has started; a
+//!   compute waits only for the batches that carry its inputs.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use petgraph::Direction;
+use petgraph::algo::toposort;
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use super::{Links, Location, Rule, Violation};
+use crate::format::{Instruction, Kind, Schedule, Work};
+
+/// How communication and computation interleave when a schedule runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExecutionModel {
+    /// A commit returns when every op of its batch has met its partner (the reference
+    /// implementation's `batch_isend_irecv` followed by `wait`).
+    Blocking,
+    /// A commit launches its batch on a communication stream; compute waits only for the data
+    /// it needs.
+    Async,
+}
+
+impl std::fmt::Display for ExecutionModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExecutionModel::Blocking => "blocking",
+            ExecutionModel::Async => "async",
+        })
+    }
+}
+
+/// Per rank, the number of commits before each instruction: a send or recv at index `i` is
+/// posted by batch `before[i]` of its rank.
+struct Batches {
+    /// Per rank, per instruction: commits strictly before it.
+    before: Vec<Vec<u32>>,
+    /// Per rank: instruction index of each commit.
+    commits: Vec<Vec<u32>>,
+    /// Per rank: global id of its first batch.
+    first: Vec<u32>,
+    total: u32,
+}
+
+impl Batches {
+    fn new(schedule: &Schedule) -> Self {
+        let mut before = Vec::with_capacity(schedule.ranks.len());
+        let mut commits = Vec::with_capacity(schedule.ranks.len());
+        let mut first = Vec::with_capacity(schedule.ranks.len());
+        let mut total = 0u32;
+        for list in &schedule.ranks {
+            let mut count = 0u32;
+            let mut at = Vec::with_capacity(list.len());
+            let mut indices = Vec::new();
+            for (i, instruction) in list.iter().enumerate() {
+                at.push(count);
+                if matches!(instruction, Instruction::Commit) {
+                    indices.push(i as u32);
+                    count += 1;
+                }
+            }
+            first.push(total);
+            total += count;
+            before.push(at);
+            commits.push(indices);
+        }
+        Batches {
+            before,
+            commits,
+            first,
+            total,
+        }
+    }
+
+    /// Global id of the batch that posts the send or recv at `(rank, index)`.
+    fn of(&self, rank: usize, index: usize) -> u32 {
+        self.first[rank] + self.before[rank][index]
+    }
+}
+
+/// The event graph of one model, with what is needed to explain a stall.
+struct EventGraph {
+    graph: DiGraph<(), (), u32>,
+    /// Per rank: the host-side nodes in program order, with the instruction index each stands
+    /// for (the commits, and under the async model the computes that read received data).
+    host: Vec<Vec<(NodeIndex, u32)>>,
+}
+
+pub(crate) fn check(
+    schedule: &Schedule,
+    links: &Links,
+    model: ExecutionModel,
+) -> Result<(), Violation> {
+    let batches = Batches::new(schedule);
+    let events = match model {
+        ExecutionModel::Blocking => blocking_graph(schedule, links, &batches),
+        ExecutionModel::Async => async_graph(schedule, links, &batches),
+    };
+    if toposort(&events.graph, None).is_ok() {
+        return Ok(());
+    }
+    Err(explain(schedule, links, &batches, &events, model))
+}
+
+// Blocking: per batch g, node 2g = the rank posts it, node 2g+1 = it completes.
+fn post(g: u32) -> NodeIndex {
+    NodeIndex::new(2 * g as usize)
+}
+fn done(g: u32) -> NodeIndex {
+    NodeIndex::new(2 * g as usize + 1)
+}
+
+fn blocking_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGraph {
+    let n = 2 * batches.total as usize;
+    let mut graph = DiGraph::with_capacity(n, 4 * n);
+    for _ in 0..n {
+        graph.add_node(());
+    }
+    let mut host = Vec::with_capacity(schedule.ranks.len());
+    for (rank, list) in schedule.ranks.iter().enumerate() {
+        let first = batches.first[rank];
+        let commits = &batches.commits[rank];
+        for k in 0..commits.len() as u32 {
+            let g = first + k;
+            graph.add_edge(post(g), done(g), ());
+            if k > 0 {
+                graph.add_edge(done(g - 1), post(g), ());
+            }
+        }
+        for (index, instruction) in list.iter().enumerate() {
+            if let Instruction::Send(m) | Instruction::Recv(m) = instruction {
+                let partner = links.partner(rank, index).expect("validated link");
+                let theirs = batches.of(m.peer as usize, partner);
+                graph.add_edge(post(theirs), done(batches.of(rank, index)), ());
+            }
+        }
+        host.push(
+            commits
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| (done(first + k as u32), i))
+                .collect(),
+        );
+    }
+    EventGraph { graph, host }
+}
+
+// Async: per batch g, node 3g = the host launches it, 3g+1 = it starts on the stream,
+// 3g+2 = it completes. Reader nodes (computes waiting for received data) come after.
+fn launch(g: u32) -> NodeIndex {
+    NodeIndex::new(3 * g as usize)
+}
+fn start(g: u32) -> NodeIndex {
+    NodeIndex::new(3 * g as usize + 1)
+}
+fn finish(g: u32) -> NodeIndex {
+    NodeIndex::new(3 * g as usize + 2)
+}
+
+fn async_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGraph {
+    let n = 3 * batches.total as usize;
+    let mut graph = DiGraph::with_capacity(n + n / 2, 5 * n);
+    for _ in 0..n {
+        graph.add_node(());
+    }
+    let mut host = Vec::with_capacity(schedule.ranks.len());
+    for (rank, list) in schedule.ranks.iter().enumerate() {
+        let first = batches.first[rank];
+        for k in 0..batches.commits[rank].len() as u32 {
+            let g = first + k;
+            graph.add_edge(launch(g), start(g), ());
+            graph.add_edge(start(g), finish(g), ());
+            if k > 0 {
+                graph.add_edge(finish(g - 1), start(g), ());
+            }
+        }
+        let mut received: HashMap<(Kind, Work), u32> = HashMap::new();
+        let mut chain: Vec<(NodeIndex, u32)> = Vec::new();
+        for (index, instruction) in list.iter().enumerate() {
+            let needs: [Option<(Kind, Work)>; 2] = match *instruction {
+                Instruction::Send(m) | Instruction::Recv(m) => {
+                    let partner = links.partner(rank, index).expect("validated link");
+                    let ours = batches.of(rank, index);
+                    let theirs = batches.of(m.peer as usize, partner);
+                    graph.add_edge(start(theirs), finish(ours), ());
+                    if matches!(instruction, Instruction::Recv(_)) {
+                        received.insert((m.kind, m.work()), ours);
+                    }
+                    continue;
+                }
+                Instruction::Commit => {
+                    let g = first + batches.before[rank][index];
+                    if let Some(&(previous, _)) = chain.last() {
+                        graph.add_edge(previous, launch(g), ());
+                    }
+                    chain.push((launch(g), index as u32));
+                    continue;
+                }
+                Instruction::Forward(w) => [Some((Kind::Act, w)), None],
+                Instruction::Backward { work, .. } => [Some((Kind::Grad, work)), None],
+                Instruction::ForwardBackward { f, b } => {
+                    [Some((Kind::Act, f)), Some((Kind::Grad, b))]
+                }
+                Instruction::Weight(_) => [None, None],
+            };
+            let sources: Vec<u32> = needs
+                .iter()
+                .flatten()
+                .filter_map(|key| received.get(key).copied())
+                .collect();
+            if sources.is_empty() {
+                continue;
+            }
+            let reader = graph.add_node(());
+            for g in sources {
+                graph.add_edge(finish(g), reader, ());
+            }
+            if let Some(&(previous, _)) = chain.last() {
+                graph.add_edge(previous, reader, ());
+            }
+            chain.push((reader, index as u32));
+        }
+        host.push(chain);
+    }
+    EventGraph { graph, host }
+}
+
+/// Runs the events that can run (Kahn's algorithm) and describes where each rank stops.
+fn explain(
+    schedule: &Schedule,
+    links: &Links,
+    batches: &Batches,
+    events: &EventGraph,
+    model: ExecutionModel,
+) -> Violation {
+    let graph = &events.graph;
+    let mut waiting: Vec<u32> = graph
+        .node_indices()
+        .map(|n| graph.neighbors_directed(n, Direction::Incoming).count() as u32)
+        .collect();
+    let mut ready: Vec<NodeIndex> = graph
+        .node_indices()
+        .filter(|n| waiting[n.index()] == 0)
+        .collect();
+    let mut fired = vec![false; graph.node_count()];
+    while let Some(node) = ready.pop() {
+        fired[node.index()] = true;
+        for next in graph.neighbors_directed(node, Direction::Outgoing) {
+            waiting[next.index()] -= 1;
+            if waiting[next.index()] == 0 {
+                ready.push(next);
+            }
+        }
+    }
+
+    let posted = |g: u32| match model {
+        ExecutionModel::Blocking => fired[post(g).index()],
+        ExecutionModel::Async => fired[start(g).index()],
+    };
+    let mut lines = Vec::new();
+    let mut location = None;
+    for (rank, chain) in events.host.iter().enumerate() {
+        let Some(&(_, stuck_at)) = chain.iter().find(|(node, _)| !fired[node.index()]) else {
+            continue;
+        };
+        let list = &schedule.ranks[rank];
+        let stuck_at = stuck_at as usize;
+        location.get_or_insert(Location::Instruction {
+            rank: rank as u32,
+            index: stuck_at,
+            instruction: list[stuck_at],
+        });
+        // The first batch of this rank that never completes, and an op in it whose partner
+        // batch is never posted (or started).
+        let first = batches.first[rank];
+        let unfinished = (0..batches.commits[rank].len() as u32).find(|&k| {
+            let g = first + k;
+            match model {
+                ExecutionModel::Blocking => !fired[done(g).index()],
+                ExecutionModel::Async => !fired[finish(g).index()],
+            }
+        });
+        let mut line = format!(
+            "rank {rank} stops at instruction {stuck_at} `{}`",
+            list[stuck_at]
+        );
+        if let Some(k) = unfinished {
+            let commit = batches.commits[rank][k as usize] as usize;
+            let blocker = list.iter().enumerate().find_map(|(i, instruction)| {
+                let (Instruction::Send(m) | Instruction::Recv(m)) = instruction else {
+                    return None;
+                };
+                if batches.before[rank][i] != k {
+                    return None;
+                }
+                let j = links.partner(rank, i)?;
+                (!posted(batches.of(m.peer as usize, j))).then_some((i, m.peer as usize, j))
+            });
+            if model == ExecutionModel::Async && commit != stuck_at {
+                let _ = write!(
+                    line,
+                    ", waiting for the batch of its commit at instruction {commit}"
+                );
+            }
+            if let Some((i, peer, j)) = blocker {
+                let verb = match model {
+                    ExecutionModel::Blocking => "post",
+                    ExecutionModel::Async => "start the batch with",
+                };
+                let _ = write!(
+                    line,
+                    ": `{}` needs rank {peer} to {verb} `{}` (its instruction {j})",
+                    list[i], schedule.ranks[peer][j]
+                );
+            } else if model == ExecutionModel::Async {
+                let _ = write!(
+                    line,
+                    ", which waits for an earlier batch on the same stream"
+                );
+            }
+        }
+        lines.push(line);
+    }
+    let shown = lines.len().min(8);
+    let mut message = format!("stall under the {model} execution model: ");
+    message.push_str(&lines[..shown].join("; "));
+    if lines.len() > shown {
+        let _ = write!(message, "; and {} more ranks stop", lines.len() - shown);
+    }
+    Violation::new(
+        Rule::Progress,
+        location.unwrap_or(Location::Document),
+        message,
+    )
+}
