@@ -14,10 +14,9 @@
 //! one rank are in strictly increasing round order, so by induction on the round every batch is
 //! posted and completes: no rank can wait on a batch of a later round.
 
-use std::collections::HashMap;
 use std::fmt;
 
-use dualpipe_schedule::{Format, Instruction, Kind, Pipeline, Schedule, Topology, Work};
+use dualpipe_schedule::{Format, Instruction, Kind, Pipeline, Schedule, Topology, compute_rounds};
 
 /// The header of the schedule to produce.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,7 +106,20 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
                 .join("; "),
         )
     })?;
-    let rounds = rounds(&schedule, &topology)?;
+    if let Some((rank, index, instruction)) = schedule.ranks.iter().enumerate().find_map(|(r, l)| {
+        l.iter()
+            .position(|i| !i.is_compute())
+            .map(|i| (r, i, l[i]))
+    }) {
+        return Err(LowerError::Invalid(format!(
+            "rank {rank} instruction {index}: `{instruction}` is not a compute; lowering takes compute orders only"
+        )));
+    }
+    let rounds: Vec<Vec<u32>> = compute_rounds(&schedule, &topology)
+        .map_err(|stalled| LowerError::Cyclic(stalled.0))?
+        .into_iter()
+        .map(|list| list.into_iter().map(|r| r.round).collect())
+        .collect();
     let messages = messages(&schedule, &topology, &rounds);
 
     // Per rank, per gap (before compute k; k = len is after the last), the messages to post.
@@ -152,119 +164,6 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
         }
     }
     Ok(schedule)
-}
-
-const FORWARD: usize = 0;
-const BACKWARD: usize = 1;
-
-/// What a compute needs before it can start: `(FORWARD, w)` or `(BACKWARD, w)` of other work.
-fn dependencies(instruction: Instruction, topology: &Topology, out: &mut Vec<(usize, Work)>) {
-    out.clear();
-    let forward = |w: Work, out: &mut Vec<(usize, Work)>| {
-        if w.stage > 0 {
-            out.push((FORWARD, Work::new(w.stage - 1, w.mb)));
-        }
-    };
-    let backward = |w: Work, out: &mut Vec<(usize, Work)>| {
-        out.push((FORWARD, w));
-        if !topology.is_last_stage(w.stage) {
-            out.push((BACKWARD, Work::new(w.stage + 1, w.mb)));
-        }
-    };
-    match instruction {
-        Instruction::Forward(w) => forward(w, out),
-        Instruction::Backward { work, .. } => backward(work, out),
-        Instruction::Weight(w) => out.push((BACKWARD, w)),
-        Instruction::ForwardBackward { f, b } => {
-            forward(f, out);
-            backward(b, out);
-        }
-        Instruction::Send(_) | Instruction::Recv(_) | Instruction::Commit => {}
-    }
-}
-
-/// The round of every compute, rank by rank, in an as-soon-as-possible run. A worklist of
-/// ranks: a rank runs until a compute lacks an input, then waits on that input.
-fn rounds(schedule: &Schedule, topology: &Topology) -> Result<Vec<Vec<u32>>, LowerError> {
-    let slots = topology.num_stages() as usize * topology.num_microbatches() as usize;
-    let slot = |w: Work| w.stage as usize * topology.num_microbatches() as usize + w.mb as usize;
-    const UNSET: u32 = u32::MAX;
-    // done[0] for forwards, done[1] for backwards: the round in which each ran.
-    let mut done = [vec![UNSET; slots], vec![UNSET; slots]];
-    let mut waiters: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
-    let mut rounds: Vec<Vec<u32>> = schedule
-        .ranks
-        .iter()
-        .map(|l| Vec::with_capacity(l.len()))
-        .collect();
-    let mut ready: Vec<usize> = (0..schedule.ranks.len()).rev().collect();
-    let mut deps = Vec::new();
-    while let Some(rank) = ready.pop() {
-        let list = &schedule.ranks[rank];
-        'rank: while let Some(&instruction) = list.get(rounds[rank].len()) {
-            if !instruction.is_compute() {
-                return Err(LowerError::Invalid(format!(
-                    "rank {rank} instruction {}: `{instruction}` is not a compute; lowering takes compute orders only",
-                    rounds[rank].len()
-                )));
-            }
-            if works(instruction).any(|w| !topology.contains(w)) {
-                return Err(LowerError::Invalid(format!(
-                    "rank {rank}: `{instruction}` is out of range"
-                )));
-            }
-            dependencies(instruction, topology, &mut deps);
-            let mut at = rounds[rank].last().map_or(0, |&t| t + 1);
-            for &(which, work) in &deps {
-                let round = done[which][slot(work)];
-                if round == UNSET {
-                    waiters.entry((which, slot(work))).or_default().push(rank);
-                    break 'rank;
-                }
-                at = at.max(round + 1);
-            }
-            let mut finish = |which: usize, work: Work, ready: &mut Vec<usize>| {
-                done[which][slot(work)] = at;
-                if let Some(woken) = waiters.remove(&(which, slot(work))) {
-                    ready.extend(woken);
-                }
-            };
-            match instruction {
-                Instruction::Forward(w) => finish(FORWARD, w, &mut ready),
-                Instruction::Backward { work, .. } => finish(BACKWARD, work, &mut ready),
-                Instruction::ForwardBackward { f, b } => {
-                    finish(FORWARD, f, &mut ready);
-                    finish(BACKWARD, b, &mut ready);
-                }
-                _ => {}
-            }
-            rounds[rank].push(at);
-        }
-    }
-    let stuck: Vec<String> = schedule
-        .ranks
-        .iter()
-        .enumerate()
-        .filter_map(|(rank, list)| {
-            list.get(rounds[rank].len())
-                .map(|i| format!("rank {rank} waits at `{i}`"))
-        })
-        .collect();
-    if stuck.is_empty() {
-        Ok(rounds)
-    } else {
-        Err(LowerError::Cyclic(stuck.join(", ")))
-    }
-}
-
-fn works(instruction: Instruction) -> impl Iterator<Item = Work> {
-    let (a, b) = match instruction {
-        Instruction::Forward(w) | Instruction::Weight(w) => (Some(w), None),
-        Instruction::Backward { work, .. } => (Some(work), None),
-        Instruction::ForwardBackward { f, b } => (Some(f), Some(b)),
-        _ => (None, None),
-    };
-    a.into_iter().chain(b)
 }
 
 /// Every cross-rank message with the round of its consumer.

@@ -19,6 +19,7 @@
 
 mod format;
 mod json;
+mod order;
 mod topology;
 mod validate;
 
@@ -27,6 +28,7 @@ pub use format::{
     parse_program,
 };
 pub use json::ParseError;
+pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
 pub use topology::Topology;
 pub use validate::{
     ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,

@@ -1,0 +1,67 @@
+//! `dualpipe plan`: generate a schedule.
+
+use std::path::PathBuf;
+
+use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_schedule::validate;
+
+use crate::io::{Failure, write_output};
+
+/// Generate a schedule and write it as format-v1 JSON.
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20
+  dualpipe plan --schedule dualpipev --ranks 4 --microbatches 10 -o dualpipev-4x10.json
+  dualpipe plan --schedule interleaved-1f1b --ranks 4 --microbatches 8 --chunks-per-rank 2
+  dualpipe plan --schedule zb1p --ranks 4 --microbatches 8 --forward-only
+
+Schedules and what they need:
+  dualpipe          N even >= 2, C even >= 2N
+  dualpipev         N >= 1, C >= 2N
+  1f1b, gpipe, zb1p N >= 1, C >= 1
+  zbv               N >= 1, C >= 2N
+  interleaved-1f1b  N >= 1, C a multiple of N, --chunks-per-rank V >= 1 (default 2)")]
+pub struct Args {
+    /// Schedule family: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b.
+    #[arg(long, short = 's', value_parser = parse_family)]
+    schedule: Family,
+    /// Number of ranks (pipeline-parallel processes).
+    #[arg(long, short = 'n')]
+    ranks: u32,
+    /// Number of micro-batches per step.
+    #[arg(long, short = 'c')]
+    microbatches: u32,
+    /// Stages per rank, for interleaved-1f1b (default 2).
+    #[arg(long, short = 'v')]
+    chunks_per_rank: Option<u32>,
+    /// Plan an inference step: forwards only.
+    #[arg(long)]
+    forward_only: bool,
+    /// Write to this file instead of standard output.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_family(name: &str) -> Result<Family, String> {
+    name.parse().map_err(|e: dualpipe_planner::PlanError| e.to_string())
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let mut request = PlanRequest::new(args.schedule, args.ranks, args.microbatches);
+    request.forward_only = args.forward_only;
+    request.chunks_per_rank = args.chunks_per_rank;
+    if request.family == dualpipe_planner::Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
+        request.chunks_per_rank = Some(2);
+    }
+    let schedule = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
+    if let Err(errors) = validate(&schedule) {
+        return Err(Failure::invalid(format!(
+            "internal planner error, please report it: the planned schedule is invalid: {errors}"
+        )));
+    }
+    write_output(args.output.as_deref(), &schedule.to_json(), args.force)
+}

@@ -1,0 +1,60 @@
+//! `dualpipe`: plan, check and look at pipeline-parallel schedules.
+
+mod cmd;
+mod io;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+
+const EXAMPLES: &str = "\
+Examples:
+  dualpipe plan --schedule dualpipev --ranks 4 --microbatches 10 -o v.json
+  dualpipe validate v.json
+  dualpipe inspect v.json
+  dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20 | dualpipe inspect -
+
+Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
+
+/// Schedule compiler for bidirectional pipeline parallelism (DualPipe, DualPipeV and the
+/// classic schedules).
+#[derive(Parser)]
+#[command(name = "dualpipe", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Plan(cmd::plan::Args),
+    Validate(cmd::validate::Args),
+    Inspect(cmd::inspect::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Validate(args) => cmd::validate::run(args),
+        Command::Inspect(args) => cmd::inspect::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
