@@ -60,8 +60,7 @@ pub fn read_input(path: &str) -> Result<String, Failure> {
 /// Reads and parses a schedule document (not yet validated).
 pub fn load_schedule(path: &str) -> Result<Schedule, Failure> {
     let text = read_input(path)?;
-    Schedule::from_json(&text)
-        .map_err(|e| Failure::invalid(format!("{}: {e}", source_name(path))))
+    Schedule::from_json(&text).map_err(|e| Failure::invalid(format!("{}: {e}", source_name(path))))
 }
 
 /// Writes `text` to `output`, or to standard output when `output` is `None`. An existing file is

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-
 const EXAMPLES: &str = "\
 Examples:
   dualpipe plan --schedule dualpipev --ranks 4 --microbatches 10 -o v.json

@@ -220,16 +220,20 @@ impl RankProgram {
             || (self.last_rank() && phase == 0 && self.variant == Variant::DualPipe)
     }
 
+    /// At the bottom of DualPipeV's V, phase `side` hands off locally instead of communicating
+    /// (phase 0's output and phase 1's input gradient stay on the last rank).
+    fn v_turn(&self, phase: usize, side: usize) -> bool {
+        self.variant == Variant::DualPipeV && self.last_rank() && phase == side
+    }
+
     /// Activations of this phase arrive from another rank (not the batch, not a hand-off).
     fn receives_act(&self, phase: usize) -> bool {
-        !self.first_stage(phase)
-            && !(self.variant == Variant::DualPipeV && self.last_rank() && phase == 1)
+        !(self.first_stage(phase) || self.v_turn(phase, 1))
     }
 
     /// Activations of this phase leave for another rank (not the loss, not a hand-off).
     fn sends_act(&self, phase: usize) -> bool {
-        !self.last_stage(phase)
-            && !(self.variant == Variant::DualPipeV && self.last_rank() && phase == 0)
+        !(self.last_stage(phase) || self.v_turn(phase, 0))
     }
 
     /// Gradients of this phase arrive from another rank.

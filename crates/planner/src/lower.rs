@@ -106,11 +106,12 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
                 .join("; "),
         )
     })?;
-    if let Some((rank, index, instruction)) = schedule.ranks.iter().enumerate().find_map(|(r, l)| {
-        l.iter()
-            .position(|i| !i.is_compute())
-            .map(|i| (r, i, l[i]))
-    }) {
+    if let Some((rank, index, instruction)) = schedule
+        .ranks
+        .iter()
+        .enumerate()
+        .find_map(|(r, l)| l.iter().position(|i| !i.is_compute()).map(|i| (r, i, l[i])))
+    {
         return Err(LowerError::Invalid(format!(
             "rank {rank} instruction {index}: `{instruction}` is not a compute; lowering takes compute orders only"
         )));

@@ -21,6 +21,7 @@ mod format;
 mod json;
 mod order;
 mod topology;
+mod trace;
 mod validate;
 
 pub use format::{
@@ -30,6 +31,7 @@ pub use format::{
 pub use json::ParseError;
 pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
 pub use topology::Topology;
+pub use trace::{Lane, Span, chrome_trace};
 pub use validate::{
     ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,
     validate,

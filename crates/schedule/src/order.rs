@@ -31,7 +31,10 @@ pub struct Round {
 /// backward; the deferred backward for a `W`) and after the previous compute of its rank.
 ///
 /// Out-of-range work is treated as a stall; validate first for precise errors.
-pub fn compute_rounds(schedule: &Schedule, topology: &Topology) -> Result<Vec<Vec<Round>>, Stalled> {
+pub fn compute_rounds(
+    schedule: &Schedule,
+    topology: &Topology,
+) -> Result<Vec<Vec<Round>>, Stalled> {
     let slots = topology.num_stages() as usize * topology.num_microbatches() as usize;
     const UNSET: u32 = u32::MAX;
     let mut done = [vec![UNSET; slots], vec![UNSET; slots]];
@@ -231,9 +234,15 @@ pub fn order_grid(schedule: &Schedule, topology: &Topology) -> Result<String, St
     let legs = legs(topology);
     let label = |rank: usize, instruction: Instruction| -> String {
         let cell = |op: char, w: Work| {
-            let leg = legs.get(&(rank as u32, topology.pipeline_of(w.mb), w.stage)).copied();
+            let leg = legs
+                .get(&(rank as u32, topology.pipeline_of(w.mb), w.stage))
+                .copied();
             let leg = leg.unwrap_or(0);
-            let op = if leg == 1 { op.to_ascii_lowercase() } else { op };
+            let op = if leg == 1 {
+                op.to_ascii_lowercase()
+            } else {
+                op
+            };
             if leg >= 2 {
                 format!("{op}{}:{leg}", w.mb)
             } else {

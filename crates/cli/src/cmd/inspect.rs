@@ -25,7 +25,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), Failure> {
     let schedule = load_schedule(&args.file)?;
     let name = source_name(&args.file);
-    let valid = ValidSchedule::new(schedule).map_err(|errors| Failure::violations(name, &errors))?;
+    let valid =
+        ValidSchedule::new(schedule).map_err(|errors| Failure::violations(name, &errors))?;
     let schedule = valid.schedule();
     let mut out = String::new();
     let _ = writeln!(
@@ -36,7 +37,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
-        if schedule.forward_only { "forward only" } else { "training" }
+        if schedule.forward_only {
+            "forward only"
+        } else {
+            "training"
+        }
     );
     for (p, pipeline) in schedule.pipelines.iter().enumerate() {
         let _ = writeln!(

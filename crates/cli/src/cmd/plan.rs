@@ -47,14 +47,17 @@ pub struct Args {
 }
 
 fn parse_family(name: &str) -> Result<Family, String> {
-    name.parse().map_err(|e: dualpipe_planner::PlanError| e.to_string())
+    name.parse()
+        .map_err(|e: dualpipe_planner::PlanError| e.to_string())
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
     let mut request = PlanRequest::new(args.schedule, args.ranks, args.microbatches);
     request.forward_only = args.forward_only;
     request.chunks_per_rank = args.chunks_per_rank;
-    if request.family == dualpipe_planner::Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
+    if request.family == dualpipe_planner::Family::Interleaved1F1B
+        && request.chunks_per_rank.is_none()
+    {
         request.chunks_per_rank = Some(2);
     }
     let schedule = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;

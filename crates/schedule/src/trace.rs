@@ -1,0 +1,248 @@
+//! Chrome trace output (the JSON that chrome://tracing and Perfetto open), shared by the
+//! simulator's `render --format chrome` and the executor's measured timelines so that both look
+//! the same: one process per rank, one thread for compute and one for communication, and a flow
+//! arrow from the batch that sends each message to the batch that receives it.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+use crate::format::{Instruction, Schedule};
+use crate::validate::Links;
+
+/// Which stream of a rank an interval ran on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// F, B, W and FB.
+    Compute,
+    /// Commit batches (their sends and receives).
+    Comm,
+}
+
+impl Lane {
+    fn tid(self) -> u32 {
+        match self {
+            Lane::Compute => 0,
+            Lane::Comm => 1,
+        }
+    }
+}
+
+/// One timed instruction: a compute on the compute lane, or a commit's batch on the
+/// communication lane.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    /// The rank.
+    pub rank: u32,
+    /// Index of the instruction in the rank's list (a compute or a commit).
+    pub index: usize,
+    /// The stream it ran on.
+    pub lane: Lane,
+    /// Start, in microseconds from the beginning of the step.
+    pub start_us: f64,
+    /// End, in microseconds.
+    pub end_us: f64,
+}
+
+/// Writes `spans` of `schedule` as a Chrome trace (JSON object format). Flow arrows join the
+/// sending and the receiving commit of every message whose two commits both have spans.
+pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> String {
+    let mut out = String::with_capacity(128 + spans.len() * 160);
+    out.push_str("{\"displayTimeUnit\": \"ms\", \"traceEvents\": [\n");
+    let mut first = true;
+    let mut event = |out: &mut String, text: String| {
+        if !first {
+            out.push_str(",\n");
+        }
+        first = false;
+        out.push_str(&text);
+    };
+    for rank in 0..schedule.ranks.len() {
+        event(
+            &mut out,
+            format!(
+                r#"{{"name": "process_name", "ph": "M", "pid": {rank}, "args": {{"name": "rank {rank}"}}}}"#
+            ),
+        );
+        event(
+            &mut out,
+            format!(
+                r#"{{"name": "process_sort_index", "ph": "M", "pid": {rank}, "args": {{"sort_index": {rank}}}}}"#
+            ),
+        );
+        for (lane, name) in [(Lane::Compute, "compute"), (Lane::Comm, "communication")] {
+            event(
+                &mut out,
+                format!(
+                    r#"{{"name": "thread_name", "ph": "M", "pid": {rank}, "tid": {}, "args": {{"name": "{name}"}}}}"#,
+                    lane.tid()
+                ),
+            );
+        }
+    }
+    let mut commit_span: HashMap<(u32, usize), Span> = HashMap::new();
+    for span in spans {
+        let list = &schedule.ranks[span.rank as usize];
+        let instruction = list[span.index];
+        let (name, category) = match instruction {
+            Instruction::Commit => (batch_name(list, span.index), "comm"),
+            other => (other.to_string(), category(other)),
+        };
+        if matches!(instruction, Instruction::Commit) {
+            commit_span.insert((span.rank, span.index), *span);
+        }
+        event(
+            &mut out,
+            format!(
+                r#"{{"name": {}, "cat": "{category}", "ph": "X", "pid": {}, "tid": {}, "ts": {:.3}, "dur": {:.3}, "args": {{"index": {}}}}}"#,
+                json_string(&name),
+                span.rank,
+                span.lane.tid(),
+                span.start_us,
+                (span.end_us - span.start_us).max(0.0),
+                span.index
+            ),
+        );
+    }
+    let mut flow = 0u64;
+    for (rank, list) in schedule.ranks.iter().enumerate() {
+        for (index, instruction) in list.iter().enumerate() {
+            let Instruction::Send(message) = instruction else {
+                continue;
+            };
+            let (Some(partner), Some(commit)) =
+                (links.partner(rank, index), links.commit_of(rank, index))
+            else {
+                continue;
+            };
+            let peer = message.peer as usize;
+            let Some(their_commit) = links.commit_of(peer, partner) else {
+                continue;
+            };
+            let (Some(from), Some(to)) = (
+                commit_span.get(&(rank as u32, commit)),
+                commit_span.get(&(message.peer, their_commit)),
+            ) else {
+                continue;
+            };
+            flow += 1;
+            let name = json_string(&instruction.to_string());
+            event(
+                &mut out,
+                format!(
+                    r#"{{"name": {name}, "cat": "message", "ph": "s", "id": {flow}, "pid": {rank}, "tid": 1, "ts": {:.3}}}"#,
+                    from.start_us
+                ),
+            );
+            event(
+                &mut out,
+                format!(
+                    r#"{{"name": {name}, "cat": "message", "ph": "f", "bp": "e", "id": {flow}, "pid": {peer}, "tid": 1, "ts": {:.3}}}"#,
+                    to.end_us.max(from.start_us)
+                ),
+            );
+        }
+    }
+    out.push_str("\n]}\n");
+    out
+}
+
+fn category(instruction: Instruction) -> &'static str {
+    match instruction {
+        Instruction::Forward(_) => "F",
+        Instruction::Backward { defer_w: false, .. } => "B",
+        Instruction::Backward { defer_w: true, .. } => "I",
+        Instruction::Weight(_) => "W",
+        Instruction::ForwardBackward { .. } => "FB",
+        _ => "comm",
+    }
+}
+
+/// The name of a commit's span: the ops it posts.
+fn batch_name(list: &[Instruction], commit: usize) -> String {
+    let start = list[..commit]
+        .iter()
+        .rposition(|i| matches!(i, Instruction::Commit))
+        .map_or(0, |p| p + 1);
+    let ops: Vec<String> = list[start..commit]
+        .iter()
+        .filter(|i| matches!(i, Instruction::Send(_) | Instruction::Recv(_)))
+        .map(ToString::to_string)
+        .collect();
+    if ops.is_empty() {
+        "commit".into()
+    } else {
+        format!("commit: {}", ops.join(", "))
+    }
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Format, Pipeline};
+    use crate::parse_program;
+    use crate::validate::validate;
+
+    #[test]
+    fn trace_has_spans_threads_and_flows() {
+        let schedule = Schedule {
+            format: Format::V1,
+            schedule: "demo".into(),
+            num_ranks: 2,
+            num_stages: 2,
+            num_microbatches: 1,
+            forward_only: true,
+            pipelines: vec![Pipeline {
+                route: vec![0, 1],
+                microbatches: vec![0],
+            }],
+            ranks: vec![
+                parse_program("F s0 m0 | send act s0 m0 -> r1 | commit").unwrap(),
+                parse_program("recv act s1 m0 <- r0 | commit | F s1 m0").unwrap(),
+            ],
+        };
+        let report = validate(&schedule).unwrap();
+        let span = |rank, index, lane, start_us, end_us| Span {
+            rank,
+            index,
+            lane,
+            start_us,
+            end_us,
+        };
+        let spans = [
+            span(0, 0, Lane::Compute, 0.0, 10.0),
+            span(0, 2, Lane::Comm, 10.0, 12.0),
+            span(1, 1, Lane::Comm, 0.0, 12.0),
+            span(1, 2, Lane::Compute, 12.0, 20.0),
+        ];
+        let text = chrome_trace(&schedule, &report.links, &spans);
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let events = json["traceEvents"].as_array().unwrap();
+        let phase = |ph: &str| events.iter().filter(|e| e["ph"] == ph).count();
+        assert_eq!(phase("X"), 4);
+        assert_eq!(phase("s"), 1);
+        assert_eq!(phase("f"), 1);
+        assert_eq!(phase("M"), 2 * (2 + 2));
+        let commit = events
+            .iter()
+            .find(|e| e["ph"] == "X" && e["pid"] == 0 && e["tid"] == 1)
+            .unwrap();
+        assert_eq!(commit["name"], "commit: send act s0 m0 -> r1");
+    }
+}
