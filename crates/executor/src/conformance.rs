@@ -1,0 +1,246 @@
+//! The checks every backend must pass, written once over [`ReferenceBackend`]: a backend runs
+//! the reference model under a schedule and in one process, and [`compare`] holds the two to
+//! the reference implementation's own standard: losses (and forward-only outputs) bitwise
+//! equal, gradients within [`CAL_DIFF_LIMIT`].
+
+use dualpipe_schedule::ValidSchedule;
+
+use crate::cpu::CpuPipeline;
+use crate::error::StepError;
+use crate::interpret::Options;
+use crate::model::{Batch, ModelSpec, Parameters, ReferenceStage, Sequential};
+use crate::stage::StageError;
+
+/// The largest gradient difference accepted, as `cal_diff` (the reference implementation's
+/// own bound).
+pub const CAL_DIFF_LIMIT: f64 = 1e-13;
+
+/// Host copies of what one step of the reference model produced.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReferenceRun {
+    /// Loss of each micro-batch (`None` where none came back).
+    pub losses: Vec<Option<f32>>,
+    /// Model output of each micro-batch, row-major (`None` where none came back).
+    pub outputs: Vec<Option<Vec<f32>>>,
+    /// Weight gradients of each stage, copies summed; empty for a forward-only step.
+    pub gradients: Vec<Parameters>,
+    /// Saved activations or pending weight gradients left on any stage after the step.
+    pub leftover: usize,
+}
+
+/// A backend able to run the reference model: the CPU backend here, a GPU backend later.
+/// Test bodies written over this trait run unchanged on every backend.
+pub trait ReferenceBackend {
+    /// A short name for messages (`cpu`, `cuda`).
+    fn name(&self) -> &'static str;
+
+    /// One step of the model `spec` under `schedule` over `batch`, with fresh parameters.
+    fn pipelined(
+        &mut self,
+        schedule: ValidSchedule,
+        spec: &ModelSpec,
+        batch: &Batch,
+        options: Options,
+    ) -> Result<ReferenceRun, StepError>;
+
+    /// One step of the model `spec` in a single process, micro-batch after micro-batch.
+    fn sequential(
+        &mut self,
+        spec: &ModelSpec,
+        batch: &Batch,
+        training: bool,
+    ) -> Result<ReferenceRun, StageError>;
+}
+
+/// The CPU backend as a [`ReferenceBackend`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuReference;
+
+impl ReferenceBackend for CpuReference {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn pipelined(
+        &mut self,
+        schedule: ValidSchedule,
+        spec: &ModelSpec,
+        batch: &Batch,
+        options: Options,
+    ) -> Result<ReferenceRun, StepError> {
+        let training = !schedule.schedule().forward_only;
+        let mut pipeline = CpuPipeline::new(schedule, options, |_, stage| {
+            Ok(ReferenceStage::new(spec, stage))
+        })
+        .map_err(|failure| StepError::new(vec![failure], Vec::new(), None))?;
+        let step = pipeline.step(batch.inputs.clone(), batch.targets.clone())?;
+        let num_ranks = pipeline.executor().schedule().schedule().num_ranks;
+        let leftover = (0..num_ranks)
+            .flat_map(|rank| pipeline.stages(rank).iter().map(|(_, s)| s.pending()))
+            .sum();
+        let gradients = if training {
+            (0..spec.stages)
+                .map(|stage| pipeline.copies(stage)[0].gradients().clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(ReferenceRun {
+            losses: step.losses,
+            outputs: step
+                .outputs
+                .into_iter()
+                .map(|o| o.map(|m| m.into_data()))
+                .collect(),
+            gradients,
+            leftover,
+        })
+    }
+
+    fn sequential(
+        &mut self,
+        spec: &ModelSpec,
+        batch: &Batch,
+        training: bool,
+    ) -> Result<ReferenceRun, StageError> {
+        let mut model = Sequential::new(spec);
+        let step = model.step(batch, training)?;
+        Ok(ReferenceRun {
+            losses: step.losses.into_iter().map(Some).collect(),
+            outputs: step
+                .outputs
+                .into_iter()
+                .map(|m| Some(m.into_data()))
+                .collect(),
+            gradients: if training {
+                model.stages.iter().map(|s| s.gradients().clone()).collect()
+            } else {
+                Vec::new()
+            },
+            leftover: model.stages.iter().map(ReferenceStage::pending).sum(),
+        })
+    }
+}
+
+/// The reference implementation's gradient check, `1 - 2 sum(x y) / sum(x^2 + y^2)`, in
+/// `f64`: 0 for identical tensors, about half the squared relative error otherwise. Two zero
+/// tensors give 0.
+pub fn cal_diff(x: &[f32], y: &[f32]) -> f64 {
+    let (mut xy, mut squares) = (0.0f64, 0.0f64);
+    for (&a, &b) in x.iter().zip(y) {
+        let (a, b) = (f64::from(a), f64::from(b));
+        xy += a * b;
+        squares += a * a + b * b;
+    }
+    if squares == 0.0 {
+        return 0.0;
+    }
+    1.0 - 2.0 * xy / squares
+}
+
+/// How closely a pipelined step agreed with the single-process one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Agreement {
+    /// Micro-batches whose losses were compared (all bitwise equal).
+    pub losses: usize,
+    /// Micro-batches whose outputs were compared (all bitwise equal).
+    pub outputs: usize,
+    /// The largest `cal_diff` over every gradient tensor of every stage (0 when none).
+    pub max_cal_diff: f64,
+}
+
+/// Holds `pipelined` to `reference`: every loss bitwise equal, every output the pipelined
+/// run returned bitwise equal, every gradient tensor within [`CAL_DIFF_LIMIT`], and nothing
+/// left saved on any stage. Says what differs, where, on failure.
+pub fn compare(pipelined: &ReferenceRun, reference: &ReferenceRun) -> Result<Agreement, String> {
+    if pipelined.losses.len() != reference.losses.len() {
+        return Err(format!(
+            "{} losses, but the reference has {}",
+            pipelined.losses.len(),
+            reference.losses.len()
+        ));
+    }
+    for (mb, (ours, theirs)) in pipelined.losses.iter().zip(&reference.losses).enumerate() {
+        match (ours, theirs) {
+            (Some(a), Some(b)) if a.to_bits() == b.to_bits() => {}
+            (Some(a), Some(b)) => {
+                return Err(format!(
+                    "micro-batch {mb}: loss {a:e}, but the reference has {b:e}"
+                ));
+            }
+            _ => return Err(format!("micro-batch {mb}: no loss came back")),
+        }
+    }
+    let mut outputs = 0;
+    for (mb, (ours, theirs)) in pipelined.outputs.iter().zip(&reference.outputs).enumerate() {
+        if let (Some(a), Some(b)) = (ours, theirs) {
+            let same =
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            if !same {
+                return Err(format!(
+                    "micro-batch {mb}: the output differs from the reference"
+                ));
+            }
+            outputs += 1;
+        }
+    }
+    if pipelined.gradients.len() != reference.gradients.len() {
+        return Err(format!(
+            "gradients of {} stages, but the reference has {}",
+            pipelined.gradients.len(),
+            reference.gradients.len()
+        ));
+    }
+    let mut max_cal_diff = 0.0f64;
+    for (stage, (ours, theirs)) in pipelined
+        .gradients
+        .iter()
+        .zip(&reference.gradients)
+        .enumerate()
+    {
+        for ((name, a), (_, b)) in ours.tensors().into_iter().zip(theirs.tensors()) {
+            if b.iter().all(|&v| v == 0.0) {
+                return Err(format!(
+                    "stage {stage}: the reference gradient of {name} is zero, so comparing it proves nothing"
+                ));
+            }
+            let diff = cal_diff(a, b);
+            if diff.is_nan() || diff >= CAL_DIFF_LIMIT {
+                return Err(format!(
+                    "stage {stage}: gradient of {name} has cal_diff {diff:e} against the reference (limit {CAL_DIFF_LIMIT:e})"
+                ));
+            }
+            max_cal_diff = max_cal_diff.max(diff);
+        }
+    }
+    if pipelined.leftover != 0 {
+        return Err(format!(
+            "{} saved activations or pending weight gradients were left after the step",
+            pipelined.leftover
+        ));
+    }
+    Ok(Agreement {
+        losses: pipelined.losses.len(),
+        outputs,
+        max_cal_diff,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cal_diff_is_zero_for_equal_and_grows_with_difference() {
+        let x = [1.0f32, -2.0, 3.0];
+        assert_eq!(cal_diff(&x, &x), 0.0);
+        assert_eq!(cal_diff(&[0.0; 3], &[0.0; 3]), 0.0);
+        let small = cal_diff(&x, &[1.0, -2.0, 3.001]);
+        let large = cal_diff(&x, &[1.0, -2.0, 3.1]);
+        assert!(
+            0.0 < small && small < large && large < 1e-3,
+            "{small} {large}"
+        );
+        assert!((cal_diff(&x, &[-1.0, 2.0, -3.0]) - 2.0).abs() < 1e-12);
+    }
+}

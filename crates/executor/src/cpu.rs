@@ -1,0 +1,550 @@
+//! The CPU backend: one thread per rank in one process, an in-process transport, and the
+//! host clock.
+//!
+//! Buffers move between ranks by value through one FIFO channel per ordered pair of ranks,
+//! so nothing is copied; hand-offs between stages of one rank stay inside the interpreter.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dualpipe_schedule::{ExecutionModel, Lane, ValidSchedule};
+
+use crate::error::{Cause, RankFailure, StepError};
+use crate::interpret::{Executor, Options, RankRun, Stages};
+use crate::profile::{Clock, Profile};
+use crate::stage::{Stage, StageError};
+use crate::transport::{CommError, CommErrorKind, Transport};
+
+/// Wall-clock time from a shared origin, for the ranks of one process.
+#[derive(Clone, Copy, Debug)]
+pub struct HostClock {
+    origin: Instant,
+}
+
+impl HostClock {
+    /// A clock whose zero is `origin`.
+    pub fn new(origin: Instant) -> Self {
+        HostClock { origin }
+    }
+}
+
+impl Clock for HostClock {
+    type Mark = Instant;
+
+    fn mark(&mut self, _lane: Lane) -> Instant {
+        Instant::now()
+    }
+
+    fn micros(&mut self, mark: &Instant) -> f64 {
+        mark.saturating_duration_since(self.origin).as_secs_f64() * 1e6
+    }
+}
+
+/// The messages from one rank to another, in send order. Receives take them by position.
+struct Channel<B> {
+    state: Mutex<ChannelState<B>>,
+    changed: Condvar,
+}
+
+struct ChannelState<B> {
+    /// Messages from position `base` on; taken ones are `None` until the front is trimmed.
+    messages: VecDeque<Option<B>>,
+    base: u64,
+    /// Receives the receiving rank has posted on this channel.
+    recvs_posted: u64,
+}
+
+impl<B> ChannelState<B> {
+    fn sent(&self) -> u64 {
+        self.base + self.messages.len() as u64
+    }
+}
+
+/// Everything the ranks of one step share.
+struct Network<B> {
+    ranks: usize,
+    channels: Vec<Channel<B>>,
+    model: ExecutionModel,
+    timeout: Duration,
+    aborted: AtomicBool,
+    abort: Mutex<Option<(u32, String)>>,
+}
+
+impl<B> Network<B> {
+    fn new(ranks: usize, model: ExecutionModel, timeout: Duration) -> Self {
+        Network {
+            ranks,
+            channels: (0..ranks * ranks)
+                .map(|_| Channel {
+                    state: Mutex::new(ChannelState {
+                        messages: VecDeque::new(),
+                        base: 0,
+                        recvs_posted: 0,
+                    }),
+                    changed: Condvar::new(),
+                })
+                .collect(),
+            model,
+            timeout,
+            aborted: AtomicBool::new(false),
+            abort: Mutex::new(None),
+        }
+    }
+
+    fn channel(&self, from: u32, to: u32) -> &Channel<B> {
+        &self.channels[from as usize * self.ranks + to as usize]
+    }
+
+    /// The rank that ended the step, if any.
+    fn aborted_by(&self) -> Option<u32> {
+        lock(&self.abort).as_ref().map(|(rank, _)| *rank)
+    }
+
+    fn aborted_error(&self) -> CommError {
+        let (rank, reason) = lock(&self.abort)
+            .clone()
+            .unwrap_or((u32::MAX, "unknown".into()));
+        CommError::new(CommErrorKind::Aborted { rank, reason })
+    }
+
+    fn abort(&self, rank: u32, reason: &str) {
+        {
+            let mut abort = lock(&self.abort);
+            if abort.is_none() {
+                *abort = Some((rank, reason.to_string()));
+            }
+        }
+        self.aborted.store(true, Ordering::SeqCst);
+        for channel in &self.channels {
+            // Taking the lock orders the flag before any waiter's next check.
+            drop(lock(&channel.state));
+            channel.changed.notify_all();
+        }
+    }
+
+    /// Waits on `channel` until `ready` holds, the step is aborted, or the timeout passes.
+    fn wait_for<'a>(
+        &self,
+        channel: &'a Channel<B>,
+        peer: u32,
+        send: bool,
+        ready: impl Fn(&ChannelState<B>) -> bool,
+    ) -> Result<MutexGuard<'a, ChannelState<B>>, CommError> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut state = lock(&channel.state);
+        loop {
+            if ready(&state) {
+                return Ok(state);
+            }
+            if self.aborted.load(Ordering::SeqCst) {
+                return Err(self.aborted_error());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(CommError::new(CommErrorKind::Timeout {
+                    peer,
+                    send,
+                    waited: now - started,
+                }));
+            }
+            state = channel
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A queued op: the peer and its position on the channel.
+enum Queued<B> {
+    Send { peer: u32, buffer: B },
+    Recv { peer: u32, position: u64 },
+}
+
+/// One rank's end of the in-process network.
+pub struct InProcess<B> {
+    rank: u32,
+    network: Arc<Network<B>>,
+    queued: Vec<Queued<B>>,
+    /// Per peer: sends queued so far (the position of the next one).
+    sends: Vec<u64>,
+    /// Per peer: receives queued so far.
+    recvs: Vec<u64>,
+    /// Positions of the sends of the batch being committed (blocking model).
+    posted_sends: Vec<(usize, u32, u64)>,
+}
+
+/// A receive: from which peer, at which position of that channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InProcessTicket {
+    peer: u32,
+    position: u64,
+}
+
+impl<B> InProcess<B> {
+    /// The transports of `ranks` ranks of one step, connected to each other, running
+    /// `model` and waiting at most `timeout` for any message or matching receive.
+    pub fn network(ranks: u32, model: ExecutionModel, timeout: Duration) -> Vec<InProcess<B>> {
+        let network = Arc::new(Network::new(ranks as usize, model, timeout));
+        (0..ranks)
+            .map(|rank| InProcess {
+                rank,
+                network: Arc::clone(&network),
+                queued: Vec::new(),
+                sends: vec![0; ranks as usize],
+                recvs: vec![0; ranks as usize],
+                posted_sends: Vec::new(),
+            })
+            .collect()
+    }
+
+    /// The rank that ended the step, if one did.
+    pub fn aborted_by(&self) -> Option<u32> {
+        self.network.aborted_by()
+    }
+
+    fn check_abort(&self) -> Result<(), CommError> {
+        if self.network.aborted.load(Ordering::SeqCst) {
+            return Err(self.network.aborted_error());
+        }
+        Ok(())
+    }
+}
+
+impl<B> Transport for InProcess<B> {
+    type Buffer = B;
+    type Ticket = InProcessTicket;
+
+    fn queue_send(&mut self, peer: u32, buffer: B) -> Result<(), CommError> {
+        if peer as usize >= self.network.ranks {
+            return Err(CommError::new(CommErrorKind::Backend(format!(
+                "no rank {peer} in a network of {} ranks",
+                self.network.ranks
+            ))));
+        }
+        self.queued.push(Queued::Send { peer, buffer });
+        Ok(())
+    }
+
+    fn queue_recv(&mut self, peer: u32) -> Result<InProcessTicket, CommError> {
+        let Some(count) = self.recvs.get_mut(peer as usize) else {
+            return Err(CommError::new(CommErrorKind::Backend(format!(
+                "no rank {peer} in a network of {} ranks",
+                self.network.ranks
+            ))));
+        };
+        let position = *count;
+        *count += 1;
+        self.queued.push(Queued::Recv { peer, position });
+        Ok(InProcessTicket { peer, position })
+    }
+
+    fn commit(&mut self) -> Result<(), CommError> {
+        self.check_abort()?;
+        let network = Arc::clone(&self.network);
+        let me = self.rank;
+        self.posted_sends.clear();
+        let mut recvs = Vec::new();
+        for (op, queued) in self.queued.drain(..).enumerate() {
+            match queued {
+                Queued::Send { peer, buffer } => {
+                    let channel = network.channel(me, peer);
+                    lock(&channel.state).messages.push_back(Some(buffer));
+                    channel.changed.notify_all();
+                    let position = self.sends[peer as usize];
+                    self.sends[peer as usize] += 1;
+                    self.posted_sends.push((op, peer, position));
+                }
+                Queued::Recv { peer, position } => {
+                    let channel = network.channel(peer, me);
+                    lock(&channel.state).recvs_posted += 1;
+                    channel.changed.notify_all();
+                    recvs.push((op, peer, position));
+                }
+            }
+        }
+        if network.model == ExecutionModel::Blocking {
+            // The batch completes when every send's receive is posted and every receive's
+            // message has arrived.
+            for &(op, peer, position) in &self.posted_sends {
+                let _matched = network
+                    .wait_for(network.channel(me, peer), peer, true, |s| {
+                        s.recvs_posted > position
+                    })
+                    .map_err(|e| e.at_op(op))?;
+            }
+            for (op, peer, position) in recvs {
+                let _arrived = network
+                    .wait_for(network.channel(peer, me), peer, false, |s| {
+                        s.sent() > position
+                    })
+                    .map_err(|e| e.at_op(op))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, ticket: InProcessTicket) -> Result<B, CommError> {
+        let InProcessTicket { peer, position } = ticket;
+        let network = &self.network;
+        let mut state = network.wait_for(network.channel(peer, self.rank), peer, false, |s| {
+            s.sent() > position
+        })?;
+        let at = (position - state.base) as usize;
+        let buffer = state.messages[at].take().ok_or_else(|| {
+            CommError::new(CommErrorKind::Backend(format!(
+                "message {position} from rank {peer} was taken twice"
+            )))
+        })?;
+        while let Some(None) = state.messages.front() {
+            state.messages.pop_front();
+            state.base += 1;
+        }
+        Ok(buffer)
+    }
+
+    fn abort(&mut self, reason: &str) {
+        self.network.abort(self.rank, reason);
+    }
+}
+
+/// What a step returns: per micro-batch losses and outputs, and the measured timeline.
+#[derive(Debug)]
+pub struct StepOutput<B, L> {
+    /// The loss of each micro-batch, by micro-batch index (`None` where no loss was
+    /// computed, e.g. no targets were given).
+    pub losses: Vec<Option<L>>,
+    /// The model output of each micro-batch, when [`Options::keep_outputs`] is set.
+    pub outputs: Vec<Option<B>>,
+    /// The timeline, when [`Options::profile`] is set.
+    pub profile: Option<Profile>,
+}
+
+/// A schedule running on CPU threads: one thread per rank, each replaying its rank's list
+/// with the interpreter, connected by the in-process transport.
+///
+/// ```
+/// use dualpipe_executor::{CpuPipeline, Options, model::{ModelSpec, ReferenceStage, Batch}};
+/// use dualpipe_planner::{plan, Family, PlanRequest};
+/// use dualpipe_schedule::ValidSchedule;
+///
+/// let schedule = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap()).unwrap();
+/// let spec = ModelSpec { hidden: 8, rows: 4, stages: 4, seed: 1 };
+/// let options = Options { message_shape: Some(spec.message_shape()), ..Options::default() };
+/// let mut pipeline = CpuPipeline::new(schedule, options, |_rank, stage| Ok(ReferenceStage::new(&spec, stage))).unwrap();
+/// let batch = Batch::synthetic(&spec, 4, 0);
+/// let step = pipeline.step(batch.inputs, batch.targets).unwrap();
+/// assert!(step.losses.iter().all(|loss| loss.is_some()));
+/// ```
+pub struct CpuPipeline<S: Stage> {
+    executor: Executor,
+    ranks: Vec<Stages<S>>,
+}
+
+impl<S> CpuPipeline<S>
+where
+    S: Stage + Send,
+    S::Buffer: Send,
+    S::Loss: Send,
+{
+    /// Prepares `schedule` and builds every rank's stages with `make_stage(rank, stage)`. A
+    /// stage the schedule places on two ranks (DualPipe) is built twice, once per rank: build
+    /// both copies with the same parameters.
+    pub fn new(
+        schedule: ValidSchedule,
+        options: Options,
+        mut make_stage: impl FnMut(u32, u32) -> Result<S, StageError>,
+    ) -> Result<Self, RankFailure> {
+        let executor = Executor::new(schedule, options);
+        let mut ranks = Vec::new();
+        for rank in 0..executor.schedule().schedule().num_ranks {
+            let mut stages = Vec::new();
+            for &stage in executor.stages_of(rank) {
+                let built = make_stage(rank, stage).map_err(|e| {
+                    RankFailure::on_rank(
+                        rank,
+                        Cause::Contract(format!("building stage {stage} failed: {e}")),
+                    )
+                })?;
+                stages.push((stage, built));
+            }
+            ranks.push(Stages::new(stages));
+        }
+        Ok(CpuPipeline { executor, ranks })
+    }
+
+    /// The prepared schedule and options.
+    pub fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    /// The stages of `rank`.
+    pub fn stages(&self, rank: u32) -> &Stages<S> {
+        &self.ranks[rank as usize]
+    }
+
+    /// The stages of `rank`, to update or inspect between steps.
+    pub fn stages_mut(&mut self, rank: u32) -> &mut Stages<S> {
+        &mut self.ranks[rank as usize]
+    }
+
+    /// Every copy of stage `stage`, in ascending rank order.
+    pub fn copies(&self, stage: u32) -> Vec<&S> {
+        self.ranks.iter().filter_map(|s| s.get(stage)).collect()
+    }
+
+    /// Runs one step over the micro-batches `inputs` with their `targets` (indexed by
+    /// micro-batch; `targets` may be empty for a forward-only step). After a training step,
+    /// the copies of every stage held by several ranks hold the sum of their gradients.
+    pub fn step(
+        &mut self,
+        inputs: Vec<S::Buffer>,
+        targets: Vec<S::Buffer>,
+    ) -> Result<StepOutput<S::Buffer, S::Loss>, StepError> {
+        let schedule = self.executor.schedule().schedule();
+        let num_ranks = schedule.num_ranks;
+        let num_microbatches = schedule.num_microbatches as usize;
+        let training = !schedule.forward_only;
+        let options = self.executor.options();
+        let mut inputs: Vec<Option<S::Buffer>> = inputs.into_iter().map(Some).collect();
+        let mut targets: Vec<Option<S::Buffer>> = targets.into_iter().map(Some).collect();
+        let feeds = self.executor.split_feed(&mut inputs, &mut targets);
+        let transports = InProcess::network(num_ranks, options.model, options.timeout);
+        let network = Arc::clone(&transports[0].network);
+        let profile = options.profile;
+        let executor = &self.executor;
+        let origin = Instant::now();
+        let results: Vec<RankResult<S>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .ranks
+                .iter_mut()
+                .zip(transports)
+                .zip(feeds)
+                .enumerate()
+                .map(|(rank, ((stages, mut transport), feed))| {
+                    let rank = rank as u32;
+                    let aborter = InProcessAbort(Arc::clone(&transport.network), rank);
+                    let handle = std::thread::Builder::new()
+                        .name(format!("rank {rank}"))
+                        .spawn_scoped(scope, move || {
+                            let mut clock = HostClock::new(origin);
+                            executor.run_rank(
+                                rank,
+                                stages,
+                                &mut transport,
+                                feed,
+                                profile.then_some(&mut clock),
+                            )
+                        });
+                    (rank, aborter, handle)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|(rank, aborter, handle)| {
+                    let failed = |message: String| {
+                        let failure = RankFailure::on_rank(rank, Cause::Panic(message));
+                        aborter.abort(&failure.to_string());
+                        Err(failure)
+                    };
+                    match handle {
+                        Err(e) => failed(format!("could not start the rank's thread: {e}")),
+                        Ok(handle) => handle.join().unwrap_or_else(|_| {
+                            failed("the rank's thread panicked outside a stage".into())
+                        }),
+                    }
+                })
+                .collect()
+        });
+        let first = network.aborted_by();
+        let mut runs = Vec::with_capacity(results.len());
+        let mut failures = Vec::new();
+        let mut finished = Vec::new();
+        for (rank, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(run) => {
+                    finished.push(rank as u32);
+                    runs.push(run);
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        if !failures.is_empty() {
+            return Err(StepError::new(failures, finished, first));
+        }
+        if training {
+            self.sum_copies()?;
+        }
+        let mut losses: Vec<Option<S::Loss>> = (0..num_microbatches).map(|_| None).collect();
+        let mut outputs: Vec<Option<S::Buffer>> = (0..num_microbatches).map(|_| None).collect();
+        let mut timelines = Vec::with_capacity(runs.len());
+        for run in runs {
+            for (mb, loss) in run.losses {
+                losses[mb as usize] = Some(loss);
+            }
+            for (mb, output) in run.outputs {
+                outputs[mb as usize] = Some(output);
+            }
+            timelines.push(run.timings);
+        }
+        Ok(StepOutput {
+            losses,
+            outputs,
+            profile: profile.then_some(Profile { ranks: timelines }),
+        })
+    }
+
+    /// Sums the gradients of the copies of every stage held by several ranks.
+    fn sum_copies(&mut self) -> Result<(), StepError> {
+        let num_stages = self.executor.schedule().schedule().num_stages;
+        for stage in 0..num_stages {
+            let holders: Vec<u32> = (0..self.ranks.len() as u32)
+                .filter(|&rank| self.ranks[rank as usize].get(stage).is_some())
+                .collect();
+            if holders.len() < 2 {
+                continue;
+            }
+            let mut copies: Vec<&mut S> = self
+                .ranks
+                .iter_mut()
+                .filter_map(|s| s.get_mut(stage))
+                .collect();
+            S::sum_gradients(&mut copies).map_err(|e| {
+                let ranks: Vec<String> = holders.iter().map(u32::to_string).collect();
+                let failure = RankFailure::on_rank(
+                    holders[0],
+                    Cause::Stage(
+                        format!(
+                            "summing the gradients of the copies of stage {stage} on ranks {} failed: {e}",
+                            ranks.join(", ")
+                        )
+                        .into(),
+                    ),
+                );
+                StepError::new(vec![failure], Vec::new(), None)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+type RankResult<S> = Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>;
+
+/// A handle that can end a step from outside a rank's thread.
+struct InProcessAbort<B>(Arc<Network<B>>, u32);
+
+impl<B> InProcessAbort<B> {
+    fn abort(&self, reason: &str) {
+        self.0.abort(self.1, reason);
+    }
+}

@@ -1,0 +1,200 @@
+//! Measured timelines: the start and end of every compute and commit on every rank, a
+//! summary per rank (busy, waiting for communication, idle), the measured bubble, and the
+//! Chrome trace (the same layout as the simulator's).
+
+use dualpipe_schedule::{Instruction, Lane, Schedule, Span, ValidSchedule, chrome_trace};
+
+/// A backend's clock. The interpreter takes a mark before and after every compute and commit
+/// and turns them into microseconds when the rank's list has run, so a GPU backend can use
+/// events recorded on its streams and resolve them after synchronizing.
+pub trait Clock {
+    /// A point in time, possibly not yet resolved.
+    type Mark;
+
+    /// A mark now, on the compute or the communication stream.
+    fn mark(&mut self, lane: Lane) -> Self::Mark;
+
+    /// Microseconds from the common origin of the step (the same on every rank) to `mark`.
+    fn micros(&mut self, mark: &Self::Mark) -> f64;
+}
+
+/// When one compute or commit ran, in microseconds from the start of the step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timing {
+    /// Index of the instruction in its rank's list.
+    pub index: usize,
+    /// When the instruction began.
+    pub start_us: f64,
+    /// When its inputs were in hand: for a compute, the time from `start_us` to here was
+    /// spent waiting for received data (async model); for a commit, equal to `start_us`.
+    pub ready_us: f64,
+    /// When it ended.
+    pub end_us: f64,
+    /// For a compute that took a received buffer: the commit that posted its receive.
+    pub waited_on: Option<usize>,
+}
+
+/// One rank's time in a step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RankSummary {
+    /// The rank.
+    pub rank: u32,
+    /// Time spent computing (F, B, W, FB).
+    pub busy_us: f64,
+    /// Time spent waiting for communication: inside commits, and in computes waiting for
+    /// received data.
+    pub comm_wait_us: f64,
+    /// The rest of the step: before the first and after the last instruction, and between
+    /// instructions.
+    pub idle_us: f64,
+}
+
+/// Mean measured duration of each kind of compute, in microseconds; `None` for a kind the
+/// schedule does not use. The simulator's cost model takes these.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MeasuredCosts {
+    /// F.
+    pub forward: Option<f64>,
+    /// B with its weight gradient.
+    pub backward: Option<f64>,
+    /// B with `defer_w` (input gradient only).
+    pub backward_input: Option<f64>,
+    /// W.
+    pub weight: Option<f64>,
+    /// FB.
+    pub forward_backward: Option<f64>,
+}
+
+/// The measured timeline of one step on every rank.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Profile {
+    /// Per rank, its timed computes and commits in order.
+    pub ranks: Vec<Vec<Timing>>,
+}
+
+impl Profile {
+    /// From the start of the step to the end of the last instruction on any rank.
+    pub fn makespan_us(&self) -> f64 {
+        self.ranks
+            .iter()
+            .flatten()
+            .map(|t| t.end_us)
+            .fold(0.0, f64::max)
+    }
+
+    /// Busy, communication-wait and idle time of every rank.
+    pub fn summary(&self, schedule: &Schedule) -> Vec<RankSummary> {
+        let makespan = self.makespan_us();
+        self.ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, timings)| {
+                let list = &schedule.ranks[rank];
+                let (mut busy, mut wait) = (0.0, 0.0);
+                for t in timings {
+                    if list[t.index].is_compute() {
+                        busy += t.end_us - t.ready_us;
+                        wait += t.ready_us - t.start_us;
+                    } else {
+                        wait += t.end_us - t.start_us;
+                    }
+                }
+                RankSummary {
+                    rank: rank as u32,
+                    busy_us: busy,
+                    comm_wait_us: wait,
+                    idle_us: (makespan - busy - wait).max(0.0),
+                }
+            })
+            .collect()
+    }
+
+    /// The measured bubble: the share of rank-time not spent computing,
+    /// `sum over ranks of (makespan - busy) / (ranks x makespan)`, the same definition as the
+    /// simulator's bubble share.
+    pub fn bubble(&self, schedule: &Schedule) -> f64 {
+        let makespan = self.makespan_us();
+        let summary = self.summary(schedule);
+        if makespan <= 0.0 || summary.is_empty() {
+            return 0.0;
+        }
+        let idle: f64 = summary.iter().map(|s| makespan - s.busy_us).sum();
+        idle / (summary.len() as f64 * makespan)
+    }
+
+    /// Mean duration of each kind of compute.
+    pub fn mean_costs(&self, schedule: &Schedule) -> MeasuredCosts {
+        let mut sums = [(0.0f64, 0u32); 5];
+        for (rank, timings) in self.ranks.iter().enumerate() {
+            for t in timings {
+                let kind = match schedule.ranks[rank][t.index] {
+                    Instruction::Forward(_) => 0,
+                    Instruction::Backward { defer_w: false, .. } => 1,
+                    Instruction::Backward { defer_w: true, .. } => 2,
+                    Instruction::Weight(_) => 3,
+                    Instruction::ForwardBackward { .. } => 4,
+                    _ => continue,
+                };
+                sums[kind].0 += t.end_us - t.ready_us;
+                sums[kind].1 += 1;
+            }
+        }
+        let mean = |k: usize| (sums[k].1 > 0).then(|| sums[k].0 / f64::from(sums[k].1));
+        MeasuredCosts {
+            forward: mean(0),
+            backward: mean(1),
+            backward_input: mean(2),
+            weight: mean(3),
+            forward_backward: mean(4),
+        }
+    }
+
+    /// The timeline as spans: computes on the compute lane, commits on the communication
+    /// lane, and, where a compute waited for received data, that wait on the communication
+    /// lane under the commit that posted the receive.
+    pub fn spans(&self, schedule: &Schedule) -> Vec<Span> {
+        let mut spans = Vec::new();
+        for (rank, timings) in self.ranks.iter().enumerate() {
+            let rank = rank as u32;
+            for t in timings {
+                if schedule.ranks[rank as usize][t.index].is_compute() {
+                    if let (Some(commit), true) = (t.waited_on, t.ready_us > t.start_us) {
+                        spans.push(Span {
+                            rank,
+                            index: commit,
+                            lane: Lane::Comm,
+                            start_us: t.start_us,
+                            end_us: t.ready_us,
+                        });
+                    }
+                    spans.push(Span {
+                        rank,
+                        index: t.index,
+                        lane: Lane::Compute,
+                        start_us: t.ready_us,
+                        end_us: t.end_us,
+                    });
+                } else {
+                    spans.push(Span {
+                        rank,
+                        index: t.index,
+                        lane: Lane::Comm,
+                        start_us: t.start_us,
+                        end_us: t.end_us,
+                    });
+                }
+            }
+        }
+        spans
+    }
+
+    /// The timeline as a Chrome trace (chrome://tracing, Perfetto), laid out as the
+    /// simulator's `render --format chrome`.
+    pub fn chrome_trace(&self, schedule: &ValidSchedule) -> String {
+        chrome_trace(
+            schedule.schedule(),
+            schedule.links(),
+            &self.spans(schedule.schedule()),
+        )
+    }
+}
