@@ -72,7 +72,7 @@ impl ReferenceBackend for CpuReference {
         let mut pipeline = CpuPipeline::new(schedule, options, |_, stage| {
             Ok(ReferenceStage::new(spec, stage))
         })
-        .map_err(|failure| StepError::new(vec![failure], Vec::new(), None))?;
+        .map_err(|failure| StepError::new(vec![failure], Vec::new()))?;
         let step = pipeline.step(batch.inputs.clone(), batch.targets.clone())?;
         let num_ranks = pipeline.executor().schedule().schedule().num_ranks;
         let leftover = (0..num_ranks)

@@ -5,6 +5,7 @@
 //! so nothing is copied; hand-offs between stages of one rank stay inside the interpreter.
 
 use std::collections::VecDeque;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use dualpipe_schedule::{ExecutionModel, Lane, ValidSchedule};
 
 use crate::error::{Cause, RankFailure, StepError};
-use crate::interpret::{Executor, Options, RankRun, Stages};
+use crate::interpret::{Executor, Feed, Options, RankRun, Stages};
 use crate::profile::{Clock, Profile};
 use crate::stage::{Stage, StageError};
 use crate::transport::{CommError, CommErrorKind, Transport};
@@ -97,11 +98,6 @@ impl<B> Network<B> {
         &self.channels[from as usize * self.ranks + to as usize]
     }
 
-    /// The rank that ended the step, if any.
-    fn aborted_by(&self) -> Option<u32> {
-        lock(&self.abort).as_ref().map(|(rank, _)| *rank)
-    }
-
     fn aborted_error(&self) -> CommError {
         let (rank, reason) = lock(&self.abort)
             .clone()
@@ -132,8 +128,7 @@ impl<B> Network<B> {
         send: bool,
         ready: impl Fn(&ChannelState<B>) -> bool,
     ) -> Result<MutexGuard<'a, ChannelState<B>>, CommError> {
-        let started = Instant::now();
-        let deadline = started + self.timeout;
+        let deadline = Instant::now() + self.timeout;
         let mut state = lock(&channel.state);
         loop {
             if ready(&state) {
@@ -147,7 +142,7 @@ impl<B> Network<B> {
                 return Err(CommError::new(CommErrorKind::Timeout {
                     peer,
                     send,
-                    waited: now - started,
+                    waited: self.timeout,
                 }));
             }
             state = channel
@@ -206,11 +201,6 @@ impl<B> InProcess<B> {
                 posted_sends: Vec::new(),
             })
             .collect()
-    }
-
-    /// The rank that ended the step, if one did.
-    pub fn aborted_by(&self) -> Option<u32> {
-        self.network.aborted_by()
     }
 
     fn check_abort(&self) -> Result<(), CommError> {
@@ -420,68 +410,8 @@ where
         let mut targets: Vec<Option<S::Buffer>> = targets.into_iter().map(Some).collect();
         let feeds = self.executor.split_feed(&mut inputs, &mut targets);
         let transports = InProcess::network(num_ranks, options.model, options.timeout);
-        let network = Arc::clone(&transports[0].network);
         let profile = options.profile;
-        let executor = &self.executor;
-        let origin = Instant::now();
-        let results: Vec<RankResult<S>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .ranks
-                .iter_mut()
-                .zip(transports)
-                .zip(feeds)
-                .enumerate()
-                .map(|(rank, ((stages, mut transport), feed))| {
-                    let rank = rank as u32;
-                    let aborter = InProcessAbort(Arc::clone(&transport.network), rank);
-                    let handle = std::thread::Builder::new()
-                        .name(format!("rank {rank}"))
-                        .spawn_scoped(scope, move || {
-                            let mut clock = HostClock::new(origin);
-                            executor.run_rank(
-                                rank,
-                                stages,
-                                &mut transport,
-                                feed,
-                                profile.then_some(&mut clock),
-                            )
-                        });
-                    (rank, aborter, handle)
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|(rank, aborter, handle)| {
-                    let failed = |message: String| {
-                        let failure = RankFailure::on_rank(rank, Cause::Panic(message));
-                        aborter.abort(&failure.to_string());
-                        Err(failure)
-                    };
-                    match handle {
-                        Err(e) => failed(format!("could not start the rank's thread: {e}")),
-                        Ok(handle) => handle.join().unwrap_or_else(|_| {
-                            failed("the rank's thread panicked outside a stage".into())
-                        }),
-                    }
-                })
-                .collect()
-        });
-        let first = network.aborted_by();
-        let mut runs = Vec::with_capacity(results.len());
-        let mut failures = Vec::new();
-        let mut finished = Vec::new();
-        for (rank, result) in results.into_iter().enumerate() {
-            match result {
-                Ok(run) => {
-                    finished.push(rank as u32);
-                    runs.push(run);
-                }
-                Err(failure) => failures.push(failure),
-            }
-        }
-        if !failures.is_empty() {
-            return Err(StepError::new(failures, finished, first));
-        }
+        let runs = run_on_threads(&self.executor, &mut self.ranks, transports, feeds)?;
         if training {
             self.sum_copies()?;
         }
@@ -531,20 +461,97 @@ where
                         .into(),
                     ),
                 );
-                StepError::new(vec![failure], Vec::new(), None)
+                StepError::new(vec![failure], Vec::new())
             })?;
         }
         Ok(())
     }
 }
 
-type RankResult<S> = Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>;
-
-/// A handle that can end a step from outside a rank's thread.
-struct InProcessAbort<B>(Arc<Network<B>>, u32);
-
-impl<B> InProcessAbort<B> {
-    fn abort(&self, reason: &str) {
-        self.0.abort(self.1, reason);
+/// Runs every rank of `executor` once, each on its own thread with its stages, transport and
+/// feed (all indexed by rank), and returns each rank's run, or the step's failure with every
+/// rank's state. [`CpuPipeline::step`] runs on it with the in-process transport; another
+/// transport (a network one, or one that injects faults in tests) plugs in here.
+#[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+pub fn run_on_threads<S, T>(
+    executor: &Executor,
+    ranks: &mut [Stages<S>],
+    transports: Vec<T>,
+    feeds: Vec<Feed<S::Buffer>>,
+) -> Result<Vec<RankRun<S::Buffer, S::Loss>>, StepError>
+where
+    S: Stage + Send,
+    S::Buffer: Send,
+    S::Loss: Send,
+    T: Transport<Buffer = S::Buffer> + Send,
+{
+    let profile = executor.options().profile;
+    let origin = Instant::now();
+    let results: Vec<RankResult<S>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .zip(transports)
+            .zip(feeds)
+            .enumerate()
+            .map(|(rank, ((stages, mut transport), feed))| {
+                let rank = rank as u32;
+                let handle = std::thread::Builder::new()
+                    .name(format!("rank {rank}"))
+                    .spawn_scoped(scope, move || {
+                        let mut clock = HostClock::new(origin);
+                        let run = catch_unwind(AssertUnwindSafe(|| {
+                            executor.run_rank(
+                                rank,
+                                stages,
+                                &mut transport,
+                                feed,
+                                profile.then_some(&mut clock),
+                            )
+                        }));
+                        run.unwrap_or_else(|_| {
+                            // Stage panics are caught inside; this is the interpreter's own.
+                            let failure = RankFailure::on_rank(
+                                rank,
+                                Cause::Panic("the executor panicked; please report it".into()),
+                            );
+                            transport.abort(&failure.to_string());
+                            Err(failure)
+                        })
+                    });
+                (rank, handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|(rank, handle)| {
+                let failed =
+                    |message: String| Err(RankFailure::on_rank(rank, Cause::Panic(message)));
+                match handle {
+                    Err(e) => failed(format!("could not start the rank's thread: {e}")),
+                    Ok(handle) => handle
+                        .join()
+                        .unwrap_or_else(|_| failed("the rank's thread panicked".into())),
+                }
+            })
+            .collect()
+    });
+    let mut runs = Vec::with_capacity(results.len());
+    let mut failures = Vec::new();
+    let mut finished = Vec::new();
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(run) => {
+                finished.push(rank as u32);
+                runs.push(run);
+            }
+            Err(failure) => failures.push(failure),
+        }
+    }
+    if failures.is_empty() {
+        Ok(runs)
+    } else {
+        Err(StepError::new(failures, finished))
     }
 }
+
+type RankResult<S> = Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>;

@@ -141,13 +141,27 @@ pub struct StepError {
 }
 
 impl StepError {
-    /// Builds the error from every rank's failure; `first` is the rank that ended the step,
-    /// when the backend knows it.
-    pub fn new(mut failures: Vec<RankFailure>, finished: Vec<u32>, first: Option<u32>) -> Self {
-        // The cause goes first: the rank that ended the step, else any failure that is not
-        // just the echo of an abort.
+    /// Builds the error from every rank's failure and the ranks that finished. The cause
+    /// goes first: the rank that ended the step, as the aborted ranks name it, else the
+    /// first failure that is not the echo of an abort.
+    pub fn new(mut failures: Vec<RankFailure>, finished: Vec<u32>) -> Self {
+        let first = failures.iter().find_map(|f| match &f.cause {
+            Cause::Comm {
+                error:
+                    CommError {
+                        kind: CommErrorKind::Aborted { rank, .. },
+                        ..
+                    },
+                ..
+            } => Some(*rank),
+            _ => None,
+        });
         let cause = first
-            .and_then(|rank| failures.iter().position(|f| f.rank() == rank))
+            .and_then(|rank| {
+                failures
+                    .iter()
+                    .position(|f| f.rank() == rank && !f.cause.is_abort())
+            })
             .or_else(|| failures.iter().position(|f| !f.cause.is_abort()))
             .unwrap_or(0);
         if !failures.is_empty() {

@@ -160,7 +160,24 @@ pub struct RankRun<B, L> {
 }
 
 impl Executor {
-    /// Prepares `schedule` to run with `options`. Only a [`ValidSchedule`] can be run.
+    /// Prepares `schedule` to run with `options`. Only a [`ValidSchedule`] can be run: a
+    /// schedule that was never validated does not compile.
+    ///
+    /// ```compile_fail
+    /// use dualpipe_executor::{Executor, Options};
+    /// let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
+    ///     dualpipe_planner::Family::OneFOneB, 2, 2)).unwrap();
+    /// Executor::new(schedule, Options::default()); // a `Schedule`, not a `ValidSchedule`
+    /// ```
+    ///
+    /// ```
+    /// use dualpipe_executor::{Executor, Options};
+    /// use dualpipe_schedule::ValidSchedule;
+    /// let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
+    ///     dualpipe_planner::Family::OneFOneB, 2, 2)).unwrap();
+    /// let executor = Executor::new(ValidSchedule::new(schedule).unwrap(), Options::default());
+    /// assert_eq!(executor.stages_of(1), &[1]);
+    /// ```
     pub fn new(schedule: ValidSchedule, options: Options) -> Self {
         let programs = (0..schedule.schedule().num_ranks)
             .map(|rank| Program::compile(&schedule, rank))

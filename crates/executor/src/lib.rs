@@ -53,7 +53,7 @@ mod program;
 mod stage;
 mod transport;
 
-pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, StepOutput};
+pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, StepOutput, run_on_threads};
 pub use error::{Cause, RankFailure, StepError};
 pub use interpret::{Executor, Feed, Options, RankRun, Stages};
 pub use profile::{Clock, MeasuredCosts, Profile, RankSummary, Timing};
