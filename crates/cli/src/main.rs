@@ -13,6 +13,7 @@ Examples:
   dualpipe validate v.json
   dualpipe inspect v.json
   dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20 | dualpipe inspect -
+  dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -30,6 +31,7 @@ enum Command {
     Plan(cmd::plan::Args),
     Validate(cmd::validate::Args),
     Inspect(cmd::inspect::Args),
+    Run(cmd::run::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +50,7 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Validate(args) => cmd::validate::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Run(args) => cmd::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -110,7 +110,7 @@ impl Batch {
         for mb in 0..microbatches {
             let mut rng = SplitMix64::new(spec.seed, 0xda7a, step << 32 | u64::from(mb));
             let x: Vec<f32> = (0..rows * h).map(|_| rng.uniform()).collect();
-            let t: Vec<f32> = x.iter().map(|&v| 0.5 * (2.0 * v).sin()).collect();
+            let t: Vec<f32> = x.iter().map(|&v| 0.5 * (2.0 * v).sin() + 0.25).collect();
             inputs.push(Matrix::new(rows, h, x));
             targets.push(Matrix::new(rows, h, t));
         }
@@ -186,6 +186,8 @@ pub struct ReferenceStage {
     hidden: usize,
     parameters: Parameters,
     gradients: Parameters,
+    /// One micro-batch's weight gradients, before they are added to `gradients`.
+    scratch: Parameters,
     saved: HashMap<u32, Saved>,
     deferred: HashMap<u32, Deferred>,
 }
@@ -210,6 +212,7 @@ impl ReferenceStage {
             hidden: h,
             parameters,
             gradients: Parameters::zeros(h),
+            scratch: Parameters::zeros(h),
             saved: HashMap::new(),
             deferred: HashMap::new(),
         }
@@ -274,23 +277,29 @@ impl ReferenceStage {
         Ok(())
     }
 
+    /// Adds the weight gradients of one micro-batch. Each is computed whole first and then
+    /// added, as autograd accumulates `.grad`, so that reordering micro-batches only
+    /// reorders a short sum of per-micro-batch terms.
     fn accumulate(&mut self, x: &Matrix, g: &[f32], dy: &[f32], da: &[f32]) {
         let (r, h) = (x.rows(), self.hidden);
-        let grads = &mut self.gradients;
+        let one = &mut self.scratch;
         matmul(
-            &mut grads.w2,
+            &mut one.w2,
             View::new(g, r, 4 * h).t(),
             View::new(dy, r, h),
-            true,
+            false,
         );
-        add_column_sums(&mut grads.b2, dy);
+        column_sums(&mut one.b2, dy);
         matmul(
-            &mut grads.w1,
+            &mut one.w1,
             View::new(&x.data, r, h).t(),
             View::new(da, r, 4 * h),
-            true,
+            false,
         );
-        add_column_sums(&mut grads.b1, da);
+        column_sums(&mut one.b1, da);
+        for (sum, (_, add)) in self.gradients.tensors_mut().into_iter().zip(one.tensors()) {
+            sum.iter_mut().zip(add).for_each(|(s, a)| *s += a);
+        }
     }
 }
 
@@ -520,11 +529,15 @@ fn add_rows(values: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Adds the column sums of the row-major `values` to `sums`.
-fn add_column_sums(sums: &mut [f32], values: &[f32]) {
+/// The column sums of the row-major `values`, summed in `f64`.
+fn column_sums(sums: &mut [f32], values: &[f32]) {
+    let mut wide = vec![0.0f64; sums.len()];
     for row in values.chunks_exact(sums.len()) {
-        sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
+        wide.iter_mut()
+            .zip(row)
+            .for_each(|(s, &v)| *s += f64::from(v));
     }
+    sums.iter_mut().zip(wide).for_each(|(s, w)| *s = w as f32);
 }
 
 /// A row-major `rows x cols` matrix, read as stored or transposed.

@@ -2,4 +2,5 @@
 
 pub mod inspect;
 pub mod plan;
+pub mod run;
 pub mod validate;

@@ -1,0 +1,398 @@
+//! `dualpipe run`: train the reference model under a schedule on CPU threads, checked step by
+//! step against the same model run in one process.
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, ReferenceRun, compare};
+use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
+use dualpipe_executor::{CpuPipeline, Options, Profile};
+use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_schedule::{ExecutionModel, ValidSchedule};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::io::{Failure, load_schedule, source_name, write_output, write_stdout};
+
+/// Train the reference model (per stage Linear(h, 4h) -> GELU -> Linear(4h, h), mean squared
+/// error at the last stage) on synthetic data under a schedule, one CPU thread per rank. Every
+/// step is also run in a single process from the same parameters: the losses must be equal
+/// bit for bit and the gradients within cal_diff 1e-13, or the run fails.
+#[derive(clap::Args)]
+#[command(after_help = "\
+Examples:
+  dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
+  dualpipe run --schedule dualpipe --ranks 8 --microbatches 20 --steps 5 --trace trace.json
+  dualpipe run schedules/dualpipev-4x10.json --hidden 256 --model async
+  dualpipe plan -s zb1p -n 4 -c 8 | dualpipe run -
+
+Exit codes: 0 success, 1 invalid schedule or failed step, 2 usage error.")]
+pub struct Args {
+    /// Schedule file, or - for standard input. Instead, plan one with --schedule, --ranks and
+    /// --microbatches.
+    file: Option<String>,
+    /// Schedule family to plan: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b.
+    #[arg(long, short = 's', value_parser = parse_family)]
+    schedule: Option<Family>,
+    /// Number of ranks (one CPU thread each).
+    #[arg(long, short = 'n')]
+    ranks: Option<u32>,
+    /// Number of micro-batches per step.
+    #[arg(long, short = 'c')]
+    microbatches: Option<u32>,
+    /// Stages per rank, for interleaved-1f1b (default 2).
+    #[arg(long, short = 'v')]
+    chunks_per_rank: Option<u32>,
+    /// Plan an inference step: forwards only (outputs are compared instead of gradients).
+    #[arg(long)]
+    forward_only: bool,
+    /// Hidden size h of the model.
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    /// Rows per micro-batch (micro-batch size times sequence length).
+    #[arg(long, default_value_t = 32)]
+    rows: usize,
+    /// Training steps.
+    #[arg(long, default_value_t = 10)]
+    steps: u32,
+    /// Learning rate of plain gradient descent.
+    #[arg(long, default_value_t = 0.5)]
+    lr: f32,
+    /// Seed of the parameters and the data.
+    #[arg(long, default_value_t = 233)]
+    seed: u64,
+    /// Execution model: blocking (commits wait for their whole batch, as the reference
+    /// implementation) or async (computes wait only for the data they need).
+    #[arg(long, default_value = "blocking", value_parser = parse_model)]
+    model: ExecutionModel,
+    /// Seconds any rank waits for a message before the step fails.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Write the last step's measured timeline as a Chrome trace (Perfetto, chrome://tracing).
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// Overwrite the trace file if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_family(name: &str) -> Result<Family, String> {
+    name.parse()
+        .map_err(|e: dualpipe_planner::PlanError| e.to_string())
+}
+
+fn parse_model(name: &str) -> Result<ExecutionModel, String> {
+    match name {
+        "blocking" => Ok(ExecutionModel::Blocking),
+        "async" => Ok(ExecutionModel::Async),
+        _ => Err(format!("unknown model `{name}`; use blocking or async")),
+    }
+}
+
+/// The most memory a run may ask for: parameters, gradients and saved activations.
+const MEMORY_LIMIT: f64 = 8.0 * (1u64 << 30) as f64;
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let (source, schedule) = schedule(&args)?;
+    check_sizes(&args, &schedule)?;
+    if let Some(path) = &args.trace {
+        if path.exists() && !args.force {
+            return Err(Failure::usage(format!(
+                "{} already exists; pass --force to overwrite it",
+                path.display()
+            )));
+        }
+    }
+    let doc = schedule.schedule();
+    let training = !doc.forward_only;
+    let (num_ranks, num_stages, microbatches) =
+        (doc.num_ranks, doc.num_stages, doc.num_microbatches);
+    let spec = ModelSpec {
+        hidden: args.hidden,
+        rows: args.rows,
+        stages: num_stages,
+        seed: args.seed,
+    };
+    let options = Options {
+        message_shape: Some(spec.message_shape()),
+        keep_outputs: !training,
+        model: args.model,
+        timeout: Duration::from_secs_f64(args.timeout),
+        profile: true,
+    };
+    let copies = schedule.topology().stages_per_rank().iter().sum::<u32>();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{source}: {} schedule, {num_ranks} ranks, {num_stages} stages{}, {microbatches} micro-batches, {}",
+        doc.schedule,
+        if copies > num_stages {
+            format!(" ({copies} stage copies)")
+        } else {
+            String::new()
+        },
+        if training { "training" } else { "forward only" }
+    );
+    let _ = writeln!(
+        out,
+        "model: {num_stages} x (Linear({h}, {h4}) -> GELU -> Linear({h4}, {h})), {rows} rows per micro-batch, {params:.2} M parameters; {} model, {num_ranks} CPU threads",
+        args.model,
+        h = args.hidden,
+        h4 = 4 * args.hidden,
+        rows = args.rows,
+        params = (spec.parameters_per_stage() as f64 * f64::from(num_stages)) / 1e6,
+    );
+    write_stdout(&out)?;
+
+    let mut pipeline = CpuPipeline::new(schedule.clone(), options, |_, stage| {
+        Ok(ReferenceStage::new(&spec, stage))
+    })
+    .map_err(|e| Failure::invalid(e.to_string()))?;
+    let mut reference = Sequential::new(&spec);
+    let bar = progress_bar(args.steps);
+    let print = |text: String| match &bar {
+        Some(bar) => bar.suspend(|| write_stdout(&text)),
+        None => write_stdout(&text),
+    };
+
+    let mut pipelined_ms = Vec::new();
+    let mut reference_ms = Vec::new();
+    let mut max_cal_diff = 0.0f64;
+    let mut profile = None;
+    for step in 0..args.steps {
+        let batch = Batch::synthetic(&spec, microbatches, u64::from(step));
+        let started = Instant::now();
+        let output = pipeline
+            .step(batch.inputs.clone(), batch.targets.clone())
+            .map_err(|e| Failure::invalid(format!("step {}: {e}", step + 1)))?;
+        pipelined_ms.push(started.elapsed().as_secs_f64() * 1e3);
+
+        // The reference starts from the pipeline's parameters, so that every step is held
+        // to bitwise equal losses, not only the first.
+        for stage in &mut reference.stages {
+            stage.load_parameters(pipeline.copies(stage.index())[0]);
+            stage.zero_gradients();
+        }
+        let started = Instant::now();
+        let expected = reference
+            .step(&batch, training)
+            .map_err(|e| Failure::invalid(format!("step {}: reference: {e}", step + 1)))?;
+        reference_ms.push(started.elapsed().as_secs_f64() * 1e3);
+
+        let ours = ReferenceRun {
+            losses: output.losses.clone(),
+            outputs: output
+                .outputs
+                .into_iter()
+                .map(|o| o.map(|m| m.into_data()))
+                .collect(),
+            gradients: if training {
+                (0..num_stages)
+                    .map(|s| pipeline.copies(s)[0].gradients().clone())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            leftover: (0..num_ranks)
+                .flat_map(|r| pipeline.stages(r).iter().map(|(_, s)| s.pending()))
+                .sum(),
+        };
+        let theirs = ReferenceRun {
+            losses: expected.losses.iter().copied().map(Some).collect(),
+            outputs: expected
+                .outputs
+                .into_iter()
+                .map(|m| Some(m.into_data()))
+                .collect(),
+            gradients: if training {
+                reference
+                    .stages
+                    .iter()
+                    .map(|s| s.gradients().clone())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            leftover: 0,
+        };
+        let agreement = compare(&ours, &theirs).map_err(|e| {
+            Failure::invalid(format!(
+                "step {}: the pipelined run differs from the single-process reference: {e}",
+                step + 1
+            ))
+        })?;
+        max_cal_diff = max_cal_diff.max(agreement.max_cal_diff);
+
+        let mean_loss =
+            expected.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / f64::from(microbatches);
+        print(format!(
+            "step {:>3}  loss {mean_loss:.6}  {:>8.1} ms\n",
+            step + 1,
+            pipelined_ms[step as usize]
+        ))?;
+        if training {
+            for rank in 0..num_ranks {
+                for (_, stage) in pipeline.stages_mut(rank).iter_mut() {
+                    stage.sgd(args.lr);
+                }
+            }
+        }
+        profile = output.profile;
+        if let Some(bar) = &bar {
+            bar.inc(1);
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+
+    let profile = profile.unwrap_or_default();
+    let mut out = summary(&schedule, &profile);
+    let _ = writeln!(
+        out,
+        "reference (single process): losses bitwise equal in {steps} of {steps} steps; {}; {:.1} ms per step against {:.1} ms pipelined",
+        if training && max_cal_diff == 0.0 {
+            "gradients bitwise equal".to_string()
+        } else if training {
+            format!("gradients within cal_diff {max_cal_diff:.1e} (limit {CAL_DIFF_LIMIT:.0e})")
+        } else {
+            "outputs bitwise equal".to_string()
+        },
+        median(&reference_ms),
+        median(&pipelined_ms),
+        steps = args.steps,
+    );
+    if let Some(path) = &args.trace {
+        write_output(Some(path), &profile.chrome_trace(&schedule), args.force)?;
+        let _ = writeln!(
+            out,
+            "trace: {} (open in https://ui.perfetto.dev or chrome://tracing)",
+            path.display()
+        );
+    }
+    write_stdout(&out)
+}
+
+/// The schedule to run, from a file or planned from the options, with a name for messages.
+fn schedule(args: &Args) -> Result<(String, ValidSchedule), Failure> {
+    let planning = args.schedule.is_some()
+        || args.ranks.is_some()
+        || args.microbatches.is_some()
+        || args.chunks_per_rank.is_some()
+        || args.forward_only;
+    match (&args.file, args.schedule, args.ranks, args.microbatches) {
+        (Some(_), ..) if planning => Err(Failure::usage(
+            "give either a schedule file or --schedule, --ranks and --microbatches, not both",
+        )),
+        (Some(file), ..) => {
+            let schedule = load_schedule(file)?;
+            let name = source_name(file).to_string();
+            let valid = ValidSchedule::new(schedule)
+                .map_err(|errors| Failure::violations(&name, &errors))?;
+            Ok((name, valid))
+        }
+        (None, Some(family), Some(ranks), Some(microbatches)) => {
+            let mut request = PlanRequest::new(family, ranks, microbatches);
+            request.forward_only = args.forward_only;
+            request.chunks_per_rank = args.chunks_per_rank;
+            if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
+                request.chunks_per_rank = Some(2);
+            }
+            let planned = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
+            let valid = ValidSchedule::new(planned).map_err(|errors| {
+                Failure::invalid(format!(
+                    "internal planner error, please report it: the planned schedule is invalid: {errors}"
+                ))
+            })?;
+            Ok((format!("{family} {ranks}x{microbatches}"), valid))
+        }
+        _ => Err(Failure::usage(
+            "give a schedule file, or --schedule, --ranks and --microbatches to plan one",
+        )),
+    }
+}
+
+fn check_sizes(args: &Args, schedule: &ValidSchedule) -> Result<(), Failure> {
+    if args.hidden == 0 || args.rows == 0 || args.steps == 0 {
+        return Err(Failure::usage(
+            "--hidden, --rows and --steps must be at least 1",
+        ));
+    }
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(Failure::usage(
+            "--timeout must be a positive number of seconds",
+        ));
+    }
+    if !args.lr.is_finite() {
+        return Err(Failure::usage("--lr must be a finite number"));
+    }
+    let doc = schedule.schedule();
+    let (h, rows) = (args.hidden as f64, args.rows as f64);
+    let copies = f64::from(schedule.topology().stages_per_rank().iter().sum::<u32>());
+    // Parameters and gradients of every copy plus the reference model, and up to every
+    // micro-batch's saved activations (input, two 4h-wide buffers) per stage.
+    let parameters = (copies + f64::from(doc.num_stages)) * 2.0 * (8.0 * h * h + 5.0 * h);
+    let activations = f64::from(doc.num_stages) * f64::from(doc.num_microbatches) * rows * h * 11.0;
+    let bytes = 4.0 * (parameters + activations);
+    if bytes > MEMORY_LIMIT {
+        return Err(Failure::usage(format!(
+            "--hidden {} and --rows {} would need about {:.1} GiB for this schedule; the limit is {:.0} GiB",
+            args.hidden,
+            args.rows,
+            bytes / (1u64 << 30) as f64,
+            MEMORY_LIMIT / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
+fn progress_bar(steps: u32) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new(u64::from(steps));
+    if let Ok(style) = ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {elapsed}") {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The per-rank table of the last step and the measured bubble.
+fn summary(schedule: &ValidSchedule, profile: &Profile) -> String {
+    let doc = schedule.schedule();
+    let mut out = String::new();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let _ = writeln!(
+        out,
+        "\nlast step, measured ({} ranks on {cores} CPU core{}):",
+        doc.num_ranks,
+        if cores == 1 { "" } else { "s" }
+    );
+    let _ = writeln!(out, "rank   busy ms  comm wait ms   idle ms");
+    for s in profile.summary(doc) {
+        let _ = writeln!(
+            out,
+            "{:>4} {:>9.2} {:>13.2} {:>9.2}",
+            s.rank,
+            s.busy_us / 1e3,
+            s.comm_wait_us / 1e3,
+            s.idle_us / 1e3
+        );
+    }
+    // The simulator's bubble for the same schedule, with these measured costs, goes beside
+    // this one once `simulate` is available to the CLI.
+    let _ = writeln!(
+        out,
+        "bubble: {:.1}% of rank time not computing (step {:.2} ms)",
+        100.0 * profile.bubble(doc),
+        profile.makespan_us() / 1e3
+    );
+    out
+}

@@ -1,0 +1,162 @@
+//! `dualpipe run` end to end: what it prints, what it refuses, and what it never overwrites.
+
+use std::process::{Command, Output};
+
+fn dualpipe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const SMALL: &[&str] = &["--hidden", "16", "--rows", "4", "--steps", "2"];
+
+fn run_small(extra: &[&str]) -> Output {
+    let mut args = vec!["run"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(SMALL);
+    dualpipe(&args)
+}
+
+#[test]
+fn trains_and_agrees_with_the_single_process_run() {
+    for (family, n, c) in [
+        ("dualpipe", "4", "8"),
+        ("dualpipev", "2", "4"),
+        ("zb1p", "3", "6"),
+    ] {
+        for model in ["blocking", "async"] {
+            let out = run_small(&["-s", family, "-n", n, "-c", c, "--model", model]);
+            let stdout = text(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{family} {model}: {}",
+                text(&out.stderr)
+            );
+            assert!(stdout.contains("step   1  loss "), "{stdout}");
+            assert!(stdout.contains("step   2  loss "), "{stdout}");
+            assert!(
+                stdout.contains("losses bitwise equal in 2 of 2 steps; gradients "),
+                "{stdout}"
+            );
+            assert!(stdout.contains("bubble: "), "{stdout}");
+            assert!(out.stderr.is_empty(), "no progress bar without a terminal");
+        }
+    }
+}
+
+#[test]
+fn forward_only_compares_outputs() {
+    let out = run_small(&["-s", "dualpipev", "-n", "2", "-c", "4", "--forward-only"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(stdout.contains("forward only"), "{stdout}");
+    assert!(stdout.contains("outputs bitwise equal"), "{stdout}");
+}
+
+#[test]
+fn runs_a_schedule_file_and_writes_a_trace_only_when_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("v.json");
+    let trace = dir.path().join("trace.json");
+    let schedule_arg = schedule.to_str().unwrap();
+    let trace_arg = trace.to_str().unwrap();
+    let planned = dualpipe(&[
+        "plan",
+        "-s",
+        "dualpipev",
+        "-n",
+        "2",
+        "-c",
+        "4",
+        "-o",
+        schedule_arg,
+    ]);
+    assert!(planned.status.success());
+
+    let out = run_small(&[schedule_arg, "--trace", trace_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    assert!(written["traceEvents"].as_array().unwrap().len() > 10);
+
+    std::fs::write(&trace, "mine").unwrap();
+    let out = run_small(&[schedule_arg, "--trace", trace_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("already exists; pass --force"));
+    assert!(out.stdout.is_empty(), "refused before running");
+    assert_eq!(std::fs::read_to_string(&trace).unwrap(), "mine");
+
+    let out = run_small(&[schedule_arg, "--trace", trace_arg, "--force"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(std::fs::read_to_string(&trace).unwrap(), "mine");
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.json");
+    let planned = dualpipe(&["plan", "-s", "1f1b", "-n", "2", "-c", "2"]);
+    let mut doc: serde_json::Value = serde_json::from_slice(&planned.stdout).unwrap();
+    doc["ranks"][1].as_array_mut().unwrap().pop();
+    std::fs::write(&broken, doc.to_string()).unwrap();
+    let broken = broken.to_str().unwrap();
+
+    // (arguments, exit code, part of the message)
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["run"], 2, "give a schedule file, or --schedule"),
+        (
+            &["run", "-s", "1f1b", "-n", "2"],
+            2,
+            "give a schedule file, or --schedule",
+        ),
+        (&["run", "x.json", "-s", "1f1b"], 2, "not both"),
+        (
+            &["run", "-s", "dualpipe", "-n", "3", "-c", "6"],
+            2,
+            "dualpipe needs an even number of ranks",
+        ),
+        (
+            &["run", "-s", "1f1b", "-n", "2", "-c", "2", "--hidden", "0"],
+            2,
+            "must be at least 1",
+        ),
+        (
+            &["run", "-s", "1f1b", "-n", "2", "-c", "2", "--steps", "0"],
+            2,
+            "must be at least 1",
+        ),
+        (
+            &[
+                "run", "-s", "1f1b", "-n", "2", "-c", "2", "--hidden", "100000",
+            ],
+            2,
+            "GiB",
+        ),
+        (
+            &[
+                "run", "-s", "1f1b", "-n", "2", "-c", "2", "--model", "eager",
+            ],
+            2,
+            "unknown model",
+        ),
+        (
+            &["run", "-s", "1f1b", "-n", "2", "-c", "2", "--timeout", "0"],
+            2,
+            "--timeout must be",
+        ),
+        (&["run", "missing.json"], 2, "cannot read missing.json"),
+        (&["run", broken], 1, "invalid schedule"),
+    ];
+    for (args, code, says) in cases {
+        let out = dualpipe(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
