@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dualpipe_schedule::{ExecutionModel, Lane, ValidSchedule};
@@ -69,6 +69,10 @@ struct Network<B> {
     channels: Vec<Channel<B>>,
     model: ExecutionModel,
     timeout: Duration,
+    /// How long a wait polls before it sleeps.
+    spin: Duration,
+    /// More ranks than cores: poll by yielding the core, not by spinning.
+    oversubscribed: bool,
     aborted: AtomicBool,
     abort: Mutex<Option<(u32, String)>>,
 }
@@ -89,6 +93,8 @@ impl<B> Network<B> {
                 .collect(),
             model,
             timeout,
+            spin: Duration::from_micros(50),
+            oversubscribed: ranks > cores(),
             aborted: AtomicBool::new(false),
             abort: Mutex::new(None),
         }
@@ -130,6 +136,26 @@ impl<B> Network<B> {
     ) -> Result<MutexGuard<'a, ChannelState<B>>, CommError> {
         let deadline = Instant::now() + self.timeout;
         let mut state = lock(&channel.state);
+        if !ready(&state) {
+            // A partner on another core is usually microseconds away: waiting for it
+            // awake is much cheaper than sleeping and being woken.
+            drop(state);
+            let until = Instant::now() + self.spin;
+            loop {
+                if self.oversubscribed {
+                    std::thread::yield_now();
+                } else {
+                    for _ in 0..64 {
+                        std::hint::spin_loop();
+                    }
+                }
+                let polled = lock(&channel.state);
+                if ready(&polled) || Instant::now() >= until {
+                    state = polled;
+                    break;
+                }
+            }
+        }
         loop {
             if ready(&state) {
                 return Ok(state);
@@ -152,6 +178,12 @@ impl<B> Network<B> {
                 .0;
         }
     }
+}
+
+/// The cores this process may use, asked once (the answer can take tens of microseconds).
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
