@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,22 +44,76 @@ impl Clock for HostClock {
 }
 
 /// The messages from one rank to another, in send order. Receives take them by position.
+///
+/// The two counters mirror the state for waiters that poll without the lock; they only
+/// grow, and change only under the lock, so a waiter that checks them under the lock before
+/// sleeping cannot miss a wake-up.
 struct Channel<B> {
     state: Mutex<ChannelState<B>>,
     changed: Condvar,
+    /// Messages sent so far.
+    sent: AtomicU64,
+    /// Receives the receiving rank has posted so far.
+    recvs_posted: AtomicU64,
+    /// Threads asleep on `changed` (under the lock): nobody to wake, no system call.
+    sleepers: AtomicUsize,
 }
 
 struct ChannelState<B> {
     /// Messages from position `base` on; taken ones are `None` until the front is trimmed.
     messages: VecDeque<Option<B>>,
     base: u64,
-    /// Receives the receiving rank has posted on this channel.
-    recvs_posted: u64,
 }
 
-impl<B> ChannelState<B> {
-    fn sent(&self) -> u64 {
-        self.base + self.messages.len() as u64
+/// What a wait waits for on a channel.
+#[derive(Clone, Copy)]
+enum Until {
+    /// The message at this position has been sent.
+    Sent(u64),
+    /// The receive at this position has been posted.
+    Posted(u64),
+}
+
+impl<B> Channel<B> {
+    fn new() -> Self {
+        Channel {
+            state: Mutex::new(ChannelState {
+                messages: VecDeque::new(),
+                base: 0,
+            }),
+            changed: Condvar::new(),
+            sent: AtomicU64::new(0),
+            recvs_posted: AtomicU64::new(0),
+            sleepers: AtomicUsize::new(0),
+        }
+    }
+
+    fn reached(&self, until: Until) -> bool {
+        match until {
+            Until::Sent(position) => self.sent.load(Ordering::Acquire) > position,
+            Until::Posted(position) => self.recvs_posted.load(Ordering::Acquire) > position,
+        }
+    }
+
+    fn send(&self, buffer: B) {
+        let mut state = lock(&self.state);
+        state.messages.push_back(Some(buffer));
+        self.sent.fetch_add(1, Ordering::Release);
+        self.wake(state);
+    }
+
+    fn post_recv(&self) {
+        let state = lock(&self.state);
+        self.recvs_posted.fetch_add(1, Ordering::Release);
+        self.wake(state);
+    }
+
+    fn wake(&self, state: MutexGuard<'_, ChannelState<B>>) {
+        let sleeping = self.sleepers.load(Ordering::Relaxed) > 0;
+        drop(state);
+        if sleeping {
+            self.changed.notify_all();
+        }
     }
 }
 
@@ -81,19 +135,10 @@ impl<B> Network<B> {
     fn new(ranks: usize, model: ExecutionModel, timeout: Duration) -> Self {
         Network {
             ranks,
-            channels: (0..ranks * ranks)
-                .map(|_| Channel {
-                    state: Mutex::new(ChannelState {
-                        messages: VecDeque::new(),
-                        base: 0,
-                        recvs_posted: 0,
-                    }),
-                    changed: Condvar::new(),
-                })
-                .collect(),
+            channels: (0..ranks * ranks).map(|_| Channel::new()).collect(),
             model,
             timeout,
-            spin: Duration::from_micros(50),
+            spin: Duration::from_micros(200),
             oversubscribed: ranks > cores(),
             aborted: AtomicBool::new(false),
             abort: Mutex::new(None),
@@ -126,38 +171,32 @@ impl<B> Network<B> {
         }
     }
 
-    /// Waits on `channel` until `ready` holds, the step is aborted, or the timeout passes.
+    /// Waits on `channel` until `until`, the step is aborted, or the timeout passes; returns
+    /// the channel's state, locked.
     fn wait_for<'a>(
         &self,
         channel: &'a Channel<B>,
         peer: u32,
-        send: bool,
-        ready: impl Fn(&ChannelState<B>) -> bool,
+        until: Until,
     ) -> Result<MutexGuard<'a, ChannelState<B>>, CommError> {
-        let deadline = Instant::now() + self.timeout;
-        let mut state = lock(&channel.state);
-        if !ready(&state) {
-            // A partner on another core is usually microseconds away: waiting for it
-            // awake is much cheaper than sleeping and being woken.
-            drop(state);
-            let until = Instant::now() + self.spin;
-            loop {
+        if !channel.reached(until) {
+            // A partner on another core is usually microseconds away: waiting for it awake
+            // is much cheaper than sleeping and being woken.
+            let deadline = Instant::now() + self.spin;
+            while !channel.reached(until) && Instant::now() < deadline {
                 if self.oversubscribed {
                     std::thread::yield_now();
                 } else {
-                    for _ in 0..64 {
+                    for _ in 0..32 {
                         std::hint::spin_loop();
                     }
                 }
-                let polled = lock(&channel.state);
-                if ready(&polled) || Instant::now() >= until {
-                    state = polled;
-                    break;
-                }
             }
         }
+        let deadline = Instant::now() + self.timeout;
+        let mut state = lock(&channel.state);
         loop {
-            if ready(&state) {
+            if channel.reached(until) {
                 return Ok(state);
             }
             if self.aborted.load(Ordering::SeqCst) {
@@ -167,15 +206,17 @@ impl<B> Network<B> {
             if now >= deadline {
                 return Err(CommError::new(CommErrorKind::Timeout {
                     peer,
-                    send,
+                    send: matches!(until, Until::Posted(_)),
                     waited: self.timeout,
                 }));
             }
+            channel.sleepers.fetch_add(1, Ordering::Relaxed);
             state = channel
                 .changed
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
+            channel.sleepers.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -280,17 +321,13 @@ impl<B> Transport for InProcess<B> {
         for (op, queued) in self.queued.drain(..).enumerate() {
             match queued {
                 Queued::Send { peer, buffer } => {
-                    let channel = network.channel(me, peer);
-                    lock(&channel.state).messages.push_back(Some(buffer));
-                    channel.changed.notify_all();
+                    network.channel(me, peer).send(buffer);
                     let position = self.sends[peer as usize];
                     self.sends[peer as usize] += 1;
                     self.posted_sends.push((op, peer, position));
                 }
                 Queued::Recv { peer, position } => {
-                    let channel = network.channel(peer, me);
-                    lock(&channel.state).recvs_posted += 1;
-                    channel.changed.notify_all();
+                    network.channel(peer, me).post_recv();
                     recvs.push((op, peer, position));
                 }
             }
@@ -300,16 +337,12 @@ impl<B> Transport for InProcess<B> {
             // message has arrived.
             for &(op, peer, position) in &self.posted_sends {
                 let _matched = network
-                    .wait_for(network.channel(me, peer), peer, true, |s| {
-                        s.recvs_posted > position
-                    })
+                    .wait_for(network.channel(me, peer), peer, Until::Posted(position))
                     .map_err(|e| e.at_op(op))?;
             }
             for (op, peer, position) in recvs {
                 let _arrived = network
-                    .wait_for(network.channel(peer, me), peer, false, |s| {
-                        s.sent() > position
-                    })
+                    .wait_for(network.channel(peer, me), peer, Until::Sent(position))
                     .map_err(|e| e.at_op(op))?;
             }
         }
@@ -319,9 +352,11 @@ impl<B> Transport for InProcess<B> {
     fn wait(&mut self, ticket: InProcessTicket) -> Result<B, CommError> {
         let InProcessTicket { peer, position } = ticket;
         let network = &self.network;
-        let mut state = network.wait_for(network.channel(peer, self.rank), peer, false, |s| {
-            s.sent() > position
-        })?;
+        let mut state = network.wait_for(
+            network.channel(peer, self.rank),
+            peer,
+            Until::Sent(position),
+        )?;
         let at = (position - state.base) as usize;
         let buffer = state.messages[at].take().ok_or_else(|| {
             CommError::new(CommErrorKind::Backend(format!(
