@@ -19,7 +19,7 @@ use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 const HIDDEN: usize = 256;
 const ROWS: usize = 128;
 const MICROBATCHES: u32 = 20;
-const ROUNDS: usize = 7;
+const ROUNDS: usize = 11;
 
 fn main() {
     // `cargo test --benches` runs this too: one round of the smallest row is enough there.
