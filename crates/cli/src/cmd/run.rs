@@ -386,8 +386,9 @@ fn summary(schedule: &ValidSchedule, profile: &Profile) -> String {
             s.idle_us / 1e3
         );
     }
-    // The simulator's bubble for the same schedule, with these measured costs, goes beside
-    // this one once `simulate` is available to the CLI.
+    // FIXME(simulator): print the simulated bubble of the same schedule beside the measured
+    // one, simulating with the measured costs (`profile.mean_costs(doc)`), once the
+    // simulator is in the workspace.
     let _ = writeln!(
         out,
         "bubble: {:.1}% of rank time not computing (step {:.2} ms)",
