@@ -273,3 +273,133 @@ fn the_timeline_covers_every_instruction_and_adds_up() {
         assert_eq!(on_compute_lane, computes);
     }
 }
+
+/// The reference stage, counting the overlapped calls whose two halves share the stage.
+struct CountingOverlap {
+    inner: ReferenceStage,
+    same_stage: Arc<Mutex<u32>>,
+}
+
+impl Stage for CountingOverlap {
+    type Buffer = Matrix;
+    type Loss = f32;
+
+    fn forward(&mut self, f: Forward<Matrix>) -> Result<Forwarded<Matrix, f32>, StageError> {
+        self.inner.forward(f)
+    }
+
+    fn backward(&mut self, b: Backward<Matrix>) -> Result<Option<Matrix>, StageError> {
+        self.inner.backward(b)
+    }
+
+    fn backward_weight(&mut self, mb: u32) -> Result<(), StageError> {
+        self.inner.backward_weight(mb)
+    }
+
+    fn forward_backward(
+        &mut self,
+        forward: Forward<Matrix>,
+        backward_stage: Option<&mut Self>,
+        backward: Backward<Matrix>,
+    ) -> Result<dualpipe_executor::Overlapped<Matrix, f32>, StageError> {
+        let input_grad = match backward_stage {
+            // Backward first: any order of the two halves must give the same results.
+            Some(other) => other.inner.backward(backward)?,
+            None => {
+                *self.same_stage.lock().unwrap() += 1;
+                self.inner.backward(backward)?
+            }
+        };
+        let forwarded = self.inner.forward(forward)?;
+        Ok(dualpipe_executor::Overlapped {
+            forwarded,
+            input_grad,
+        })
+    }
+
+    fn sum_gradients(copies: &mut [&mut Self]) -> Result<(), StageError> {
+        let mut inner: Vec<&mut ReferenceStage> = copies.iter_mut().map(|c| &mut c.inner).collect();
+        ReferenceStage::sum_gradients(&mut inner)
+    }
+}
+
+#[test]
+fn an_overlapped_pair_on_one_stage_runs_through_the_hook() {
+    use dualpipe_schedule::{Format, Pipeline, Schedule, parse_program};
+    let schedule = ValidSchedule::new(Schedule {
+        format: Format::V1,
+        schedule: "one stage, overlapped".into(),
+        num_ranks: 1,
+        num_stages: 1,
+        num_microbatches: 3,
+        forward_only: false,
+        pipelines: vec![Pipeline {
+            route: vec![0],
+            microbatches: vec![0, 1, 2],
+        }],
+        ranks: vec![
+            parse_program("F s0 m0 | FB F s0 m1 + B s0 m0 | FB F s0 m2 + B s0 m1 | B s0 m2")
+                .unwrap(),
+        ],
+    })
+    .unwrap();
+    let spec = spec(&schedule);
+    let same_stage = Arc::new(Mutex::new(0));
+    let mut pipeline = CpuPipeline::new(
+        schedule,
+        options(&spec, ExecutionModel::Blocking),
+        |_, s| {
+            Ok(CountingOverlap {
+                inner: ReferenceStage::new(&spec, s),
+                same_stage: Arc::clone(&same_stage),
+            })
+        },
+    )
+    .unwrap();
+    let batch = Batch::synthetic(&spec, 3, 0);
+    let ours = pipeline
+        .step(batch.inputs.clone(), batch.targets.clone())
+        .unwrap();
+    assert_eq!(*same_stage.lock().unwrap(), 2);
+    let mut reference = Sequential::new(&spec);
+    let theirs = reference.step(&batch, true).unwrap();
+    for (a, b) in ours.losses.iter().zip(&theirs.losses) {
+        assert_eq!(a.unwrap().to_bits(), b.to_bits());
+    }
+    let ours = pipeline.copies(0)[0].inner.gradients();
+    let diff =
+        dualpipe_executor::conformance::cal_diff(&ours.w1, &reference.stages[0].gradients().w1);
+    assert!(diff < 1e-13, "{diff}");
+}
+
+#[test]
+fn an_overlap_hook_that_runs_backward_first_gives_the_same_results() {
+    let schedule = schedule(Family::DualPipe, 4, 8);
+    let spec = spec(&schedule);
+    let same_stage = Arc::new(Mutex::new(0));
+    let mut pipeline = CpuPipeline::new(schedule, options(&spec, ExecutionModel::Async), |_, s| {
+        Ok(CountingOverlap {
+            inner: ReferenceStage::new(&spec, s),
+            same_stage: Arc::clone(&same_stage),
+        })
+    })
+    .unwrap();
+    let batch = Batch::synthetic(&spec, 8, 0);
+    let ours = pipeline
+        .step(batch.inputs.clone(), batch.targets.clone())
+        .unwrap();
+    assert_eq!(*same_stage.lock().unwrap(), 0, "DualPipe pairs two stages");
+    let mut reference = Sequential::new(&spec);
+    let theirs = reference.step(&batch, true).unwrap();
+    for (a, b) in ours.losses.iter().zip(&theirs.losses) {
+        assert_eq!(a.unwrap().to_bits(), b.to_bits());
+    }
+    for stage in 0..4 {
+        let ours = pipeline.copies(stage)[0].inner.gradients();
+        let theirs = reference.stages[stage as usize].gradients();
+        for ((name, a), (_, b)) in ours.tensors().into_iter().zip(theirs.tensors()) {
+            let diff = dualpipe_executor::conformance::cal_diff(a, b);
+            assert!(diff < 1e-13, "stage {stage} {name}: {diff}");
+        }
+    }
+}
