@@ -403,3 +403,99 @@ fn an_overlap_hook_that_runs_backward_first_gives_the_same_results() {
         }
     }
 }
+
+/// The reference stage, sleeping before the forward of one micro-batch.
+struct Slow {
+    inner: ReferenceStage,
+    slow_mb: Option<u32>,
+}
+
+impl Stage for Slow {
+    type Buffer = Matrix;
+    type Loss = f32;
+
+    fn forward(&mut self, f: Forward<Matrix>) -> Result<Forwarded<Matrix, f32>, StageError> {
+        if self.slow_mb == Some(f.mb) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.inner.forward(f)
+    }
+
+    fn backward(&mut self, b: Backward<Matrix>) -> Result<Option<Matrix>, StageError> {
+        self.inner.backward(b)
+    }
+
+    fn backward_weight(&mut self, mb: u32) -> Result<(), StageError> {
+        self.inner.backward_weight(mb)
+    }
+
+    fn sum_gradients(copies: &mut [&mut Self]) -> Result<(), StageError> {
+        let mut inner: Vec<&mut ReferenceStage> = copies.iter_mut().map(|c| &mut c.inner).collect();
+        ReferenceStage::sum_gradients(&mut inner)
+    }
+}
+
+#[test]
+fn a_blocking_commit_waits_for_the_partner_and_an_async_one_does_not() {
+    use dualpipe_schedule::{Format, Pipeline, Schedule, parse_program};
+    // Rank 1 posts its second receive only after a slow forward of micro-batch 0.
+    let schedule = ValidSchedule::new(Schedule {
+        format: Format::V1,
+        schedule: "two sends".into(),
+        num_ranks: 2,
+        num_stages: 2,
+        num_microbatches: 2,
+        forward_only: true,
+        pipelines: vec![Pipeline {
+            route: vec![0, 1],
+            microbatches: vec![0, 1],
+        }],
+        ranks: vec![
+            parse_program(
+                "F s0 m0 | send act s0 m0 -> r1 | commit | F s0 m1 | send act s0 m1 -> r1 | commit",
+            )
+            .unwrap(),
+            parse_program(
+                "recv act s1 m0 <- r0 | commit | F s1 m0 | recv act s1 m1 <- r0 | commit | F s1 m1",
+            )
+            .unwrap(),
+        ],
+    })
+    .unwrap();
+    let spec = spec(&schedule);
+    for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
+        let mut options = options(&spec, model);
+        options.profile = true;
+        let mut pipeline = CpuPipeline::new(schedule.clone(), options, |_, s| {
+            Ok(Slow {
+                inner: ReferenceStage::new(&spec, s),
+                slow_mb: (s == 1).then_some(0),
+            })
+        })
+        .unwrap();
+        let batch = Batch::synthetic(&spec, 2, 0);
+        let profile = pipeline
+            .step(batch.inputs, Vec::new())
+            .unwrap()
+            .profile
+            .unwrap();
+        let at = |rank: usize, index: usize| {
+            *profile.ranks[rank]
+                .iter()
+                .find(|t| t.index == index)
+                .unwrap()
+        };
+        let second_send = at(0, 5);
+        let slow_forward = at(1, 2);
+        match model {
+            ExecutionModel::Blocking => assert!(
+                second_send.end_us >= slow_forward.end_us,
+                "the send's commit returned before its receive was posted: {second_send:?} {slow_forward:?}"
+            ),
+            ExecutionModel::Async => assert!(
+                second_send.end_us < slow_forward.end_us,
+                "the async commit waited for its partner: {second_send:?} {slow_forward:?}"
+            ),
+        }
+    }
+}
