@@ -17,19 +17,23 @@
 //! validate(&schedule).unwrap();
 //! ```
 
+mod costs;
 mod format;
 mod json;
 mod order;
+mod simulate;
 mod topology;
 mod trace;
 mod validate;
 
+pub use costs::{CostError, Costs, StageCosts, StageOverride};
 pub use format::{
     FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
     parse_program,
 };
 pub use json::ParseError;
 pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
+pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
 pub use topology::Topology;
 pub use trace::{Lane, Span, chrome_trace};
 pub use validate::{
