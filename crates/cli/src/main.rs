@@ -2,6 +2,7 @@
 
 mod cmd;
 mod io;
+mod options;
 
 use std::process::ExitCode;
 
@@ -13,6 +14,8 @@ Examples:
   dualpipe validate v.json
   dualpipe inspect v.json
   dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20 | dualpipe inspect -
+  dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3 --model async
+  dualpipe render v.json --format svg -o v.svg
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -30,6 +33,8 @@ enum Command {
     Plan(cmd::plan::Args),
     Validate(cmd::validate::Args),
     Inspect(cmd::inspect::Args),
+    Simulate(cmd::simulate::Args),
+    Render(cmd::render::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +53,8 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Validate(args) => cmd::validate::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Render(args) => cmd::render::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ mod costs;
 mod format;
 mod json;
 mod order;
+mod render;
 mod simulate;
 mod topology;
 mod trace;
@@ -33,6 +34,7 @@ pub use format::{
 };
 pub use json::ParseError;
 pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
+pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
 pub use topology::Topology;
 pub use trace::{Lane, Span, chrome_trace};

@@ -582,10 +582,11 @@ impl<'a> Run<'a> {
                     } else {
                         state.clock
                     };
-                    let end = start + self.compute.of(compute);
+                    let cost = self.compute.of(compute);
+                    let end = start + cost;
                     self.times[rank][state.cursor] = Interval { start, end };
                     let r = &mut self.ranks[rank];
-                    r.busy += end - start;
+                    r.busy += cost;
                     if is_async {
                         r.compute_free = end;
                     } else {

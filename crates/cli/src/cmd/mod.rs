@@ -2,4 +2,6 @@
 
 pub mod inspect;
 pub mod plan;
+pub mod render;
+pub mod simulate;
 pub mod validate;
