@@ -275,6 +275,15 @@ pub fn validate(schedule: &Schedule) -> Result<Report, ValidationErrors> {
     Ok(Report { topology, links })
 }
 
+/// `1 stage`, `2 stages`, `1 micro-batch`, `3 micro-batches`.
+pub(crate) fn plural(n: u32, noun: &str) -> String {
+    match (n, noun.ends_with('h')) {
+        (1, _) => format!("1 {noun}"),
+        (_, true) => format!("{n} {noun}es"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 /// The position of an instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct At {
@@ -389,7 +398,11 @@ impl<'a> Scan<'a> {
             self.problem(
                 Rule::Structure,
                 at,
-                format!("{what} {work} is out of range ({s} stages, {c} micro-batches)"),
+                format!(
+                    "{what} {work} is out of range ({}, {})",
+                    plural(s, "stage"),
+                    plural(c, "micro-batch")
+                ),
             );
             return false;
         }
@@ -545,7 +558,9 @@ impl<'a> Scan<'a> {
             self.problem(
                 Rule::DataDependency,
                 at,
-                format!("the backward of {work} comes before its forward F {work}"),
+                format!(
+                    "no earlier `F {work}` on this rank: a backward needs its forward's activation"
+                ),
             );
         }
         self.check_backward_input(at, work, batches);
@@ -615,9 +630,9 @@ impl<'a> Scan<'a> {
                 Rule::Structure,
                 at,
                 format!(
-                    "peer {} is out of range ({} ranks)",
+                    "peer {} is out of range ({})",
                     message.peer,
-                    self.topology.num_ranks()
+                    plural(self.topology.num_ranks(), "rank")
                 ),
             );
             return;

@@ -407,7 +407,7 @@ fn explain(
             if model == ExecutionModel::Async && commit != stuck_at {
                 let _ = write!(
                     line,
-                    ", waiting for the batch of its commit at instruction {commit}"
+                    ": its communication stream is stuck at the batch of the commit at instruction {commit}"
                 );
             }
             if let Some((i, peer, j)) = blocker {
@@ -421,10 +421,7 @@ fn explain(
                     list[i], schedule.ranks[peer][j]
                 );
             } else if model == ExecutionModel::Async {
-                let _ = write!(
-                    line,
-                    ", which waits for an earlier batch on the same stream"
-                );
+                let _ = write!(line, ", behind an earlier batch that never completes");
             }
         }
         lines.push(line);
