@@ -1,18 +1,9 @@
-//! The `dualpipe` command end to end: exit codes, outputs and error messages of the simulate,
-//! render, compare and convert subcommands.
+//! The `dualpipe` command end to end: outputs, exit codes, messages, and no overwriting.
 
 use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 
-/// What a run of `dualpipe` gave back.
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `dualpipe` with `args`, feeding `stdin`.
-fn dualpipe(args: &[&str], stdin: &str) -> Run {
+fn dualpipe(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
         .args(args)
         .stdin(Stdio::piped())
@@ -20,296 +11,198 @@ fn dualpipe(args: &[&str], stdin: &str) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the binary runs");
-    // A command that fails before reading its input closes the pipe early: not an error here.
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin.as_bytes());
-    if let Err(e) = written {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
     }
-    let output = child.wait_with_output().expect("the binary ends");
-    Run {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(output.stdout).expect("UTF-8 output"),
-        stderr: String::from_utf8(output.stderr).expect("UTF-8 errors"),
-    }
+    drop(input);
+    child.wait_with_output().unwrap()
 }
 
-/// Runs `dualpipe` and expects success.
-fn ok(args: &[&str], stdin: &str) -> String {
-    let run = dualpipe(args, stdin);
-    assert_eq!(run.code, 0, "dualpipe {args:?} failed: {}", run.stderr);
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
-    run.stdout
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Runs `dualpipe` and expects exit `code` with `message` in the error.
-fn fails(args: &[&str], stdin: &str, code: i32, message: &str) {
-    let run = dualpipe(args, stdin);
-    assert_eq!(run.code, code, "dualpipe {args:?}: {}", run.stderr);
+fn assert_clean_error(output: &Output, code: i32, contains: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "stderr: {stderr}");
     assert!(
-        run.stderr.contains(message),
-        "dualpipe {args:?}: expected `{message}` in: {}",
-        run.stderr
+        stderr.contains(contains),
+        "expected `{contains}` in: {stderr}"
     );
-    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
 }
 
-fn planned(family: &str, n: u32, c: u32) -> String {
-    ok(
+#[test]
+fn plan_validate_inspect_through_pipes() {
+    let plan = dualpipe(
+        &[
+            "plan",
+            "--schedule",
+            "dualpipev",
+            "--ranks",
+            "4",
+            "--microbatches",
+            "10",
+        ],
+        None,
+    );
+    assert!(plan.status.success(), "{}", text(&plan.stderr));
+    let json = text(&plan.stdout);
+    let validate = dualpipe(&["validate", "-"], Some(&json));
+    assert!(validate.status.success());
+    assert!(
+        text(&validate.stdout)
+            .contains("valid dualpipev schedule: 4 ranks, 8 stages, 10 micro-batches")
+    );
+    let inspect = dualpipe(&["inspect", "-"], Some(&json));
+    assert!(inspect.status.success());
+    let out = text(&inspect.stdout);
+    // Rank 0 of DualPipeV (4, 10): 9 FB, 7 deferred backwards, 21 commits, peak 9 = PP + 1.
+    let row0 = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0 "))
+        .unwrap();
+    let numbers: Vec<u32> = row0
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(numbers, vec![0, 20, 20, 9, 7, 7, 20, 20, 21, 9, 1]);
+    let grid0 = out.lines().find(|l| l.starts_with("rank 0 |")).unwrap();
+    let cells: Vec<&str> = grid0
+        .split('|')
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        cells[..10],
+        ["F0", "F1", "F2", "F3", "F4", "F5", "F6", "f0", "i0", "w0"]
+    );
+    assert_eq!(cells[17..19], ["F7+b3", "f4+B0"]);
+}
+
+#[test]
+fn every_family_plans_a_valid_schedule() {
+    for name in [
+        "dualpipe",
+        "dualpipev",
+        "1f1b",
+        "gpipe",
+        "zb1p",
+        "zbv",
+        "interleaved-1f1b",
+    ] {
+        let plan = dualpipe(&["plan", "-s", name, "-n", "4", "-c", "8"], None);
+        assert!(plan.status.success(), "{name}: {}", text(&plan.stderr));
+        let validate = dualpipe(&["validate", "-"], Some(&text(&plan.stdout)));
+        assert!(
+            validate.status.success(),
+            "{name}: {}",
+            text(&validate.stderr)
+        );
+    }
+}
+
+#[test]
+fn family_constraints_are_usage_errors() {
+    let out = dualpipe(&["plan", "-s", "dualpipe", "-n", "3", "-c", "8"], None);
+    assert_clean_error(&out, 2, "dualpipe needs an even number of ranks N >= 2");
+    let out = dualpipe(&["plan", "-s", "dualpipev", "-n", "4", "-c", "7"], None);
+    assert_clean_error(
+        &out,
+        2,
+        "micro-batches C >= 2N; got 4 ranks and 7 micro-batches",
+    );
+    let out = dualpipe(
         &[
             "plan",
             "-s",
-            family,
+            "1f1b",
             "-n",
-            &n.to_string(),
+            "4",
             "-c",
-            &c.to_string(),
+            "8",
+            "--chunks-per-rank",
+            "2",
         ],
-        "",
-    )
-}
-
-fn json(text: &str) -> serde_json::Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-#[test]
-fn simulate_reports_the_readme_bubble() {
-    let v = planned("dualpipev", 4, 10);
-    let table = ok(&["simulate", "-"], &v);
-    assert!(table.contains("step time 66,"), "{table}");
-    let report = json(&ok(&["simulate", "-", "--json"], &v));
-    assert_eq!(report["makespan"], 66.0);
-    assert_eq!(report["model"], "blocking");
-    let ranks = report["ranks"].as_array().unwrap();
-    assert_eq!(ranks.len(), 4);
-    for (rank, r) in ranks.iter().enumerate() {
-        assert_eq!(r["rank"], rank);
-        assert_eq!(r["idle"], 6.0);
-        assert_eq!(r["busy"], 60.0);
-        assert_eq!(r["peak_activations"], 9);
-        assert_eq!(r["peak_pending_w"], rank + 1);
-    }
-}
-
-#[test]
-fn simulate_takes_costs_models_and_files() {
-    let v = planned("dualpipe", 4, 8);
-    let blocking = json(&ok(&["simulate", "-", "--json", "--cost", "comm=0.5"], &v));
-    let overlapped = json(&ok(
-        &[
-            "simulate", "-", "--json", "--cost", "comm=0.5", "--model", "async",
-        ],
-        &v,
-    ));
-    let (b, a) = (
-        blocking["makespan"].as_f64().unwrap(),
-        overlapped["makespan"].as_f64().unwrap(),
+        None,
     );
-    let base = json(&ok(&["simulate", "-", "--json"], &v))["makespan"]
-        .as_f64()
-        .unwrap();
+    assert_clean_error(
+        &out,
+        2,
+        "--chunks-per-rank applies to interleaved-1f1b only",
+    );
+    let out = dualpipe(&["plan", "-s", "pipedream", "-n", "4", "-c", "8"], None);
+    assert_clean_error(&out, 2, "unknown schedule `pipedream`");
+    let out = dualpipe(&["plan", "-s", "1f1b", "-n", "-4", "-c", "8"], None);
+    assert_clean_error(&out, 2, "error");
+}
+
+#[test]
+fn invalid_schedules_exit_with_1_and_say_where() {
+    let plan = dualpipe(&["plan", "-s", "1f1b", "-n", "2", "-c", "2"], None);
+    let broken = text(&plan.stdout).replacen(r#""peer": 1}"#, r#""peer": 0}"#, 1);
+    let out = dualpipe(&["validate", "-"], Some(&broken));
+    assert_clean_error(
+        &out,
+        1,
+        "rank 0, instruction 1 `send act s0 m0 -> r0`: rule 3 (communication)",
+    );
+    let out = dualpipe(
+        &["validate", "-"],
+        Some("{\"format\": \"dualpipe-schedule/v1\""),
+    );
+    assert_clean_error(&out, 1, "not a dualpipe-schedule/v1 document");
+    let unknown = text(&plan.stdout).replacen(r#""op": "F","#, r#""op": "F", "extra": 1,"#, 1);
+    let out = dualpipe(&["inspect", "-"], Some(&unknown));
+    assert_clean_error(&out, 1, "rank 0, instruction 0: unknown field `extra`");
+}
+
+#[test]
+fn unreadable_input_is_a_usage_error() {
+    let out = dualpipe(&["validate", "no/such/file.json"], None);
+    assert_clean_error(&out, 2, "cannot read no/such/file.json");
+}
+
+#[test]
+fn plan_never_overwrites_without_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mine.json");
+    std::fs::write(&path, "my own notes").unwrap();
+    let target = path.to_str().unwrap();
+    let out = dualpipe(
+        &["plan", "-s", "1f1b", "-n", "2", "-c", "2", "-o", target],
+        None,
+    );
+    assert_clean_error(&out, 2, "already exists; pass --force to overwrite it");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "my own notes");
+    let out = dualpipe(
+        &[
+            "plan", "-s", "1f1b", "-n", "2", "-c", "2", "-o", target, "--force",
+        ],
+        None,
+    );
+    assert!(out.status.success());
     assert!(
-        a <= b && b > base,
-        "async {a}, blocking {b}, without latency {base}"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let costs = dir.path().join("costs.json");
-    std::fs::write(
-        &costs,
-        r#"{"f": 2, "b": 4, "w": 2, "stages": [{"stage": 0, "f": 3}]}"#,
-    )
-    .unwrap();
-    let costs = costs.to_str().unwrap();
-    let doubled = json(&ok(&["simulate", "-", "--json", "--costs", costs], &v));
-    assert!(doubled["makespan"].as_f64().unwrap() > 2.0 * base);
-    // --cost applies on top of the file.
-    let patched = json(&ok(
-        &[
-            "simulate",
-            "-",
-            "--json",
-            "--costs",
-            costs,
-            "--cost",
-            "f=1,b=2,w=1",
-        ],
-        &v,
-    ));
-    assert!(patched["makespan"].as_f64().unwrap() < doubled["makespan"].as_f64().unwrap());
-    let timeline = json(&ok(&["simulate", "-", "--json", "--timeline"], &v));
-    let first = &timeline["instructions"][0][0];
-    assert_eq!(first["instruction"], "F s0 m0");
-    assert_eq!(
-        (first["start"].as_f64(), first["end"].as_f64()),
-        (Some(0.0), Some(1.0))
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .starts_with("{\n  \"format\": \"dualpipe-schedule/v1\"")
     );
 }
 
 #[test]
-fn simulate_errors_have_exit_codes() {
-    let v = planned("1f1b", 2, 2);
-    fails(
-        &["simulate", "-", "--cost", "f=x"],
-        &v,
-        2,
-        "`x` is not a number",
-    );
-    fails(
-        &["simulate", "-", "--cost", "w=5"],
-        &v,
-        2,
-        "w (5) exceeds b (2)",
-    );
-    fails(
-        &["simulate", "-", "--costs", "/nonexistent/c.json"],
-        &v,
-        2,
-        "cannot read",
-    );
-    fails(
-        &["simulate", "-", "--model", "eager"],
-        &v,
-        2,
-        "invalid value 'eager'",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let costs = dir.path().join("costs.json");
-    std::fs::write(&costs, r#"{"stages": [{"stage": 9, "f": 3}]}"#).unwrap();
-    fails(
-        &["simulate", "-", "--costs", costs.to_str().unwrap()],
-        &v,
-        2,
-        "override stage 9, but the schedule has 2 stages",
-    );
-    std::fs::write(&costs, r#"{"f": 1, "flops": 3}"#).unwrap();
-    fails(
-        &["simulate", "-", "--costs", costs.to_str().unwrap()],
-        &v,
-        2,
-        "unknown field `flops`",
-    );
-    let broken = v.replacen(r#""op": "B""#, r#""op": "F""#, 1);
-    fails(&["simulate", "-"], &broken, 1, "invalid schedule");
-}
-
-#[test]
-fn render_text_is_a_time_scaled_grid() {
-    let v = planned("dualpipev", 2, 4);
-    let text = ok(&["render", "-", "--format", "text", "--columns", "3"], &v);
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("rank ")).collect();
-    assert_eq!(rows.len(), 2, "{text}");
-    // Rank 0 starts with three forwards down the V, then the way back up (lower case), and
-    // waits one time unit (three columns) before its first weight gradient.
-    assert!(
-        rows[0].starts_with("rank 0 F0 F1 F2 f0 i0 ...w0 "),
-        "{text}"
-    );
-    // Rank 1 waits one time unit for its first input.
-    assert!(rows[1].starts_with("rank 1 ...F0 "), "{text}");
-    assert!(text.contains("step time 26"), "{text}");
-    fails(
-        &["render", "-", "--format", "svg", "--columns", "3"],
-        &v,
-        2,
-        "--columns",
-    );
-}
-
-#[test]
-fn render_svg_has_every_compute_and_a_legend() {
-    let v = planned("dualpipe", 8, 20);
-    let svg = ok(&["render", "-", "--format", "svg"], &v);
-    assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
-    assert!(svg.trim_end().ends_with("</svg>"));
-    // One box per F, B, W and one per half of an FB.
-    let schedule = json(&v);
-    let halves: usize = schedule["ranks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|list| list.as_array().unwrap())
-        .map(|i| match i["op"].as_str().unwrap() {
-            "FB" => 2,
-            "F" | "B" | "W" => 1,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(svg.matches("<title>").count(), halves);
-    for legend in [
-        "F forward",
-        "B backward",
-        "I backward, weights deferred",
-        "W weight gradient",
-    ] {
-        assert!(svg.contains(legend), "{legend}");
+fn help_has_examples() {
+    for sub in ["plan", "validate", "inspect"] {
+        let out = dualpipe(&[sub, "--help"], None);
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("Examples:"), "{sub}");
     }
-}
-
-#[test]
-fn render_chrome_is_a_trace_with_flows_inside_their_spans() {
-    let v = planned("dualpipev", 4, 10);
-    let trace = json(&ok(
-        &[
-            "render",
-            "-",
-            "--format",
-            "chrome",
-            "--cost",
-            "comm=0.25",
-            "--model",
-            "async",
-        ],
-        &v,
-    ));
-    let events = trace["traceEvents"].as_array().unwrap();
-    let spans: Vec<&serde_json::Value> = events.iter().filter(|e| e["ph"] == "X").collect();
-    assert!(spans.iter().all(|e| e["dur"].as_f64().unwrap() >= 0.0));
-    let inside = |e: &serde_json::Value| {
-        let ts = e["ts"].as_f64().unwrap();
-        spans.iter().any(|s| {
-            let start = s["ts"].as_f64().unwrap();
-            s["pid"] == e["pid"]
-                && s["tid"] == e["tid"]
-                && start <= ts
-                && ts <= start + s["dur"].as_f64().unwrap()
-        })
-    };
-    let starts: Vec<_> = events.iter().filter(|e| e["ph"] == "s").collect();
-    let ends: Vec<_> = events.iter().filter(|e| e["ph"] == "f").collect();
-    let sends = v.matches(r#""op": "send""#).count();
-    assert_eq!((starts.len(), ends.len()), (sends, sends));
-    for e in starts.iter().chain(&ends) {
-        assert!(inside(e), "flow event outside every span: {e}");
-    }
-    // Compute spans: one time unit is one millisecond.
-    let first = spans
-        .iter()
-        .find(|s| s["pid"] == 0 && s["tid"] == 0)
-        .unwrap();
-    assert_eq!(
-        (first["ts"].as_f64(), first["dur"].as_f64()),
-        (Some(0.0), Some(1000.0))
-    );
-}
-
-#[test]
-fn render_keeps_existing_files_unless_forced() {
-    let v = planned("1f1b", 2, 2);
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("t.txt");
-    std::fs::write(&out, "mine").unwrap();
-    let path = out.to_str().unwrap();
-    fails(
-        &["render", "-", "-o", path],
-        &v,
-        2,
-        "already exists; pass --force",
-    );
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
-    ok(&["render", "-", "-o", path, "--force"], &v);
-    assert!(std::fs::read_to_string(&out).unwrap().contains("rank 1"));
+    let out = dualpipe(&["--help"], None);
+    assert!(text(&out.stdout).contains("Exit codes: 0 success, 1 invalid schedule, 2 usage error"));
+    let out = dualpipe(&[], None);
+    assert_eq!(out.status.code(), Some(2));
 }
