@@ -16,6 +16,7 @@ Examples:
   dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20 | dualpipe inspect -
   dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3 --model async
   dualpipe render v.json --format svg -o v.svg
+  dualpipe compare --ranks 8 --microbatches 20
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -35,6 +36,7 @@ enum Command {
     Inspect(cmd::inspect::Args),
     Simulate(cmd::simulate::Args),
     Render(cmd::render::Args),
+    Compare(cmd::compare::Args),
 }
 
 fn main() -> ExitCode {
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Render(args) => cmd::render::run(args),
+        Command::Compare(args) => cmd::compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,4 @@
-//! `dualpipe simulate` and `dualpipe render` end to end: exit codes, outputs and error messages.
+//! `dualpipe simulate`, `render`, `compare` and `convert` end to end: exit codes, outputs and errors.
 //! render, compare and convert subcommands.
 
 use std::io::Write;
@@ -312,4 +312,68 @@ fn render_keeps_existing_files_unless_forced() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "mine");
     ok(&["render", "-", "-o", path, "--force"], &v);
     assert!(std::fs::read_to_string(&out).unwrap().contains("rank 1"));
+}
+
+#[test]
+fn compare_lines_up_every_family() {
+    let report = json(&ok(&["compare", "-n", "4", "-c", "8", "--json"], ""));
+    let rows = report["families"].as_array().unwrap();
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r["family"] == name)
+            .unwrap_or_else(|| panic!("{name} missing: {report}"))
+    };
+    assert_eq!(rows.len(), 7, "{report}");
+    // 1F1B: 8 micro-batches of F + B = 3, plus the (N - 1)(F + B) bubble.
+    assert_eq!(row("1f1b")["step_time"], 33.0);
+    assert_eq!(row("1f1b")["peak_activations"], 4);
+    // DualPipe: (N/2 - 1)(F&B + B - 3W) = 2; two copies of each stage.
+    assert_eq!(row("dualpipe")["step_time"], 26.0);
+    assert_eq!(row("dualpipe")["parameters_per_rank"], 2.0);
+    // DualPipeV: 8 stages at half the cost each; one N-th of the model per rank.
+    assert_eq!(row("dualpipev")["stages"], 8);
+    assert_eq!(row("dualpipev")["parameters_per_rank"], 1.0);
+    assert_eq!(row("dualpipev")["activation_memory"], 4.5);
+    assert_eq!(row("zb1p")["step_time"], 27.0);
+    assert!(report["not_applicable"].as_array().unwrap().is_empty());
+
+    let odd = json(&ok(&["compare", "-n", "3", "-c", "5", "--json"], ""));
+    let skipped = odd["not_applicable"].as_array().unwrap();
+    let names: Vec<&str> = skipped
+        .iter()
+        .map(|s| s["family"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["dualpipe", "dualpipev"], "{odd}");
+    assert!(
+        skipped[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("even number of ranks")
+    );
+
+    let table = ok(&["compare", "-n", "3", "-c", "5"], "");
+    assert!(table.contains("not applicable: dualpipe:"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("zbv ")), "{table}");
+}
+
+#[test]
+fn compare_refuses_per_stage_costs() {
+    let dir = tempfile::tempdir().unwrap();
+    let costs = dir.path().join("costs.json");
+    std::fs::write(&costs, r#"{"stages": [{"stage": 0, "f": 3}]}"#).unwrap();
+    fails(
+        &[
+            "compare",
+            "-n",
+            "2",
+            "-c",
+            "4",
+            "--costs",
+            costs.to_str().unwrap(),
+        ],
+        "",
+        2,
+        "uniform costs only",
+    );
+    fails(&["compare", "-n", "2"], "", 2, "--microbatches");
 }

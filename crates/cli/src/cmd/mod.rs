@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
+pub mod compare;
 pub mod inspect;
 pub mod plan;
 pub mod render;
