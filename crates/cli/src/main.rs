@@ -17,6 +17,7 @@ Examples:
   dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3 --model async
   dualpipe render v.json --format svg -o v.svg
   dualpipe compare --ranks 8 --microbatches 20
+  dualpipe convert v.json --to torch-csv -o v.csv
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -37,6 +38,7 @@ enum Command {
     Simulate(cmd::simulate::Args),
     Render(cmd::render::Args),
     Compare(cmd::compare::Args),
+    Convert(cmd::convert::Args),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +60,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Render(args) => cmd::render::run(args),
         Command::Compare(args) => cmd::compare::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

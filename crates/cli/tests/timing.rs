@@ -377,3 +377,81 @@ fn compare_refuses_per_stage_costs() {
     );
     fails(&["compare", "-n", "2"], "", 2, "--microbatches");
 }
+
+#[test]
+fn convert_to_torch_and_back() {
+    let v = planned("dualpipev", 4, 10);
+    let csv = ok(&["convert", "-", "--to", "torch-csv"], &v);
+    assert_eq!(csv.lines().count(), 4);
+    assert!(
+        csv.starts_with("0F0,0F1,0F2,0F3,0F4,0F5,0F6,7F0,7I0,7W0,7F1,"),
+        "{csv}"
+    );
+    assert!(csv.contains(",(0F7;7B3)OVERLAP_F_B,"), "{csv}");
+    let comms = ok(&["convert", "-", "--to", "torch-csv", "--with-comms"], &v);
+    assert!(comms.starts_with("0F0,0SEND_F0,"), "{comms}");
+    assert!(
+        comms.contains("7RECV_F0") && comms.contains("7SEND_B0"),
+        "{comms}"
+    );
+    let back = ok(
+        &["convert", "-", "--from", "torch-csv", "--name", "dualpipev"],
+        &csv,
+    );
+    let back = json(&back);
+    assert_eq!(back["schedule"], "dualpipev");
+    assert_eq!(back["num_stages"], 8);
+    assert_eq!(back["pipelines"][0]["route"], json("[0,1,2,3,3,2,1,0]"));
+    // What was imported validates and simulates.
+    let report = json(&ok(&["simulate", "-", "--json"], &back.to_string()));
+    assert_eq!(report["ranks"][0]["peak_activations"], 9);
+}
+
+#[test]
+fn convert_errors_have_exit_codes() {
+    let dualpipe = planned("dualpipe", 4, 8);
+    fails(
+        &["convert", "-", "--to", "torch-csv"],
+        &dualpipe,
+        2,
+        "keeps two copies of a stage on two ranks",
+    );
+    fails(
+        &["convert", "-", "--from", "torch-csv"],
+        "0F0,0Q1\n",
+        1,
+        "column 2 `0Q1`",
+    );
+    fails(
+        &["convert", "-", "--from", "torch-csv"],
+        "0F0,0SEND_F0\n1F0\n",
+        1,
+        "give the compute-only CSV",
+    );
+    // Stage 1 never gets its input back from the stage 0 backward: a cycle.
+    fails(
+        &["convert", "-", "--from", "torch-csv"],
+        "0B0,0F0\n1F0,1B0\n",
+        1,
+        "cannot",
+    );
+    fails(&["convert", "-"], "", 2, "--to <TO>|--from <FROM>");
+    fails(
+        &["convert", "-", "--from", "torch-csv", "--with-comms"],
+        "",
+        2,
+        "--to torch-csv only",
+    );
+    fails(
+        &["convert", "-", "--to", "torch-csv", "--name", "x"],
+        "",
+        2,
+        "--from torch-csv only",
+    );
+    fails(
+        &["convert", "-", "--to", "torch-csv", "--from", "torch-csv"],
+        "",
+        2,
+        "cannot be used",
+    );
+}

@@ -24,6 +24,7 @@ mod order;
 mod render;
 mod simulate;
 mod topology;
+mod torch;
 mod trace;
 mod validate;
 
@@ -37,6 +38,7 @@ pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stat
 pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
 pub use topology::Topology;
+pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};
 pub use validate::{
     ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,
