@@ -26,7 +26,7 @@ pub struct Args {
     file: String,
     #[command(flatten)]
     options: CostOptions,
-    /// Print JSON: {\"makespan\", \"bubble_share\", \"ranks\": [{\"rank\", \"busy\", \"idle\", ...}], ...}.
+    /// Print JSON: {"makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", ...}], ...}.
     #[arg(long)]
     json: bool,
     /// Also list when every instruction starts and ends.
