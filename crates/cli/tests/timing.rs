@@ -455,3 +455,26 @@ fn convert_errors_have_exit_codes() {
         "cannot be used",
     );
 }
+
+#[test]
+fn render_stays_small_with_large_costs() {
+    let v = planned("dualpipe", 8, 20);
+    let cost = ["--cost", "f=1500,b=3000,w=1500,fb=4000"];
+    let text = ok(&[&["render", "-"][..], &cost[..]].concat(), &v);
+    let widest = text.lines().map(str::len).max().unwrap();
+    assert!(widest <= 1020, "{widest} columns");
+    assert!(text.contains("F0 "), "{text}");
+    let svg = ok(
+        &[&["render", "-", "--format", "svg"][..], &cost[..]].concat(),
+        &v,
+    );
+    assert!(svg.matches("<line").count() <= 120, "too many ticks");
+    let tiny = ok(&["render", "-", "--columns", "0.25"], &v);
+    assert!(tiny.contains("0.25 columns per time unit"), "{tiny}");
+    fails(
+        &["render", "-", "--columns", "0"],
+        &v,
+        2,
+        "must be a positive number",
+    );
+}

@@ -13,12 +13,14 @@ use crate::order::Legs;
 use crate::simulate::Simulation;
 use crate::validate::ValidSchedule;
 
-/// Columns per time unit tried when none is given: the smallest that fits every label, at most
-/// this many.
-const MAX_AUTO_COLUMNS: u32 = 12;
+/// Widest grid chosen automatically, in columns: labels are cut beyond this.
+const MAX_AUTO_COLUMNS: f64 = 1000.0;
+/// Widest grid at all, in columns, whatever `columns_per_unit` asks for.
+const MAX_COLUMNS: f64 = 20000.0;
 
-/// The text grid: one row per rank, `columns_per_unit` characters per time unit (chosen to fit
-/// the labels when `None`). Each compute starts with its label; `.` marks idle time.
+/// The text grid: one row per rank, `columns_per_unit` characters per time unit (by default the
+/// fewest that fit every label, within 1000 columns; never wider than 20000 columns). Each
+/// compute starts with its label; `.` marks idle time.
 ///
 /// ```
 /// use dualpipe_schedule::{parse_program, simulate, timeline_text, Costs, ExecutionModel,
@@ -31,20 +33,22 @@ const MAX_AUTO_COLUMNS: u32 = 12;
 /// };
 /// let valid = ValidSchedule::new(schedule).unwrap();
 /// let sim = simulate(&valid, &Costs::default(), ExecutionModel::Blocking).unwrap();
-/// let text = timeline_text(&valid, &sim, Some(3));
+/// let text = timeline_text(&valid, &sim, Some(3.0));
 /// assert!(text.contains("rank 0 F0 F1 B0    B1"));
 /// ```
 pub fn timeline_text(
     valid: &ValidSchedule,
     sim: &Simulation,
-    columns_per_unit: Option<u32>,
+    columns_per_unit: Option<f64>,
 ) -> String {
     let schedule = valid.schedule();
     let legs = Legs::new(valid.topology());
     let computes = computes(valid, sim, &legs);
-    let scale = columns_per_unit
-        .unwrap_or_else(|| fitting_scale(&computes))
-        .max(1) as f64;
+    let span = sim.makespan.max(1e-9);
+    let scale = match columns_per_unit {
+        Some(s) if s.is_finite() && s > 0.0 => s.min(MAX_COLUMNS / span),
+        _ => fitting_scale(&computes).min(MAX_AUTO_COLUMNS / span),
+    };
     let column = |t: f64| (t * scale).round() as usize;
     let width = column(sim.makespan);
     let name_width = format!("rank {}", schedule.ranks.len().saturating_sub(1)).len();
@@ -58,22 +62,19 @@ pub fn timeline_text(
         schedule.num_microbatches,
         sim.model,
         number(sim.makespan),
-        scale
+        number(scale)
     );
     // The time axis: a tick label every `step` units, spaced at least 6 columns apart.
-    let step = [
-        1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
-    ]
-    .into_iter()
-    .find(|&s| s as f64 * scale >= 6.0)
-    .unwrap_or(10000);
-    let mut axis = vec![b' '; width + 8];
-    let mut t = 0u64;
-    while column(t as f64) <= width {
-        let label = t.to_string();
-        let at = column(t as f64);
+    let step = nice_step(6.0 / scale);
+    let mut axis = vec![b' '; width + 16];
+    for k in 0u64.. {
+        let t = k as f64 * step;
+        let at = column(t);
+        if at > width {
+            break;
+        }
+        let label = number(t);
         axis[at..at + label.len()].copy_from_slice(label.as_bytes());
-        t += step;
     }
     let axis = String::from_utf8(axis).expect("ASCII");
     let _ = writeln!(out, "{:<name_width$} {}", "time", axis.trim_end());
@@ -191,18 +192,35 @@ fn computes(valid: &ValidSchedule, sim: &Simulation, legs: &Legs) -> Vec<Vec<Com
         .collect()
 }
 
-/// The smallest number of columns per time unit at which every non-empty compute has room for
-/// its label and a space, capped at [`MAX_AUTO_COLUMNS`].
-fn fitting_scale(computes: &[Vec<Compute>]) -> u32 {
-    (1..=MAX_AUTO_COLUMNS)
-        .find(|&scale| {
-            let s = scale as f64;
-            computes.iter().flatten().all(|c| {
-                let columns = (c.end * s).round() - (c.start * s).round();
-                c.end <= c.start || columns >= c.label.len() as f64 + 1.0
-            })
-        })
-        .unwrap_or(MAX_AUTO_COLUMNS)
+/// The fewest columns per time unit at which every compute that takes time has room for its
+/// label and a space: a whole number when one column per unit is not enough.
+fn fitting_scale(computes: &[Vec<Compute>]) -> f64 {
+    let needed = computes
+        .iter()
+        .flatten()
+        .filter(|c| c.end > c.start)
+        .map(|c| (c.label.len() as f64 + 1.0) / (c.end - c.start))
+        .fold(0.0, f64::max);
+    if needed <= 0.0 {
+        1.0
+    } else if needed >= 1.0 {
+        needed.ceil()
+    } else {
+        needed
+    }
+}
+
+/// The smallest of 1, 2, 5 times a power of ten that is at least `min`.
+fn nice_step(min: f64) -> f64 {
+    if !(min.is_finite() && min > 0.0) {
+        return 1.0;
+    }
+    let power = 10f64.powi(min.log10().floor() as i32);
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * power)
+        .find(|&v| v >= min * (1.0 - 1e-12))
+        .unwrap_or(10.0 * power)
 }
 
 fn number(value: f64) -> String {
@@ -226,7 +244,7 @@ pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
     let legs = Legs::new(valid.topology());
     let computes = computes(valid, sim, &legs);
     let span = sim.makespan.max(1e-9);
-    let unit = (MAX_WIDTH / span).clamp(0.5, 18.0);
+    let unit = (MAX_WIDTH / span).min(18.0);
     let x = |t: f64| LEFT + t * unit;
     let plot_width = span * unit;
     let rows = schedule.ranks.len() as f64;
@@ -254,24 +272,22 @@ pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
         number(sim.makespan),
         100.0 * idle / (span * rows)
     );
-    // Time axis with grid lines.
-    let step = [
-        1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 100000,
-    ]
-    .into_iter()
-    .find(|&s| s as f64 * unit >= 40.0)
-    .unwrap_or(100000);
-    let mut t = 0u64;
-    while t as f64 <= span + 1e-9 {
-        let tx = x(t as f64);
+    // Time axis with grid lines, at least 40 pixels apart.
+    let step = nice_step(40.0 / unit);
+    for k in 0u64.. {
+        let t = k as f64 * step;
+        if t > span * (1.0 + 1e-12) {
+            break;
+        }
+        let tx = x(t);
         let _ = writeln!(
             out,
-            r##"<line x1="{tx:.2}" y1="{:.2}" x2="{tx:.2}" y2="{:.2}" stroke="#dddddd" stroke-width="1"/><text x="{tx:.2}" y="{:.2}" font-size="10" text-anchor="middle" fill="#555555">{t}</text>"##,
+            r##"<line x1="{tx:.2}" y1="{:.2}" x2="{tx:.2}" y2="{:.2}" stroke="#dddddd" stroke-width="1"/><text x="{tx:.2}" y="{:.2}" font-size="10" text-anchor="middle" fill="#555555">{}</text>"##,
             TOP - 4.0,
             TOP + rows * ROW,
-            TOP - 8.0
+            TOP - 8.0,
+            number(t)
         );
-        t += step;
     }
     for (rank, row) in computes.iter().enumerate() {
         let y = TOP + rank as f64 * ROW + (ROW - BAR) / 2.0;

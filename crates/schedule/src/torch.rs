@@ -11,6 +11,7 @@
 //! - [`read_torch_csv`] reads a compute-only CSV into compute orders and the header they imply,
 //!   ready for the planner's lowering pass.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::format::{Instruction, Kind, Message, Pipeline, Work};
@@ -165,8 +166,10 @@ pub fn read_torch_csv(text: &str) -> Result<TorchOrder, TorchCsvError> {
         ));
     }
     let mut order = Vec::with_capacity(rows.len());
-    let mut owner: Vec<Option<(u32, usize)>> = Vec::new();
+    // Stage -> (rank, column) of its first action.
+    let mut owner: BTreeMap<u32, (u32, usize)> = BTreeMap::new();
     let mut microbatches = 0u32;
+    let mut forwards = 0u64;
     let mut backward = false;
     for (rank, row) in rows.iter().enumerate() {
         let mut list = Vec::new();
@@ -186,40 +189,47 @@ pub fn read_torch_csv(text: &str) -> Result<TorchOrder, TorchCsvError> {
                 Cell::Bookkeeping => continue,
             };
             for work in crate::order::works(instruction) {
-                let stage = work.stage as usize;
-                if owner.len() <= stage {
-                    owner.resize(stage + 1, None);
+                let stage = work.stage;
+                let (other, other_column) = *owner.entry(stage).or_insert((rank as u32, column));
+                if other != rank as u32 {
+                    return Err(at(format!(
+                        "stage {stage} also appears on rank {other} (column {other_column}); torch places a stage on one rank"
+                    )));
                 }
-                match owner[stage] {
-                    Some((other, other_column)) if other != rank as u32 => {
-                        return Err(at(format!(
-                            "stage {stage} also appears on rank {other} (column {other_column}); torch places a stage on one rank"
-                        )));
-                    }
-                    Some(_) => {}
-                    None => owner[stage] = Some((rank as u32, column)),
-                }
-                microbatches = microbatches.max(work.mb + 1);
+                microbatches = microbatches.max(work.mb.saturating_add(1));
             }
+            forwards += u64::from(matches!(
+                instruction,
+                Instruction::Forward(_) | Instruction::ForwardBackward { .. }
+            ));
             backward |= !matches!(instruction, Instruction::Forward(_));
             list.push(instruction);
         }
         order.push(list);
     }
-    let missing: Vec<String> = owner
-        .iter()
-        .enumerate()
-        .filter(|(_, o)| o.is_none())
-        .map(|(s, _)| s.to_string())
-        .collect();
-    if owner.is_empty() {
+    let Some((&last, _)) = owner.last_key_value() else {
         return Err(TorchCsvError("the CSV has no compute action".into()));
-    }
-    if !missing.is_empty() {
+    };
+    let stages = u64::from(last) + 1;
+    if stages != owner.len() as u64 {
+        let missing: Vec<String> = (0..=last)
+            .filter(|s| !owner.contains_key(s))
+            .take(8)
+            .map(|s| s.to_string())
+            .collect();
         return Err(TorchCsvError(format!(
-            "stage(s) {} have no action, so no row says which rank runs them (stages are numbered from 0 to {})",
-            missing.join(", "),
-            owner.len() - 1
+            "stage(s) {} have no action, so no row says which rank runs them (stages are numbered from 0 to {last})",
+            missing.join(", ")
+        )));
+    }
+    // Each (stage, micro-batch) needs its forward; this also keeps stray huge ids from sizing
+    // the document.
+    let needed = stages * u64::from(microbatches);
+    if needed > forwards {
+        return Err(TorchCsvError(format!(
+            "the ids run to stage {last} and micro-batch {}, so {needed} forwards are needed, but the CSV has {forwards}: \
+             stages and micro-batches are numbered from 0 without gaps",
+            microbatches - 1
         )));
     }
     Ok(TorchOrder {
@@ -227,7 +237,7 @@ pub fn read_torch_csv(text: &str) -> Result<TorchOrder, TorchCsvError> {
         num_stages: owner.len() as u32,
         num_microbatches: microbatches,
         forward_only: !backward,
-        route: owner.iter().map(|o| o.expect("checked above").0).collect(),
+        route: owner.values().map(|&(rank, _)| rank).collect(),
         order,
     })
 }
@@ -379,5 +389,13 @@ mod tests {
         refused("(0F1;0B0)FUSED\n", "only OVERLAP_F_B groups actions");
         refused("0F0\n2F0\n", "stage(s) 1 have no action");
         refused("0UNSHARD\n", "no compute action");
+        refused(
+            "0F0,0F4000000000\n",
+            "4000000001 forwards are needed, but the CSV has 2",
+        );
+        refused(
+            "0F0\n4000000000F0\n",
+            "stage(s) 1, 2, 3, 4, 5, 6, 7, 8 have no action",
+        );
     }
 }

@@ -43,9 +43,10 @@ pub struct Args {
     format: Format,
     #[command(flatten)]
     options: CostOptions,
-    /// Text format: characters per time unit (default: the smallest that fits the labels).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
-    columns: Option<u32>,
+    /// Text format: characters per time unit, fractions allowed (default: the fewest that fit
+    /// the labels, within 1000 columns).
+    #[arg(long, value_name = "N")]
+    columns: Option<f64>,
     /// Write to this file instead of standard output.
     #[arg(long, short = 'o')]
     output: Option<PathBuf>,
@@ -55,8 +56,15 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
-    if args.columns.is_some() && args.format != Format::Text {
-        return Err(Failure::usage("--columns applies to --format text only"));
+    if let Some(columns) = args.columns {
+        if args.format != Format::Text {
+            return Err(Failure::usage("--columns applies to --format text only"));
+        }
+        if !(columns.is_finite() && columns > 0.0) {
+            return Err(Failure::usage(format!(
+                "--columns {columns}: characters per time unit must be a positive number"
+            )));
+        }
     }
     let (valid, _, sim) = simulate_file(&args.file, &args.options)?;
     let text = match args.format {
