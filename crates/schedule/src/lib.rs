@@ -34,7 +34,9 @@ pub use format::{
     parse_program,
 };
 pub use json::ParseError;
-pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
+pub use order::{
+    RankStats, Round, Stalled, compute_rounds, compute_times, order_grid, rank_stats, works,
+};
 pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
 pub use topology::Topology;

@@ -35,11 +35,23 @@ pub fn compute_rounds(
     schedule: &Schedule,
     topology: &Topology,
 ) -> Result<Vec<Vec<Round>>, Stalled> {
+    compute_times(schedule, topology, &|_| 1)
+}
+
+/// Like [`compute_rounds`], with each compute taking `duration(instruction)` time units
+/// (at least 1): `round` is then the start time of each compute.
+pub fn compute_times(
+    schedule: &Schedule,
+    topology: &Topology,
+    duration: &dyn Fn(Instruction) -> u32,
+) -> Result<Vec<Vec<Round>>, Stalled> {
     let slots = topology.num_stages() as usize * topology.num_microbatches() as usize;
     const UNSET: u32 = u32::MAX;
     let mut done = [vec![UNSET; slots], vec![UNSET; slots]];
     let mut waiters: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     let mut cursor = vec![0usize; schedule.ranks.len()];
+    // When each rank's previous compute ends.
+    let mut free = vec![0u32; schedule.ranks.len()];
     let mut rounds: Vec<Vec<Round>> = schedule
         .ranks
         .iter()
@@ -58,20 +70,22 @@ pub fn compute_rounds(
                 break 'rank;
             }
             dependencies(instruction, topology, &mut deps);
-            let mut at = rounds[rank].last().map_or(0, |r| r.round + 1);
+            let mut at = free[rank];
             for &(which, work) in &deps {
-                let round = done[which][topology.slot(work)];
-                if round == UNSET {
+                let end = done[which][topology.slot(work)];
+                if end == UNSET {
                     waiters
                         .entry((which, topology.slot(work)))
                         .or_default()
                         .push(rank);
                     break 'rank;
                 }
-                at = at.max(round + 1);
+                at = at.max(end);
             }
+            let end = at + duration(instruction).max(1);
+            free[rank] = end;
             let mut finish = |which: usize, work: Work, ready: &mut Vec<usize>| {
-                done[which][topology.slot(work)] = at;
+                done[which][topology.slot(work)] = end;
                 if let Some(woken) = waiters.remove(&(which, topology.slot(work))) {
                     ready.extend(woken);
                 }

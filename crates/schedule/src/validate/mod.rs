@@ -297,7 +297,6 @@ struct Posted {
     at: At,
     /// How many commits precede it on its rank: it is posted by commit number `batch`.
     batch: u32,
-    message: Message,
 }
 
 /// Messages per ordered pair of ranks, stored with the rank that issues them. A rank talks to
@@ -689,11 +688,7 @@ impl<'a> Scan<'a> {
         }
         let k = kind_index(message.kind);
         let slot = self.topology.slot(work);
-        let posted = Posted {
-            at,
-            batch: batches,
-            message,
-        };
+        let posted = Posted { at, batch: batches };
         if is_send {
             if let Some(first) = self.send[k][slot] {
                 self.problem(
@@ -905,13 +900,20 @@ impl<'a> Scan<'a> {
             let sends = all_sends.get(from, to);
             let recvs = all_recvs.get(to, from);
             for (k, (send, recv)) in sends.iter().zip(recvs).enumerate() {
-                let expected_stage = match send.message.kind {
-                    Kind::Act => send.message.stage + 1,
-                    Kind::Grad => send.message.stage.wrapping_sub(1),
+                let message = |p: &Posted| match self.schedule.ranks[p.at.rank as usize]
+                    [p.at.index as usize]
+                {
+                    Instruction::Send(m) | Instruction::Recv(m) => m,
+                    _ => unreachable!("only sends and receives are posted"),
                 };
-                let pairs = recv.message.kind == send.message.kind
-                    && recv.message.mb == send.message.mb
-                    && recv.message.stage == expected_stage;
+                let (sent, received) = (message(send), message(recv));
+                let expected_stage = match sent.kind {
+                    Kind::Act => sent.stage + 1,
+                    Kind::Grad => sent.stage.wrapping_sub(1),
+                };
+                let pairs = received.kind == sent.kind
+                    && received.mb == sent.mb
+                    && received.stage == expected_stage;
                 if !pairs {
                     ok = false;
                     let send_text = self.schedule.ranks[from as usize][send.at.index as usize];
