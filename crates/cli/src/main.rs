@@ -2,6 +2,7 @@
 
 mod cmd;
 mod io;
+mod options;
 
 use std::process::ExitCode;
 
@@ -13,6 +14,10 @@ Examples:
   dualpipe validate v.json
   dualpipe inspect v.json
   dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20 | dualpipe inspect -
+  dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3 --model async
+  dualpipe render v.json --format svg -o v.svg
+  dualpipe compare --ranks 8 --microbatches 20
+  dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
@@ -31,6 +36,10 @@ enum Command {
     Plan(cmd::plan::Args),
     Validate(cmd::validate::Args),
     Inspect(cmd::inspect::Args),
+    Simulate(cmd::simulate::Args),
+    Render(cmd::render::Args),
+    Compare(cmd::compare::Args),
+    Convert(cmd::convert::Args),
     Run(cmd::run::Args),
 }
 
@@ -50,6 +59,10 @@ fn main() -> ExitCode {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Validate(args) => cmd::validate::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Simulate(args) => cmd::simulate::run(args),
+        Command::Render(args) => cmd::render::run(args),
+        Command::Compare(args) => cmd::compare::run(args),
+        Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
     };
     match result {

@@ -68,55 +68,137 @@ fn one_f_one_b(n: u32, c: u32, r: u32) -> Vec<Instruction> {
     out
 }
 
-/// ZB-H1: 1F1B with every backward split into an input-gradient `B` (weights deferred) and a
-/// `W`. In the steady phase each `W` follows its `B`; in the cool-down the `W`s are held back to
-/// fill the wait for gradients, the last of them running after the final backward. The number
-/// of micro-batches in flight (forward done, `W` not done) never exceeds 1F1B's `n - r`.
+/// ZB-H1 (zero-bubble paper, the handcrafted schedule; the same order as torch's
+/// `ScheduleInterleavedZeroBubble` with one stage per rank): every backward is split into an
+/// input-gradient `B` (weights deferred) and a `W`. Rank r warms up with `n - r` forwards; then
+/// the k-th step runs the input-gradient backward of micro-batch k, the weight gradient of
+/// micro-batch `k - r` (held back r steps, which fills the cool-down bubble), and the next
+/// forward. The remaining weight gradients close the step. At most `n` micro-batches are in
+/// flight on any rank, 1F1B's peak.
 fn zb1p(n: u32, c: u32, r: u32) -> Vec<Instruction> {
-    let warmup = (n - r - 1).min(c);
+    let warmup = (n - r).min(c);
     let mut out = Vec::with_capacity(3 * c as usize);
     out.extend((0..warmup).map(|m| Instruction::f(r, m)));
-    for k in 0..c - warmup {
-        out.push(Instruction::f(r, warmup + k));
+    for k in 0..c {
         out.push(Instruction::b_defer(r, k));
-        out.push(Instruction::w(r, k));
+        if k >= r {
+            out.push(Instruction::w(r, k - r));
+        }
+        if warmup + k < c {
+            out.push(Instruction::f(r, warmup + k));
+        }
     }
-    out.extend((c - warmup..c).map(|m| Instruction::b_defer(r, m)));
-    out.extend((c - warmup..c).map(|m| Instruction::w(r, m)));
+    out.extend((c.saturating_sub(r)..c).map(|m| Instruction::w(r, m)));
     out
 }
 
-/// ZB-V: two stages per rank in a V (rank r holds stages r and 2n-1-r).
+/// ZB-V (zero-bubble paper; the order of torch's `ScheduleZBVZeroBubble`): rank r holds stage
+/// r on the way down the V and stage 2n-1-r on the way back up; every backward is split into an
+/// input-gradient `B` and a `W`.
+///
+/// The order is built for `max(c, 2n - 1)` micro-batches (enough to fill the V) and the work of
+/// micro-batches that do not exist is dropped afterwards:
+/// - warm-up: `2(n - r) - 1` forwards down; `r` pairs (forward up, forward down); `n - r`
+///   triples (forward up, its input gradient, its weight gradient);
+/// - steady: while forwards remain (or the way up lags behind the way down): a forward down if
+///   any remain, the next input and weight gradients down, then forward, input and weight
+///   gradients up;
+/// - cool-down: `r` pairs of input gradients (down, up); `n - r` pairs (input gradient down,
+///   oldest pending weight gradient down); then the pending weight gradients, up first.
 fn zbv(n: u32, c: u32, r: u32) -> Vec<Instruction> {
-    let _ = (n, c, r);
-    todo!("zbv")
+    let padded = c.max(2 * n - 1);
+    let (down, up) = (r, 2 * n - 1 - r);
+    let mut out = Vec::with_capacity(6 * padded as usize);
+    // Next micro-batch of each kind, per leg: [down, up].
+    let (mut f, mut b, mut w) = ([0u32; 2], [0u32; 2], [0u32; 2]);
+    let stage = [down, up];
+    let forward = |leg: usize, f: &mut [u32; 2], out: &mut Vec<Instruction>| {
+        out.push(Instruction::f(stage[leg], f[leg]));
+        f[leg] += 1;
+    };
+    let input_grad = |leg: usize, b: &mut [u32; 2], out: &mut Vec<Instruction>| {
+        out.push(Instruction::b_defer(stage[leg], b[leg]));
+        b[leg] += 1;
+    };
+    let weight_grad = |leg: usize, w: &mut [u32; 2], out: &mut Vec<Instruction>| {
+        out.push(Instruction::w(stage[leg], w[leg]));
+        w[leg] += 1;
+    };
+    const DOWN: usize = 0;
+    const UP: usize = 1;
+    for _ in 0..2 * (n - r) - 1 {
+        forward(DOWN, &mut f, &mut out);
+    }
+    for _ in 0..r {
+        forward(UP, &mut f, &mut out);
+        forward(DOWN, &mut f, &mut out);
+    }
+    for _ in 0..n - r {
+        forward(UP, &mut f, &mut out);
+        input_grad(UP, &mut b, &mut out);
+        weight_grad(UP, &mut w, &mut out);
+    }
+    while f[UP] < f[DOWN] || f[DOWN] < padded {
+        if f[DOWN] < padded {
+            forward(DOWN, &mut f, &mut out);
+        }
+        input_grad(DOWN, &mut b, &mut out);
+        weight_grad(DOWN, &mut w, &mut out);
+        forward(UP, &mut f, &mut out);
+        input_grad(UP, &mut b, &mut out);
+        weight_grad(UP, &mut w, &mut out);
+    }
+    for _ in 0..r {
+        input_grad(DOWN, &mut b, &mut out);
+        input_grad(UP, &mut b, &mut out);
+    }
+    for _ in 0..n - r {
+        input_grad(DOWN, &mut b, &mut out);
+        weight_grad(DOWN, &mut w, &mut out);
+    }
+    while w[UP] < b[UP] {
+        weight_grad(UP, &mut w, &mut out);
+    }
+    while w[DOWN] < b[DOWN] {
+        weight_grad(DOWN, &mut w, &mut out);
+    }
+    out.retain(|i| dualpipe_schedule::works(*i).all(|work| work.mb < c));
+    out
 }
 
-/// Interleaved 1F1B (Megatron-LM): rank r holds stages `r, n + r, ..., (v-1)n + r`. Forwards go
-/// through the chunks in groups of `n` micro-batches; backwards through the chunks in reverse.
-/// Warm-up: `2(n - r - 1) + (v - 1)n` forwards (all of them when `c == n`).
+/// Interleaved 1F1B (Megatron-LM, generalized as in torch's `ScheduleInterleaved1F1B`): rank r
+/// holds stages `r, n + r, ..., (v-1)n + r`. The micro-batches go in rounds of
+/// `p = c / max(1, c / n)` (which must divide `c`): forwards walk the rank's chunks in blocks of
+/// `p` micro-batches, backwards walk them in reverse. Warm-up: `(v - 1)p + 2(n - r - 1)`
+/// forwards; then forward/backward pairs; then the remaining backwards. Micro-batch ids come from
+/// per-stage counters.
 fn interleaved(n: u32, c: u32, v: u32, r: u32) -> Vec<Instruction> {
+    let per_round = c / (c / n).max(1);
     let total = c * v;
-    let group = n * v;
-    let forward = |k: u32| {
-        let chunk = (k / n) % v;
-        Instruction::f(chunk * n + r, (k / group) * n + k % n)
+    let warmup = ((v - 1) * per_round + 2 * (n - r - 1)).min(total);
+    let mut next_f = vec![0u32; v as usize];
+    let mut next_b = vec![0u32; v as usize];
+    let mut forward = |k: u32| {
+        let chunk = ((k / per_round) % v) as usize;
+        let mb = next_f[chunk];
+        next_f[chunk] += 1;
+        Instruction::f(chunk as u32 * n + r, mb)
     };
-    let backward = |k: u32| {
-        let chunk = v - 1 - (k / n) % v;
-        Instruction::b(chunk * n + r, (k / group) * n + k % n)
-    };
-    let warmup = if c == n {
-        total
-    } else {
-        (2 * (n - r - 1) + (v - 1) * n).min(total)
+    let mut backward = |k: u32| {
+        let chunk = (v - 1 - ((k - warmup) / per_round) % v) as usize;
+        let mb = next_b[chunk];
+        next_b[chunk] += 1;
+        Instruction::b(chunk as u32 * n + r, mb)
     };
     let mut out = Vec::with_capacity(2 * total as usize);
-    out.extend((0..warmup).map(forward));
-    for k in 0..total - warmup {
-        out.push(forward(warmup + k));
+    for k in 0..warmup {
+        out.push(forward(k));
+    }
+    for k in warmup..total + warmup {
+        if k < total {
+            out.push(forward(k));
+        }
         out.push(backward(k));
     }
-    out.extend((total - warmup..total).map(backward));
     out
 }

@@ -77,12 +77,11 @@ impl Family {
                 "an even number of ranks N >= 2 and an even number of micro-batches C >= 2N"
             }
             Family::DualPipeV => "ranks N >= 1 and micro-batches C >= 2N",
-            Family::OneFOneB | Family::GPipe | Family::Zb1p => {
+            Family::OneFOneB | Family::GPipe | Family::Zb1p | Family::Zbv => {
                 "ranks N >= 1 and micro-batches C >= 1"
             }
-            Family::Zbv => "ranks N >= 1 and micro-batches C >= 2N",
             Family::Interleaved1F1B => {
-                "ranks N >= 1, chunks per rank V >= 1 and micro-batches C >= N with C a multiple of N"
+                "ranks N >= 1, chunks per rank V >= 1, and micro-batches C >= 1 that split into equal rounds: C must be a multiple of max(1, C / N)"
             }
         }
     }
@@ -243,9 +242,9 @@ pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
     let v = chunks_per_rank.unwrap_or(2);
     let fits = match family {
         Family::DualPipe => n >= 2 && n % 2 == 0 && c % 2 == 0 && c >= 2 * n,
-        Family::DualPipeV | Family::Zbv => n >= 1 && c >= 2 * n,
-        Family::OneFOneB | Family::GPipe | Family::Zb1p => n >= 1 && c >= 1,
-        Family::Interleaved1F1B => n >= 1 && v >= 1 && c >= n && c % n == 0,
+        Family::DualPipeV => n >= 1 && c >= 2 * n,
+        Family::OneFOneB | Family::GPipe | Family::Zb1p | Family::Zbv => n >= 1 && c >= 1,
+        Family::Interleaved1F1B => n >= 1 && v >= 1 && c >= 1 && c % (c / n).max(1) == 0,
     };
     if !fits {
         return Err(PlanError::Constraint {

@@ -2,21 +2,24 @@
 //!
 //! The pass is deadlock-free by construction under both execution models:
 //!
-//! 1. Give every compute a round: its start in an as-soon-as-possible run of the compute orders
-//!    where each compute takes one round and messages are instant.
-//! 2. A message whose consumer runs in round `t` is received in the gap just before the
-//!    consumer and sent in the producer rank's gap that holds round `t` (after its computes of
-//!    earlier rounds, before those of round `t` and later).
-//! 3. Each gap posts one batch per round, in round order; inside a batch, messages are sorted by
-//!    (kind, sending stage, micro-batch), the same key on both sides of every channel.
+//! 1. Give every compute a start time: run the compute orders as soon as possible with typical
+//!    durations (forward 1, backward 2, ...) and instant messages.
+//! 2. A message whose consumer starts at time `t` is received in the gap just before the
+//!    consumer, and sent in the producer rank's gap that holds `t`: after its computes that start
+//!    before `t` (the producer among them, since it ends by `t`), before those that start at `t`
+//!    or later.
+//! 3. Each gap posts one batch per distinct `t`, in increasing order; inside a batch, messages
+//!    are sorted by (kind, sending stage, micro-batch), the same key on both sides of every
+//!    channel.
 //!
-//! Every batch then pairs only with batches of the same round on other ranks, and the batches of
-//! one rank are in strictly increasing round order, so by induction on the round every batch is
-//! posted and completes: no rank can wait on a batch of a later round.
+//! Every batch then pairs only with batches of the same `t` on other ranks, and the batches of
+//! one rank are in strictly increasing order of `t`, so by induction on `t` every batch is posted
+//! and completes: no rank can wait on a batch of a later time. The durations only decide where
+//! messages go; realistic ones put each send where its receiver will want it.
 
 use std::fmt;
 
-use dualpipe_schedule::{Format, Instruction, Kind, Pipeline, Schedule, Topology, compute_rounds};
+use dualpipe_schedule::{Format, Instruction, Kind, Pipeline, Schedule, Topology, compute_times};
 
 /// The header of the schedule to produce.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,7 +119,7 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
             "rank {rank} instruction {index}: `{instruction}` is not a compute; lowering takes compute orders only"
         )));
     }
-    let rounds: Vec<Vec<u32>> = compute_rounds(&schedule, &topology)
+    let rounds: Vec<Vec<u32>> = compute_times(&schedule, &topology, &typical_duration)
         .map_err(|stalled| LowerError::Cyclic(stalled.0))?
         .into_iter()
         .map(|list| list.into_iter().map(|r| r.round).collect())
@@ -165,6 +168,20 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
         }
     }
     Ok(schedule)
+}
+
+/// The durations the placement assumes: the usual proportions of a transformer layer, forward 1,
+/// full backward 2 (input gradient 1, weight gradient 1), an overlapped pair 3. Any consistent
+/// durations keep the result deadlock-free; realistic ones put each send where the receiver
+/// will want it, so that a blocking commit rarely waits.
+fn typical_duration(instruction: Instruction) -> u32 {
+    match instruction {
+        Instruction::Forward(_) | Instruction::Weight(_) => 1,
+        Instruction::Backward { defer_w: true, .. } => 1,
+        Instruction::Backward { defer_w: false, .. } => 2,
+        Instruction::ForwardBackward { .. } => 3,
+        Instruction::Send(_) | Instruction::Recv(_) | Instruction::Commit => 0,
+    }
 }
 
 /// Every cross-rank message with the round of its consumer.

@@ -17,20 +17,30 @@
 //! validate(&schedule).unwrap();
 //! ```
 
+mod costs;
 mod format;
 mod json;
 mod order;
+mod render;
+mod simulate;
 mod topology;
+mod torch;
 mod trace;
 mod validate;
 
+pub use costs::{CostError, Costs, StageCosts, StageOverride};
 pub use format::{
     FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
     parse_program,
 };
 pub use json::ParseError;
-pub use order::{RankStats, Round, Stalled, compute_rounds, order_grid, rank_stats, works};
+pub use order::{
+    RankStats, Round, Stalled, compute_rounds, compute_times, order_grid, rank_stats, works,
+};
+pub use render::{timeline_svg, timeline_text};
+pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
 pub use topology::Topology;
+pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};
 pub use validate::{
     ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,

@@ -35,11 +35,23 @@ pub fn compute_rounds(
     schedule: &Schedule,
     topology: &Topology,
 ) -> Result<Vec<Vec<Round>>, Stalled> {
+    compute_times(schedule, topology, &|_| 1)
+}
+
+/// Like [`compute_rounds`], with each compute taking `duration(instruction)` time units
+/// (at least 1): `round` is then the start time of each compute.
+pub fn compute_times(
+    schedule: &Schedule,
+    topology: &Topology,
+    duration: &dyn Fn(Instruction) -> u32,
+) -> Result<Vec<Vec<Round>>, Stalled> {
     let slots = topology.num_stages() as usize * topology.num_microbatches() as usize;
     const UNSET: u32 = u32::MAX;
     let mut done = [vec![UNSET; slots], vec![UNSET; slots]];
     let mut waiters: HashMap<(usize, usize), Vec<usize>> = HashMap::new();
     let mut cursor = vec![0usize; schedule.ranks.len()];
+    // When each rank's previous compute ends.
+    let mut free = vec![0u32; schedule.ranks.len()];
     let mut rounds: Vec<Vec<Round>> = schedule
         .ranks
         .iter()
@@ -58,20 +70,22 @@ pub fn compute_rounds(
                 break 'rank;
             }
             dependencies(instruction, topology, &mut deps);
-            let mut at = rounds[rank].last().map_or(0, |r| r.round + 1);
+            let mut at = free[rank];
             for &(which, work) in &deps {
-                let round = done[which][topology.slot(work)];
-                if round == UNSET {
+                let end = done[which][topology.slot(work)];
+                if end == UNSET {
                     waiters
                         .entry((which, topology.slot(work)))
                         .or_default()
                         .push(rank);
                     break 'rank;
                 }
-                at = at.max(round + 1);
+                at = at.max(end);
             }
+            let end = at + duration(instruction).max(1);
+            free[rank] = end;
             let mut finish = |which: usize, work: Work, ready: &mut Vec<usize>| {
-                done[which][topology.slot(work)] = at;
+                done[which][topology.slot(work)] = end;
                 if let Some(woken) = waiters.remove(&(which, topology.slot(work))) {
                     ready.extend(woken);
                 }
@@ -231,32 +245,8 @@ pub fn rank_stats(schedule: &Schedule) -> Vec<RankStats> {
 /// second; interleaved schedules with more stages per rank add `:k` for the k-th.
 pub fn order_grid(schedule: &Schedule, topology: &Topology) -> Result<String, Stalled> {
     let rounds = compute_rounds(schedule, topology)?;
-    let legs = legs(topology);
-    let label = |rank: usize, instruction: Instruction| -> String {
-        let cell = |op: char, w: Work| {
-            let leg = legs
-                .get(&(rank as u32, topology.pipeline_of(w.mb), w.stage))
-                .copied();
-            let leg = leg.unwrap_or(0);
-            let op = if leg == 1 {
-                op.to_ascii_lowercase()
-            } else {
-                op
-            };
-            if leg >= 2 {
-                format!("{op}{}:{leg}", w.mb)
-            } else {
-                format!("{op}{}", w.mb)
-            }
-        };
-        match instruction {
-            Instruction::Forward(w) => cell('F', w),
-            Instruction::Backward { work, defer_w } => cell(if defer_w { 'I' } else { 'B' }, work),
-            Instruction::Weight(w) => cell('W', w),
-            Instruction::ForwardBackward { f, b } => format!("{}+{}", cell('F', f), cell('B', b)),
-            _ => String::new(),
-        }
-    };
+    let legs = Legs::new(topology);
+    let label = |rank: usize, instruction: Instruction| legs.label(rank as u32, instruction);
     let width_rounds = rounds
         .iter()
         .filter_map(|r| r.last().map(|x| x.round + 1))
@@ -285,15 +275,57 @@ pub fn order_grid(schedule: &Schedule, topology: &Topology) -> Result<String, St
 }
 
 /// For each (rank, pipeline, stage) a rank runs, its leg: the rank's (pipeline, stage) pairs
-/// numbered in the order the routes visit them, the first pipeline's route first.
-fn legs(topology: &Topology) -> HashMap<(u32, usize, u32), u32> {
-    let mut next = vec![0u32; topology.num_ranks() as usize];
-    let mut legs = HashMap::new();
-    for p in 0..topology.num_pipelines() {
-        for (stage, &rank) in topology.route(p).iter().enumerate() {
-            legs.insert((rank, p, stage as u32), next[rank as usize]);
-            next[rank as usize] += 1;
+/// numbered in the order the routes visit them, the first pipeline's route first. Leg 0 is the
+/// way down (DualPipe's first direction, the way down DualPipeV's V), leg 1 the way back.
+pub(crate) struct Legs<'a> {
+    topology: &'a Topology,
+    legs: HashMap<(u32, usize, u32), u32>,
+}
+
+impl<'a> Legs<'a> {
+    pub(crate) fn new(topology: &'a Topology) -> Self {
+        let mut next = vec![0u32; topology.num_ranks() as usize];
+        let mut legs = HashMap::new();
+        for p in 0..topology.num_pipelines() {
+            for (stage, &rank) in topology.route(p).iter().enumerate() {
+                legs.insert((rank, p, stage as u32), next[rank as usize]);
+                next[rank as usize] += 1;
+            }
+        }
+        Legs { topology, legs }
+    }
+
+    /// The leg of `work` on `rank` (0 when the rank does not run it).
+    pub(crate) fn leg(&self, rank: u32, work: Work) -> u32 {
+        self.legs
+            .get(&(rank, self.topology.pipeline_of(work.mb), work.stage))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The grid label of a compute: `F`, `B`, `I` (deferred-weight backward) or `W` and the
+    /// micro-batch, lower case on leg 1, with `:k` on leg k >= 2; `F3+b7` for an FB. Empty for
+    /// communication.
+    pub(crate) fn label(&self, rank: u32, instruction: Instruction) -> String {
+        let cell = |op: char, w: Work| {
+            let leg = self.leg(rank, w);
+            let op = if leg == 1 {
+                op.to_ascii_lowercase()
+            } else {
+                op
+            };
+            if leg >= 2 {
+                format!("{op}{}:{leg}", w.mb)
+            } else {
+                format!("{op}{}", w.mb)
+            }
+        };
+        match instruction {
+            Instruction::Forward(w) => cell('F', w),
+            Instruction::Backward { work, defer_w } => cell(if defer_w { 'I' } else { 'B' }, work),
+            Instruction::Weight(w) => cell('W', w),
+            Instruction::ForwardBackward { f, b } => format!("{}+{}", cell('F', f), cell('B', b)),
+            _ => String::new(),
         }
     }
-    legs
 }

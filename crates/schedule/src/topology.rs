@@ -1,7 +1,7 @@
 //! Where each stage of each micro-batch runs, read off a document's header.
 
 use crate::format::{Schedule, Work};
-use crate::validate::{Location, Rule, Violation};
+use crate::validate::{Location, Rule, Violation, plural};
 
 /// The placement of work on ranks: which pipeline each micro-batch takes and which rank runs
 /// each of its stages. Built from a document's header by [`Topology::new`], which checks that
@@ -47,16 +47,16 @@ impl Topology {
         for (p, pipeline) in schedule.pipelines.iter().enumerate() {
             if pipeline.route.len() != schedule.num_stages as usize {
                 problem(format!(
-                    "pipeline {p}: the route has {} entries but num_stages is {}",
-                    pipeline.route.len(),
+                    "pipeline {p}: the route names {} but num_stages is {}",
+                    plural(pipeline.route.len() as u32, "rank"),
                     schedule.num_stages
                 ));
             }
             for (s, &rank) in pipeline.route.iter().enumerate() {
                 if rank >= schedule.num_ranks {
                     problem(format!(
-                        "pipeline {p}: route[{s}] is rank {rank}, but there are only {} ranks",
-                        schedule.num_ranks
+                        "pipeline {p}: route[{s}] is rank {rank}, but there are only {}",
+                        plural(schedule.num_ranks, "rank")
                     ));
                 }
             }

@@ -130,20 +130,27 @@ pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> Strin
                 &mut out,
                 format!(
                     r#"{{"name": {name}, "cat": "message", "ph": "s", "id": {flow}, "pid": {rank}, "tid": 1, "ts": {:.3}}}"#,
-                    from.start_us
+                    middle(from)
                 ),
             );
             event(
                 &mut out,
                 format!(
                     r#"{{"name": {name}, "cat": "message", "ph": "f", "bp": "e", "id": {flow}, "pid": {peer}, "tid": 1, "ts": {:.3}}}"#,
-                    to.end_us.max(from.start_us)
+                    middle(to)
                 ),
             );
         }
     }
     out.push_str("\n]}\n");
     out
+}
+
+/// A flow end point strictly inside its span (Perfetto binds flow events to the slice open on
+/// the thread at their timestamp, and a slice that ends, or the next that starts, exactly there
+/// would be ambiguous).
+fn middle(span: &Span) -> f64 {
+    (span.start_us + span.end_us.max(span.start_us)) / 2.0
 }
 
 fn category(instruction: Instruction) -> &'static str {

@@ -1,6 +1,10 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
+pub mod compare;
+pub mod convert;
 pub mod inspect;
 pub mod plan;
+pub mod render;
 pub mod run;
+pub mod simulate;
 pub mod validate;

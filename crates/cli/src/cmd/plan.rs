@@ -21,7 +21,7 @@ Schedules and what they need:
   dualpipev         N >= 1, C >= 2N
   1f1b, gpipe, zb1p N >= 1, C >= 1
   zbv               N >= 1, C >= 2N
-  interleaved-1f1b  N >= 1, C a multiple of N, --chunks-per-rank V >= 1 (default 2)")]
+  interleaved-1f1b  N >= 1, C a multiple of max(1, C / N), --chunks-per-rank V >= 1 (default 2)")]
 pub struct Args {
     /// Schedule family: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b.
     #[arg(long, short = 's', value_parser = parse_family)]

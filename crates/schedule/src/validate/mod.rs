@@ -244,18 +244,44 @@ pub fn validate(schedule: &Schedule) -> Result<Report, ValidationErrors> {
         });
     }
     let links = links.expect("channels match when no problem was found");
-    let mut problems = Vec::new();
-    for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
-        if let Err(violation) = progress::check(schedule, &links, model) {
-            problems.push(violation);
-        }
-    }
+    let batches = progress::Batches::new(schedule);
+    let check = |model| progress::check(schedule, &topology, &links, &batches, model);
+    // The two models are independent checks: on large schedules, run them side by side.
+    let instructions: usize = schedule.ranks.iter().map(Vec::len).sum();
+    let (blocking, asynchronous) = if instructions < 50_000 {
+        (
+            check(ExecutionModel::Blocking),
+            check(ExecutionModel::Async),
+        )
+    } else {
+        std::thread::scope(|scope| {
+            let other = scope.spawn(|| check(ExecutionModel::Async));
+            let blocking = check(ExecutionModel::Blocking);
+            let asynchronous = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (blocking, asynchronous)
+        })
+    };
+    let problems: Vec<Violation> = [blocking, asynchronous]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
     if !problems.is_empty() {
         return Err(ValidationErrors {
             violations: problems,
         });
     }
     Ok(Report { topology, links })
+}
+
+/// `1 stage`, `2 stages`, `1 micro-batch`, `3 micro-batches`.
+pub(crate) fn plural(n: u32, noun: &str) -> String {
+    match (n, noun.ends_with('h')) {
+        (1, _) => format!("1 {noun}"),
+        (_, true) => format!("{n} {noun}es"),
+        _ => format!("{n} {noun}s"),
+    }
 }
 
 /// The position of an instruction.
@@ -271,7 +297,44 @@ struct Posted {
     at: At,
     /// How many commits precede it on its rank: it is posted by commit number `batch`.
     batch: u32,
-    message: Message,
+}
+
+/// Messages per ordered pair of ranks, stored with the rank that issues them. A rank talks to
+/// few peers, so each rank keeps a short list of (peer, messages in issue order).
+#[derive(Default)]
+struct Channels {
+    by_rank: Vec<Vec<(u32, Vec<Posted>)>>,
+}
+
+impl Channels {
+    fn new(ranks: usize) -> Self {
+        Channels {
+            by_rank: vec![Vec::new(); ranks],
+        }
+    }
+
+    fn push(&mut self, rank: u32, peer: u32, posted: Posted) {
+        let peers = &mut self.by_rank[rank as usize];
+        match peers.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, list)) => list.push(posted),
+            None => peers.push((peer, vec![posted])),
+        }
+    }
+
+    fn get(&self, rank: u32, peer: u32) -> &[Posted] {
+        self.by_rank[rank as usize]
+            .iter()
+            .find(|(p, _)| *p == peer)
+            .map_or(&[], |(_, list)| list.as_slice())
+    }
+
+    /// Every (rank, peer) with at least one message.
+    fn pairs(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.by_rank
+            .iter()
+            .enumerate()
+            .flat_map(|(rank, peers)| peers.iter().map(move |(peer, _)| (rank as u32, *peer)))
+    }
 }
 
 /// State of the in-order scan over all ranks.
@@ -284,10 +347,10 @@ struct Scan<'a> {
     weight: Vec<Option<At>>,
     recv: [Vec<Option<Posted>>; 2],
     send: [Vec<Option<At>>; 2],
-    /// Per ordered pair of ranks (from, to): the sends in issue order on `from`.
-    sends: HashMap<(u32, u32), Vec<Posted>>,
+    /// Per ordered pair of ranks (from, to): the sends in issue order on `from`, kept on `from`.
+    sends: Channels,
     /// Per ordered pair of ranks (from, to): the receives in issue order on `to`.
-    recvs: HashMap<(u32, u32), Vec<Posted>>,
+    recvs: Channels,
 }
 
 fn kind_index(kind: Kind) -> usize {
@@ -309,8 +372,8 @@ impl<'a> Scan<'a> {
             weight: vec![None; slots],
             recv: [vec![None; slots], vec![None; slots]],
             send: [vec![None; slots], vec![None; slots]],
-            sends: HashMap::new(),
-            recvs: HashMap::new(),
+            sends: Channels::new(schedule.ranks.len()),
+            recvs: Channels::new(schedule.ranks.len()),
         }
     }
 
@@ -334,7 +397,11 @@ impl<'a> Scan<'a> {
             self.problem(
                 Rule::Structure,
                 at,
-                format!("{what} {work} is out of range ({s} stages, {c} micro-batches)"),
+                format!(
+                    "{what} {work} is out of range ({}, {})",
+                    plural(s, "stage"),
+                    plural(c, "micro-batch")
+                ),
             );
             return false;
         }
@@ -490,7 +557,9 @@ impl<'a> Scan<'a> {
             self.problem(
                 Rule::DataDependency,
                 at,
-                format!("the backward of {work} comes before its forward F {work}"),
+                format!(
+                    "no earlier `F {work}` on this rank: a backward needs its forward's activation"
+                ),
             );
         }
         self.check_backward_input(at, work, batches);
@@ -560,9 +629,9 @@ impl<'a> Scan<'a> {
                 Rule::Structure,
                 at,
                 format!(
-                    "peer {} is out of range ({} ranks)",
+                    "peer {} is out of range ({})",
                     message.peer,
-                    self.topology.num_ranks()
+                    plural(self.topology.num_ranks(), "rank")
                 ),
             );
             return;
@@ -619,11 +688,7 @@ impl<'a> Scan<'a> {
         }
         let k = kind_index(message.kind);
         let slot = self.topology.slot(work);
-        let posted = Posted {
-            at,
-            batch: batches,
-            message,
-        };
+        let posted = Posted { at, batch: batches };
         if is_send {
             if let Some(first) = self.send[k][slot] {
                 self.problem(
@@ -652,10 +717,7 @@ impl<'a> Scan<'a> {
                 );
             }
             self.send[k][slot] = Some(at);
-            self.sends
-                .entry((at.rank, message.peer))
-                .or_default()
-                .push(posted);
+            self.sends.push(at.rank, message.peer, posted);
         } else {
             if let Some(first) = self.recv[k][slot] {
                 self.problem(
@@ -669,10 +731,7 @@ impl<'a> Scan<'a> {
                 return;
             }
             self.recv[k][slot] = Some(posted);
-            self.recvs
-                .entry((message.peer, at.rank))
-                .or_default()
-                .push(posted);
+            self.recvs.push(at.rank, message.peer, posted);
         }
     }
 
@@ -828,29 +887,33 @@ impl<'a> Scan<'a> {
                     .collect(),
             );
         }
-        let mut channels: Vec<(u32, u32)> = self
-            .sends
-            .keys()
-            .chain(self.recvs.keys())
-            .copied()
+        let all_sends = std::mem::take(&mut self.sends);
+        let all_recvs = std::mem::take(&mut self.recvs);
+        let mut channels: Vec<(u32, u32)> = all_sends
+            .pairs()
+            .chain(all_recvs.pairs().map(|(to, from)| (from, to)))
             .collect();
         channels.sort_unstable();
         channels.dedup();
         let mut ok = true;
-        let empty = Vec::new();
-        let all_sends = std::mem::take(&mut self.sends);
-        let all_recvs = std::mem::take(&mut self.recvs);
         for (from, to) in channels {
-            let sends = all_sends.get(&(from, to)).unwrap_or(&empty);
-            let recvs = all_recvs.get(&(from, to)).unwrap_or(&empty);
+            let sends = all_sends.get(from, to);
+            let recvs = all_recvs.get(to, from);
             for (k, (send, recv)) in sends.iter().zip(recvs).enumerate() {
-                let expected_stage = match send.message.kind {
-                    Kind::Act => send.message.stage + 1,
-                    Kind::Grad => send.message.stage.wrapping_sub(1),
+                let message = |p: &Posted| match self.schedule.ranks[p.at.rank as usize]
+                    [p.at.index as usize]
+                {
+                    Instruction::Send(m) | Instruction::Recv(m) => m,
+                    _ => unreachable!("only sends and receives are posted"),
                 };
-                let pairs = recv.message.kind == send.message.kind
-                    && recv.message.mb == send.message.mb
-                    && recv.message.stage == expected_stage;
+                let (sent, received) = (message(send), message(recv));
+                let expected_stage = match sent.kind {
+                    Kind::Act => sent.stage + 1,
+                    Kind::Grad => sent.stage.wrapping_sub(1),
+                };
+                let pairs = received.kind == sent.kind
+                    && received.mb == sent.mb
+                    && received.stage == expected_stage;
                 if !pairs {
                     ok = false;
                     let send_text = self.schedule.ranks[from as usize][send.at.index as usize];

@@ -13,15 +13,14 @@
 //!   on one stream run in order; a batch completes once every partner batch has started; a
 //!   compute waits only for the batches that carry its inputs.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use petgraph::Direction;
-use petgraph::algo::toposort;
-use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::Directed;
+use petgraph::csr::Csr;
 
 use super::{Links, Location, Rule, Violation};
 use crate::format::{Instruction, Kind, Schedule, Work};
+use crate::topology::Topology;
 
 /// How communication and computation interleave when a schedule runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -45,7 +44,7 @@ impl std::fmt::Display for ExecutionModel {
 
 /// Per rank, the number of commits before each instruction: a send or recv at index `i` is
 /// posted by batch `before[i]` of its rank.
-struct Batches {
+pub(crate) struct Batches {
     /// Per rank, per instruction: commits strictly before it.
     before: Vec<Vec<u32>>,
     /// Per rank: instruction index of each commit.
@@ -56,7 +55,7 @@ struct Batches {
 }
 
 impl Batches {
-    fn new(schedule: &Schedule) -> Self {
+    pub(crate) fn new(schedule: &Schedule) -> Self {
         let mut before = Vec::with_capacity(schedule.ranks.len());
         let mut commits = Vec::with_capacity(schedule.ranks.len());
         let mut first = Vec::with_capacity(schedule.ranks.len());
@@ -93,58 +92,158 @@ impl Batches {
 
 /// The event graph of one model, with what is needed to explain a stall.
 struct EventGraph {
-    graph: DiGraph<(), (), u32>,
+    graph: Csr<(), (), Directed, u32>,
     /// Per rank: the host-side nodes in program order, with the instruction index each stands
     /// for (the commits, and under the async model the computes that read received data).
-    host: Vec<Vec<(NodeIndex, u32)>>,
+    host: Vec<Vec<(Node, u32)>>,
 }
 
 pub(crate) fn check(
     schedule: &Schedule,
+    topology: &Topology,
     links: &Links,
+    batches: &Batches,
     model: ExecutionModel,
 ) -> Result<(), Violation> {
-    let batches = Batches::new(schedule);
     let events = match model {
-        ExecutionModel::Blocking => blocking_graph(schedule, links, &batches),
-        ExecutionModel::Async => async_graph(schedule, links, &batches),
+        ExecutionModel::Blocking => blocking_graph(schedule, links, batches),
+        ExecutionModel::Async => async_graph(schedule, topology, links, batches),
     };
-    if toposort(&events.graph, None).is_ok() {
+    let fired = run(&events.graph);
+    if fired.iter().all(|&f| f) {
         return Ok(());
     }
-    Err(explain(schedule, links, &batches, &events, model))
+    Err(explain(schedule, links, batches, &events, &fired, model))
 }
 
-// Blocking: per batch g, node 2g = the rank posts it, node 2g+1 = it completes.
-fn post(g: u32) -> NodeIndex {
-    NodeIndex::new(2 * g as usize)
+/// An event: a node of the graph.
+type Node = u32;
+
+/// Collects the events and edges of a model, then packs them into petgraph's compressed
+/// sparse row graph (contiguous adjacency, which keeps the traversal fast on large schedules).
+struct Builder {
+    nodes: u32,
+    edges: Vec<(Node, Node)>,
 }
-fn done(g: u32) -> NodeIndex {
-    NodeIndex::new(2 * g as usize + 1)
+
+impl Builder {
+    fn with_nodes(nodes: usize, edges: usize) -> Self {
+        Builder {
+            nodes: nodes as u32,
+            edges: Vec::with_capacity(edges),
+        }
+    }
+
+    fn add_node(&mut self) -> Node {
+        self.nodes += 1;
+        self.nodes - 1
+    }
+
+    fn add_edge(&mut self, from: Node, to: Node) {
+        self.edges.push((from, to));
+    }
+
+    /// Sorts the edges by source with a counting sort, drops duplicates, and builds the graph.
+    fn finish(self) -> Csr<(), (), Directed, u32> {
+        let n = self.nodes as usize;
+        let mut start = vec![0u32; n + 1];
+        for &(from, _) in &self.edges {
+            start[from as usize + 1] += 1;
+        }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut next = start.clone();
+        let mut sorted = vec![(0u32, 0u32); self.edges.len()];
+        for &edge in &self.edges {
+            let slot = &mut next[edge.0 as usize];
+            sorted[*slot as usize] = edge;
+            *slot += 1;
+        }
+        drop(self.edges);
+        let mut kept = 0;
+        for from in 0..n {
+            let (a, b) = (start[from] as usize, start[from + 1] as usize);
+            sorted[a..b].sort_unstable_by_key(|&(_, to)| to);
+            let mut last = None;
+            for i in a..b {
+                let edge = sorted[i];
+                if last != Some(edge.1) {
+                    sorted[kept] = edge;
+                    kept += 1;
+                    last = Some(edge.1);
+                }
+            }
+        }
+        sorted.truncate(kept);
+        let mut graph = Csr::from_sorted_edges(&sorted).expect("edges are sorted and unique");
+        while graph.node_count() < n {
+            graph.add_node(());
+        }
+        graph
+    }
+}
+
+/// Fires every event whose predecessors have all fired (Kahn's algorithm); the graph is
+/// acyclic exactly when every event fires.
+fn run(graph: &Csr<(), (), Directed, u32>) -> Vec<bool> {
+    let n = graph.node_count();
+    let mut waiting = vec![0u32; n];
+    for node in 0..n as u32 {
+        for &next in graph.neighbors_slice(node) {
+            waiting[next as usize] += 1;
+        }
+    }
+    let mut ready: Vec<Node> = (0..n as u32)
+        .filter(|&v| waiting[v as usize] == 0)
+        .collect();
+    let mut fired = vec![false; n];
+    while let Some(node) = ready.pop() {
+        fired[node as usize] = true;
+        for &next in graph.neighbors_slice(node) {
+            waiting[next as usize] -= 1;
+            if waiting[next as usize] == 0 {
+                ready.push(next);
+            }
+        }
+    }
+    fired
+}
+
+// Blocking: node g = batch g completes. A rank posts a batch as soon as its previous batch
+// completed (computes never wait in this model), so "batch g is posted" is the event "batch
+// g-1 of the same rank completed", or the start for a rank's first batch.
+fn done(g: u32) -> Node {
+    g
+}
+
+/// The event after which batch `g` is posted, under the blocking model: `None` if it is its
+/// rank's first batch (posted at the start).
+fn posted_after(batches: &Batches, g: u32) -> Option<Node> {
+    batches
+        .first
+        .binary_search(&g)
+        .is_err()
+        .then(|| done(g - 1))
 }
 
 fn blocking_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGraph {
-    let n = 2 * batches.total as usize;
-    let mut graph = DiGraph::with_capacity(n, 4 * n);
-    for _ in 0..n {
-        graph.add_node(());
-    }
+    let n = batches.total as usize;
+    let mut graph = Builder::with_nodes(n, 4 * n);
     let mut host = Vec::with_capacity(schedule.ranks.len());
     for (rank, list) in schedule.ranks.iter().enumerate() {
         let first = batches.first[rank];
         let commits = &batches.commits[rank];
-        for k in 0..commits.len() as u32 {
-            let g = first + k;
-            graph.add_edge(post(g), done(g), ());
-            if k > 0 {
-                graph.add_edge(done(g - 1), post(g), ());
-            }
+        for k in 1..commits.len() as u32 {
+            graph.add_edge(done(first + k - 1), done(first + k));
         }
         for (index, instruction) in list.iter().enumerate() {
             if let Instruction::Send(m) | Instruction::Recv(m) = instruction {
                 let partner = links.partner(rank, index).expect("validated link");
                 let theirs = batches.of(m.peer as usize, partner);
-                graph.add_edge(post(theirs), done(batches.of(rank, index)), ());
+                if let Some(before) = posted_after(batches, theirs) {
+                    graph.add_edge(before, done(batches.of(rank, index)));
+                }
             }
         }
         host.push(
@@ -155,56 +254,67 @@ fn blocking_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> Even
                 .collect(),
         );
     }
-    EventGraph { graph, host }
+    EventGraph {
+        graph: graph.finish(),
+        host,
+    }
 }
 
 // Async: per batch g, node 3g = the host launches it, 3g+1 = it starts on the stream,
 // 3g+2 = it completes. Reader nodes (computes waiting for received data) come after.
-fn launch(g: u32) -> NodeIndex {
-    NodeIndex::new(3 * g as usize)
+fn launch(g: u32) -> Node {
+    3 * g
 }
-fn start(g: u32) -> NodeIndex {
-    NodeIndex::new(3 * g as usize + 1)
+fn start(g: u32) -> Node {
+    3 * g + 1
 }
-fn finish(g: u32) -> NodeIndex {
-    NodeIndex::new(3 * g as usize + 2)
+fn finish(g: u32) -> Node {
+    3 * g + 2
 }
 
-fn async_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGraph {
+fn async_graph(
+    schedule: &Schedule,
+    topology: &Topology,
+    links: &Links,
+    batches: &Batches,
+) -> EventGraph {
+    // The batch that receives each (kind, work): every buffer is received by one rank only.
+    let slots = topology.num_stages() as usize * topology.num_microbatches() as usize;
+    let mut received = vec![u32::MAX; 2 * slots];
+    let key = |kind: Kind, work: Work| {
+        let k = usize::from(kind == Kind::Grad);
+        k * slots + topology.slot(work)
+    };
     let n = 3 * batches.total as usize;
-    let mut graph = DiGraph::with_capacity(n + n / 2, 5 * n);
-    for _ in 0..n {
-        graph.add_node(());
-    }
+    let mut graph = Builder::with_nodes(n, 5 * n);
     let mut host = Vec::with_capacity(schedule.ranks.len());
     for (rank, list) in schedule.ranks.iter().enumerate() {
         let first = batches.first[rank];
         for k in 0..batches.commits[rank].len() as u32 {
             let g = first + k;
-            graph.add_edge(launch(g), start(g), ());
-            graph.add_edge(start(g), finish(g), ());
+            graph.add_edge(launch(g), start(g));
+            graph.add_edge(start(g), finish(g));
             if k > 0 {
-                graph.add_edge(finish(g - 1), start(g), ());
+                graph.add_edge(finish(g - 1), start(g));
             }
         }
-        let mut received: HashMap<(Kind, Work), u32> = HashMap::new();
-        let mut chain: Vec<(NodeIndex, u32)> = Vec::new();
+        let mut chain: Vec<(Node, u32)> = Vec::new();
         for (index, instruction) in list.iter().enumerate() {
             let needs: [Option<(Kind, Work)>; 2] = match *instruction {
                 Instruction::Send(m) | Instruction::Recv(m) => {
                     let partner = links.partner(rank, index).expect("validated link");
                     let ours = batches.of(rank, index);
                     let theirs = batches.of(m.peer as usize, partner);
-                    graph.add_edge(start(theirs), finish(ours), ());
+                    graph.add_edge(start(theirs), finish(ours));
                     if matches!(instruction, Instruction::Recv(_)) {
-                        received.insert((m.kind, m.work()), ours);
+                        received[key(m.kind, m.work())] = ours;
                     }
                     continue;
                 }
                 Instruction::Commit => {
                     let g = first + batches.before[rank][index];
                     if let Some(&(previous, _)) = chain.last() {
-                        graph.add_edge(previous, launch(g), ());
+                        graph.add_edge(previous, launch(g));
                     }
                     chain.push((launch(g), index as u32));
                     continue;
@@ -219,23 +329,27 @@ fn async_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGr
             let sources: Vec<u32> = needs
                 .iter()
                 .flatten()
-                .filter_map(|key| received.get(key).copied())
+                .map(|&(kind, work)| received[key(kind, work)])
+                .filter(|&g| g != u32::MAX)
                 .collect();
             if sources.is_empty() {
                 continue;
             }
-            let reader = graph.add_node(());
+            let reader = graph.add_node();
             for g in sources {
-                graph.add_edge(finish(g), reader, ());
+                graph.add_edge(finish(g), reader);
             }
             if let Some(&(previous, _)) = chain.last() {
-                graph.add_edge(previous, reader, ());
+                graph.add_edge(previous, reader);
             }
             chain.push((reader, index as u32));
         }
         host.push(chain);
     }
-    EventGraph { graph, host }
+    EventGraph {
+        graph: graph.finish(),
+        host,
+    }
 }
 
 /// Runs the events that can run (Kahn's algorithm) and describes where each rank stops.
@@ -244,36 +358,17 @@ fn explain(
     links: &Links,
     batches: &Batches,
     events: &EventGraph,
+    fired: &[bool],
     model: ExecutionModel,
 ) -> Violation {
-    let graph = &events.graph;
-    let mut waiting: Vec<u32> = graph
-        .node_indices()
-        .map(|n| graph.neighbors_directed(n, Direction::Incoming).count() as u32)
-        .collect();
-    let mut ready: Vec<NodeIndex> = graph
-        .node_indices()
-        .filter(|n| waiting[n.index()] == 0)
-        .collect();
-    let mut fired = vec![false; graph.node_count()];
-    while let Some(node) = ready.pop() {
-        fired[node.index()] = true;
-        for next in graph.neighbors_directed(node, Direction::Outgoing) {
-            waiting[next.index()] -= 1;
-            if waiting[next.index()] == 0 {
-                ready.push(next);
-            }
-        }
-    }
-
     let posted = |g: u32| match model {
-        ExecutionModel::Blocking => fired[post(g).index()],
-        ExecutionModel::Async => fired[start(g).index()],
+        ExecutionModel::Blocking => posted_after(batches, g).is_none_or(|e| fired[e as usize]),
+        ExecutionModel::Async => fired[start(g) as usize],
     };
     let mut lines = Vec::new();
     let mut location = None;
     for (rank, chain) in events.host.iter().enumerate() {
-        let Some(&(_, stuck_at)) = chain.iter().find(|(node, _)| !fired[node.index()]) else {
+        let Some(&(_, stuck_at)) = chain.iter().find(|(node, _)| !fired[*node as usize]) else {
             continue;
         };
         let list = &schedule.ranks[rank];
@@ -289,8 +384,8 @@ fn explain(
         let unfinished = (0..batches.commits[rank].len() as u32).find(|&k| {
             let g = first + k;
             match model {
-                ExecutionModel::Blocking => !fired[done(g).index()],
-                ExecutionModel::Async => !fired[finish(g).index()],
+                ExecutionModel::Blocking => !fired[done(g) as usize],
+                ExecutionModel::Async => !fired[finish(g) as usize],
             }
         });
         let mut line = format!(
@@ -312,7 +407,7 @@ fn explain(
             if model == ExecutionModel::Async && commit != stuck_at {
                 let _ = write!(
                     line,
-                    ", waiting for the batch of its commit at instruction {commit}"
+                    ": its communication stream is stuck at the batch of the commit at instruction {commit}"
                 );
             }
             if let Some((i, peer, j)) = blocker {
@@ -326,10 +421,7 @@ fn explain(
                     list[i], schedule.ranks[peer][j]
                 );
             } else if model == ExecutionModel::Async {
-                let _ = write!(
-                    line,
-                    ", which waits for an earlier batch on the same stream"
-                );
+                let _ = write!(line, ", behind an earlier batch that never completes");
             }
         }
         lines.push(line);

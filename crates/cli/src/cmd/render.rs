@@ -1,0 +1,80 @@
+//! `dualpipe render`: draw a simulated schedule as text, SVG or a Chrome trace.
+
+use std::path::PathBuf;
+
+use dualpipe_schedule::{chrome_trace, timeline_svg, timeline_text};
+
+use crate::io::{Failure, write_output};
+use crate::options::{CostOptions, simulate_file};
+
+/// Microseconds per time unit in the Chrome trace: one unit reads as one millisecond.
+const UNIT_US: f64 = 1000.0;
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// Time-scaled grid, one row per rank, like the DualPipe README figures.
+    Text,
+    /// SVG picture with colours per kind and direction and a legend.
+    Svg,
+    /// Chrome trace JSON (chrome://tracing, Perfetto): pid = rank, tid 0 = compute, tid 1 =
+    /// communication, flow arrows from each send to its receive.
+    Chrome,
+}
+
+/// Simulate a schedule and draw its timeline.
+#[derive(clap::Args)]
+#[command(after_help = "\
+Labels: F forward, B full backward, I backward with deferred weights, W weight gradient, then the
+micro-batch; F3+b7 is an overlapped pair. Upper case (dark in SVG) is the first stage a rank holds
+along the route (DualPipe's direction 0 -> N-1, the way down DualPipeV's V), lower case (light)
+the second. In the Chrome trace one time unit is one millisecond.
+
+Examples:
+  dualpipe render schedules/dualpipe-8x20.json --format text
+  dualpipe render v.json --format svg -o v.svg
+  dualpipe render v.json --format chrome --model async --cost comm=0.2 -o v.trace.json
+  dualpipe plan -s zb1p -n 4 -c 8 | dualpipe render - --format text --columns 3")]
+pub struct Args {
+    /// Schedule file, or - for standard input.
+    file: String,
+    /// What to draw.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(flatten)]
+    options: CostOptions,
+    /// Text format: characters per time unit, fractions allowed (default: the fewest that fit
+    /// the labels, within 1000 columns).
+    #[arg(long, value_name = "N")]
+    columns: Option<f64>,
+    /// Write to this file instead of standard output.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Overwrite the output file if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    if let Some(columns) = args.columns {
+        if args.format != Format::Text {
+            return Err(Failure::usage("--columns applies to --format text only"));
+        }
+        if !(columns.is_finite() && columns > 0.0) {
+            return Err(Failure::usage(format!(
+                "--columns {columns}: characters per time unit must be a positive number"
+            )));
+        }
+    }
+    let (valid, _, sim) = simulate_file(&args.file, &args.options)?;
+    let text = match args.format {
+        Format::Text => timeline_text(&valid, &sim, args.columns),
+        Format::Svg => timeline_svg(&valid, &sim),
+        Format::Chrome => chrome_trace(
+            valid.schedule(),
+            valid.links(),
+            &sim.spans(valid.schedule(), UNIT_US),
+        ),
+    };
+    write_output(args.output.as_deref(), &text, args.force)
+}

@@ -1,0 +1,191 @@
+//! `dualpipe simulate`: step time, idle time and memory peaks of a schedule under a cost model.
+
+use std::fmt::Write as _;
+
+use dualpipe_schedule::{Simulation, ValidSchedule};
+use serde::Serialize;
+
+use crate::io::{Failure, source_name, write_stdout};
+use crate::options::{CostOptions, simulate_file, time};
+
+/// Simulate one step of a schedule: per rank busy and idle time, peak live activations and
+/// peak pending weight gradients, and the step time (makespan).
+#[derive(clap::Args)]
+#[command(after_help = "\
+Idle is the step time minus the rank's compute time: the pipeline bubble. An activation is live
+from the start of its forward to the end of its backward (or of its W when the backward defers
+it). Costs are in any time unit you like; see docs/simulate.md for the cost file.
+
+Examples:
+  dualpipe simulate schedules/dualpipev-4x10.json
+  dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3,comm=0 --model async
+  dualpipe simulate v.json --costs measured.json --json
+  dualpipe plan -s dualpipe -n 8 -c 20 | dualpipe simulate - --timeline")]
+pub struct Args {
+    /// Schedule file, or - for standard input.
+    file: String,
+    #[command(flatten)]
+    options: CostOptions,
+    /// Print JSON: {"makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", ...}], ...}.
+    #[arg(long)]
+    json: bool,
+    /// Also list when every instruction starts and ends.
+    #[arg(long)]
+    timeline: bool,
+}
+
+pub fn run(args: Args) -> Result<(), Failure> {
+    let (valid, costs, sim) = simulate_file(&args.file, &args.options)?;
+    let name = source_name(&args.file);
+    let text = if args.json {
+        json(&valid, &costs.to_string(), &sim, args.timeline)
+    } else {
+        table(name, &valid, &costs.to_string(), &sim, args.timeline)
+    };
+    write_stdout(&text)
+}
+
+fn table(
+    name: &str,
+    valid: &ValidSchedule,
+    costs: &str,
+    sim: &Simulation,
+    timeline: bool,
+) -> String {
+    let schedule = valid.schedule();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{name}: {} schedule, {} ranks, {} stages, {} micro-batches; {} model; costs {costs}",
+        schedule.schedule,
+        schedule.num_ranks,
+        schedule.num_stages,
+        schedule.num_microbatches,
+        sim.model
+    );
+    let idle: f64 = sim.ranks.iter().map(|r| r.idle).sum();
+    let _ = writeln!(
+        out,
+        "step time {}, bubble {:.1}% ({} of {} rank-time idle)\n",
+        time(sim.makespan),
+        100.0 * sim.bubble_share(),
+        time(idle),
+        time(sim.makespan * sim.ranks.len() as f64)
+    );
+    let _ = writeln!(
+        out,
+        "rank        busy        idle         end  peak act  peak W"
+    );
+    for (rank, r) in sim.ranks.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{rank:>4} {:>11} {:>11} {:>11} {:>9} {:>7}",
+            time(r.busy),
+            time(r.idle),
+            time(r.end),
+            r.peak_activations,
+            r.peak_pending_w
+        );
+    }
+    if timeline {
+        for (rank, list) in schedule.ranks.iter().enumerate() {
+            let _ = writeln!(out, "\nrank {rank}:");
+            for (index, (instruction, t)) in list.iter().zip(&sim.times[rank]).enumerate() {
+                let _ = writeln!(
+                    out,
+                    "{index:>6}  {:>9} {:>9}  {instruction}",
+                    time(t.start),
+                    time(t.end)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Times in JSON, rounded to 1e-9 so that float noise does not show.
+fn round(value: f64) -> f64 {
+    (value * 1e9).round() / 1e9
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    schedule: &'a str,
+    num_ranks: u32,
+    num_stages: u32,
+    num_microbatches: u32,
+    model: String,
+    costs: &'a str,
+    makespan: f64,
+    bubble_share: f64,
+    ranks: Vec<RankReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instructions: Option<Vec<Vec<Timed>>>,
+}
+
+#[derive(Serialize)]
+struct RankReport {
+    rank: usize,
+    busy: f64,
+    idle: f64,
+    end: f64,
+    peak_activations: u32,
+    peak_pending_w: u32,
+}
+
+#[derive(Serialize)]
+struct Timed {
+    index: usize,
+    instruction: String,
+    start: f64,
+    end: f64,
+}
+
+fn json(valid: &ValidSchedule, costs: &str, sim: &Simulation, timeline: bool) -> String {
+    let schedule = valid.schedule();
+    let report = Report {
+        schedule: &schedule.schedule,
+        num_ranks: schedule.num_ranks,
+        num_stages: schedule.num_stages,
+        num_microbatches: schedule.num_microbatches,
+        model: sim.model.to_string(),
+        costs,
+        makespan: round(sim.makespan),
+        bubble_share: round(sim.bubble_share()),
+        ranks: sim
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(rank, r)| RankReport {
+                rank,
+                busy: round(r.busy),
+                idle: round(r.idle),
+                end: round(r.end),
+                peak_activations: r.peak_activations,
+                peak_pending_w: r.peak_pending_w,
+            })
+            .collect(),
+        instructions: timeline.then(|| {
+            schedule
+                .ranks
+                .iter()
+                .zip(&sim.times)
+                .map(|(list, times)| {
+                    list.iter()
+                        .zip(times)
+                        .enumerate()
+                        .map(|(index, (i, t))| Timed {
+                            index,
+                            instruction: i.to_string(),
+                            start: round(t.start),
+                            end: round(t.end),
+                        })
+                        .collect()
+                })
+                .collect()
+        }),
+    };
+    let mut text = serde_json::to_string_pretty(&report).expect("reports serialize");
+    text.push('\n');
+    text
+}
