@@ -44,6 +44,10 @@ fn trains_and_agrees_with_the_single_process_run() {
                 "{stdout}"
             );
             assert!(stdout.contains("bubble: "), "{stdout}");
+            assert!(
+                stdout.contains("simulated: ") && stdout.contains("% with the measured mean costs"),
+                "{stdout}"
+            );
             assert!(out.stderr.is_empty(), "no progress bar without a terminal");
         }
     }

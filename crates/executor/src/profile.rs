@@ -2,7 +2,9 @@
 //! summary per rank (busy, waiting for communication, idle), the measured bubble, and the
 //! Chrome trace (the same layout as the simulator's).
 
-use dualpipe_schedule::{Instruction, Lane, Schedule, Span, ValidSchedule, chrome_trace};
+use dualpipe_schedule::{
+    Costs, Instruction, Lane, Schedule, Span, StageCosts, ValidSchedule, chrome_trace,
+};
 
 /// A backend's clock. The interpreter takes a mark before and after every compute and commit
 /// and turns them into microseconds when the rank's list has run, so a GPU backend can use
@@ -63,6 +65,35 @@ pub struct MeasuredCosts {
     pub weight: Option<f64>,
     /// FB.
     pub forward_backward: Option<f64>,
+}
+
+impl MeasuredCosts {
+    /// The simulator's cost model with these costs, in microseconds, uniform over stages and
+    /// with free messages: what the schedule alone would cost at the measured compute speed.
+    /// A kind the schedule does not use is derived from the others where it can be (a full
+    /// backward as its input part plus its weight part, and back).
+    pub fn to_costs(&self) -> Costs {
+        let f = self.forward.unwrap_or(0.0);
+        let b = self
+            .backward
+            .or_else(|| Some(self.backward_input? + self.weight?))
+            .unwrap_or(0.0);
+        let w = self
+            .weight
+            .or_else(|| Some(b - self.backward_input?))
+            .unwrap_or(0.0)
+            .clamp(0.0, b);
+        Costs {
+            uniform: StageCosts {
+                f,
+                b,
+                w,
+                fb: self.forward_backward,
+                bytes: 0.0,
+            },
+            ..Costs::default()
+        }
+    }
 }
 
 /// The measured timeline of one step on every rank.
@@ -196,5 +227,43 @@ impl Profile {
             schedule.links(),
             &self.spans(schedule.schedule()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn measured_costs_fill_in_what_the_schedule_did_not_run() {
+        let all = MeasuredCosts {
+            forward: Some(1.0),
+            backward: Some(2.5),
+            backward_input: Some(1.5),
+            weight: Some(0.9),
+            forward_backward: Some(3.0),
+        };
+        let c = all.to_costs().uniform;
+        assert_eq!((c.f, c.b, c.w, c.fb), (1.0, 2.5, 0.9, Some(3.0)));
+
+        // Only split backwards (ZB-H1 at the edges): B is their sum.
+        let split = MeasuredCosts {
+            backward: None,
+            forward_backward: None,
+            ..all
+        };
+        let c = split.to_costs().uniform;
+        assert_eq!((c.b, c.w, c.fb), (2.4, 0.9, None));
+
+        // Only full backwards: nothing is deferred, W stays within B.
+        let full = MeasuredCosts {
+            backward_input: None,
+            weight: None,
+            ..all
+        };
+        let c = full.to_costs().uniform;
+        assert_eq!((c.b, c.w), (2.5, 0.0));
+        full.to_costs().check().unwrap();
+        split.to_costs().check().unwrap();
     }
 }

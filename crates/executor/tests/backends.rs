@@ -29,8 +29,7 @@ backend_tests!(
     a_larger_model_matches_too,
 );
 
-/// (family, chunks per rank, ranks, micro-batches). zbv joins this list when its generator
-/// lands in the planner.
+/// (family, chunks per rank, ranks, micro-batches).
 const CASES: &[(Family, Option<u32>, u32, u32)] = &[
     (Family::DualPipe, None, 2, 4),
     (Family::DualPipe, None, 4, 8),
@@ -52,6 +51,10 @@ const CASES: &[(Family, Option<u32>, u32, u32)] = &[
     (Family::Zb1p, None, 1, 2),
     (Family::Zb1p, None, 2, 5),
     (Family::Zb1p, None, 4, 8),
+    (Family::Zbv, None, 1, 2),
+    (Family::Zbv, None, 2, 4),
+    (Family::Zbv, None, 3, 7),
+    (Family::Zbv, None, 4, 8),
     (Family::Interleaved1F1B, Some(2), 2, 4),
     (Family::Interleaved1F1B, Some(2), 4, 8),
     (Family::Interleaved1F1B, Some(3), 2, 6),

@@ -230,6 +230,7 @@ const STAGE_FAULTS: &[(Family, u32, u32, u32, Call, u32)] = &[
     (Family::Zb1p, 4, 8, 2, Call::Weight, 1),
     (Family::OneFOneB, 3, 6, 2, Call::Forward, 0),
     (Family::Interleaved1F1B, 2, 4, 3, Call::Backward, 2),
+    (Family::Zbv, 3, 6, 4, Call::Weight, 2),
 ];
 
 #[test]

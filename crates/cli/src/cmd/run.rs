@@ -10,7 +10,7 @@ use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, ReferenceRun, compare};
 use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_executor::{CpuPipeline, Options, Profile};
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::{ExecutionModel, ValidSchedule};
+use dualpipe_schedule::{ExecutionModel, ValidSchedule, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::io::{Failure, load_schedule, source_name, write_output, write_stdout};
@@ -248,7 +248,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
 
     let profile = profile.unwrap_or_default();
-    let mut out = summary(&schedule, &profile);
+    let mut out = summary(&schedule, &profile, args.model);
     let _ = writeln!(
         out,
         "reference (single process): losses bitwise equal in {steps} of {steps} steps; {}; {:.1} ms per step against {:.1} ms pipelined",
@@ -365,7 +365,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// The per-rank table of the last step and the measured bubble.
-fn summary(schedule: &ValidSchedule, profile: &Profile) -> String {
+fn summary(schedule: &ValidSchedule, profile: &Profile, model: ExecutionModel) -> String {
     let doc = schedule.schedule();
     let mut out = String::new();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -386,14 +386,39 @@ fn summary(schedule: &ValidSchedule, profile: &Profile) -> String {
             s.idle_us / 1e3
         );
     }
-    // FIXME(simulator): print the simulated bubble of the same schedule beside the measured
-    // one, simulating with the measured costs (`profile.mean_costs(doc)`), once the
-    // simulator is in the workspace.
     let _ = writeln!(
         out,
         "bubble: {:.1}% of rank time not computing (step {:.2} ms)",
         100.0 * profile.bubble(doc),
         profile.makespan_us() / 1e3
     );
+    // The schedule's own bubble at the measured speed: the simulator with the mean measured
+    // costs and free messages, under the same execution model.
+    let measured = profile.mean_costs(doc);
+    let ms = |us: Option<f64>| us.map_or("-".to_string(), |us| format!("{:.2}", us / 1e3));
+    match simulate(schedule, &measured.to_costs(), model) {
+        Ok(simulation) => {
+            let _ = writeln!(
+                out,
+                "simulated: {:.1}% with the measured mean costs (ms: F {}, B {}, B defer_w {}, W {}, FB {}; messages free)",
+                100.0 * simulation.bubble_share(),
+                ms(measured.forward),
+                ms(measured.backward),
+                ms(measured.backward_input),
+                ms(measured.weight),
+                ms(measured.forward_backward),
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "simulated: not available ({e})");
+        }
+    }
+    if doc.num_ranks as usize > cores {
+        let _ = writeln!(
+            out,
+            "({} ranks share {cores} cores: measured times include waiting for a core)",
+            doc.num_ranks
+        );
+    }
     out
 }
