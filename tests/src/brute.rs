@@ -71,6 +71,7 @@ pub fn run(schedule: &Schedule, model: Model) -> Result<(), String> {
     let mut forward_done: HashSet<(u32, u32)> = HashSet::new();
     let mut backward_done: HashMap<(u32, u32), bool> = HashMap::new();
     let mut weight_done: HashSet<(u32, u32)> = HashSet::new();
+    let mut delivered: HashSet<(usize, Data)> = HashSet::new();
 
     loop {
         let mut progressed = false;
@@ -255,7 +256,9 @@ pub fn run(schedule: &Schedule, model: Model) -> Result<(), String> {
                 pending.pop_front();
                 ranks[from].in_flight -= 1;
                 ranks[to].in_flight -= 1;
-                if !ranks[to].have.insert(expect) {
+                // Each buffer crosses the network once (format rule 3), even if the first copy
+                // was already consumed.
+                if !delivered.insert((to, expect)) || !ranks[to].have.insert(expect) {
                     return Err(format!("rank {to}: {expect:?} received twice"));
                 }
                 progressed = true;

@@ -83,6 +83,8 @@ pub struct Tally {
     /// Of those, mutants the brute-force interpreter nevertheless ran to the end under both
     /// models (the validator is stricter than necessary there; not a failure).
     pub rejected_but_runnable: u64,
+    /// The first few of those, with the reason the validator gave.
+    pub stricter_examples: Vec<String>,
     /// Mutants the validator accepted (each proven runnable, or listed in `failures`).
     pub accepted: u64,
     /// Mutants on which the validator panicked.
@@ -136,6 +138,13 @@ pub fn campaign(count: u64, seed: u64, extra: &dyn Fn(&Schedule) -> Result<(), S
                     && brute::run(&mutant, brute::Model::Async).is_ok();
                 if runnable {
                     tally.rejected_but_runnable += 1;
+                    if tally.stricter_examples.len() < 5 {
+                        tally.stricter_examples.push(format!(
+                            "seed {attempt}: {}; rejected with: {}",
+                            what.join("; "),
+                            errors.violations[0]
+                        ));
+                    }
                 }
             }
             Ok(Ok(_)) => {

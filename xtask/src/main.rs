@@ -88,6 +88,9 @@ fn mutations(args: &[String]) -> Result<(), String> {
         "  accepted:  {:>8}  (each run to the end by the brute-force interpreter under both models)",
         tally.accepted
     );
+    for example in &tally.stricter_examples {
+        println!("    rejected, yet run by the interpreter: {example}");
+    }
     println!("  panicked:  {:>8}", tally.panicked);
     println!("  failures:  {:>8}", tally.failures.len());
     for failure in tally.failures.iter().take(20) {

@@ -299,6 +299,7 @@ fn async_graph(
             }
         }
         let mut chain: Vec<(Node, u32)> = Vec::new();
+        let mut waited: Option<u32> = None;
         for (index, instruction) in list.iter().enumerate() {
             let needs: [Option<(Kind, Work)>; 2] = match *instruction {
                 Instruction::Send(m) | Instruction::Recv(m) => {
@@ -326,18 +327,24 @@ fn async_graph(
                 }
                 Instruction::Weight(_) => [None, None],
             };
-            let sources: Vec<u32> = needs
-                .iter()
-                .flatten()
-                .map(|&(kind, work)| received[key(kind, work)])
-                .filter(|&g| g != u32::MAX)
-                .collect();
-            if sources.is_empty() {
+            // Batches on one stream complete in order: once the host has waited for batch g,
+            // every earlier batch of the rank is complete too, and needs no new event.
+            let mut sources = [u32::MAX; 2];
+            for (slot, need) in sources.iter_mut().zip(needs) {
+                if let Some((kind, work)) = need {
+                    let g = received[key(kind, work)];
+                    if g != u32::MAX && waited.is_none_or(|w| g > w) {
+                        *slot = g;
+                    }
+                }
+            }
+            if sources == [u32::MAX; 2] {
                 continue;
             }
             let reader = graph.add_node();
-            for g in sources {
+            for g in sources.into_iter().filter(|&g| g != u32::MAX) {
                 graph.add_edge(finish(g), reader);
+                waited = waited.max(Some(g));
             }
             if let Some(&(previous, _)) = chain.last() {
                 graph.add_edge(previous, reader);
