@@ -1,50 +1,36 @@
 //! Our compute orders against the orders torch's own schedules produce (fixtures/torch).
 
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::Instruction;
+use dualpipe_schedule::{ValidSchedule, to_torch_csv};
 
-/// A compute instruction in torch's action notation.
-fn action(instruction: Instruction) -> Option<String> {
-    Some(match instruction {
-        Instruction::Forward(w) => format!("{}F{}", w.stage, w.mb),
-        Instruction::Backward {
-            work,
-            defer_w: true,
-        } => format!("{}I{}", work.stage, work.mb),
-        Instruction::Backward {
-            work,
-            defer_w: false,
-        } => format!("{}B{}", work.stage, work.mb),
-        Instruction::Weight(w) => format!("{}W{}", w.stage, w.mb),
-        Instruction::ForwardBackward { f, b } => {
-            format!("({}F{};{}B{})OVERLAP_F_B", f.stage, f.mb, b.stage, b.mb)
-        }
-        _ => return None,
-    })
-}
-
-fn check(file: &str, request: PlanRequest) {
-    let path = dualpipe_tests::fixtures().join("torch").join(file);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let theirs: Vec<Vec<&str>> = text
-        .lines()
+/// The non-empty cells of each row of a torch CSV.
+fn cells(text: &str) -> Vec<Vec<String>> {
+    text.lines()
         .map(|line| {
             line.split(',')
                 .map(str::trim)
                 .filter(|cell| !cell.is_empty())
+                .map(String::from)
                 .collect()
         })
-        .collect();
-    let schedule = plan(&request).unwrap();
-    assert_eq!(theirs.len(), schedule.ranks.len(), "{file}: rank count");
-    for (rank, (list, expected)) in schedule.ranks.iter().zip(&theirs).enumerate() {
-        let ours: Vec<String> = list.iter().filter_map(|&i| action(i)).collect();
-        for (k, (a, b)) in ours.iter().zip(expected.iter()).enumerate() {
+        .collect()
+}
+
+/// Our schedule, exported to torch's compute-only CSV, has the compute order of torch's own.
+fn check(file: &str, request: PlanRequest) {
+    let path = dualpipe_tests::fixtures().join("torch").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let theirs = cells(&text);
+    let valid = ValidSchedule::new(plan(&request).unwrap()).unwrap();
+    let ours = cells(&to_torch_csv(&valid, false).unwrap());
+    assert_eq!(theirs.len(), ours.len(), "{file}: rank count");
+    for (rank, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {
+        for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
             assert_eq!(a, b, "{file}: rank {rank}, compute {k}");
         }
         assert_eq!(
             ours.len(),
-            expected.len(),
+            theirs.len(),
             "{file}: rank {rank}: compute count"
         );
     }

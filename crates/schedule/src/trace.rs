@@ -4,7 +4,6 @@
 //! arrow from the batch that sends each message to the batch that receives it.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 
 use crate::format::{Instruction, Schedule};
 use crate::validate::Links;
@@ -183,20 +182,7 @@ fn batch_name(list: &[Instruction], commit: usize) -> String {
 }
 
 fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    serde_json::Value::from(text).to_string()
 }
 
 #[cfg(test)]
