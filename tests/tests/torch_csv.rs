@@ -3,11 +3,11 @@
 
 use std::collections::HashSet;
 
-use dualpipe_planner::lower::{Header, lower};
+use dualpipe_planner::lower::lower_torch_order;
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::{
-    Costs, ExecutionModel, Instruction, Pipeline, Schedule, ValidSchedule, read_torch_csv,
-    simulate, to_torch_csv,
+    Costs, ExecutionModel, Instruction, Schedule, ValidSchedule, read_torch_csv, simulate,
+    to_torch_csv,
 };
 
 fn fixture(name: &str) -> String {
@@ -23,18 +23,7 @@ fn valid(request: PlanRequest) -> ValidSchedule {
 /// Imports a compute-only CSV as `dualpipe convert --from torch-csv` does.
 fn import(csv: &str, name: &str) -> ValidSchedule {
     let order = read_torch_csv(csv).unwrap_or_else(|e| panic!("{name}: {e}"));
-    let header = Header {
-        schedule: name.into(),
-        num_ranks: order.num_ranks,
-        num_stages: order.num_stages,
-        num_microbatches: order.num_microbatches,
-        forward_only: order.forward_only,
-        pipelines: vec![Pipeline {
-            route: order.route,
-            microbatches: (0..order.num_microbatches).collect(),
-        }],
-    };
-    let schedule = lower(header, order.order).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let schedule = lower_torch_order(order, name).unwrap_or_else(|e| panic!("{name}: {e}"));
     ValidSchedule::new(schedule).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 

@@ -19,7 +19,9 @@
 
 use std::fmt;
 
-use dualpipe_schedule::{Format, Instruction, Kind, Pipeline, Schedule, Topology, compute_times};
+use dualpipe_schedule::{
+    Format, Instruction, Kind, Pipeline, Schedule, Topology, TorchOrder, compute_times,
+};
 
 /// The header of the schedule to produce.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +170,24 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
         }
     }
     Ok(schedule)
+}
+
+/// Lowers a compute order read from torch's CSV (`dualpipe_schedule::read_torch_csv`) into a
+/// schedule labelled `name`: one pipeline along the order's stage placement, every micro-batch
+/// on it.
+pub fn lower_torch_order(order: TorchOrder, name: &str) -> Result<Schedule, LowerError> {
+    let header = Header {
+        schedule: name.to_string(),
+        num_ranks: order.num_ranks,
+        num_stages: order.num_stages,
+        num_microbatches: order.num_microbatches,
+        forward_only: order.forward_only,
+        pipelines: vec![Pipeline {
+            route: order.route,
+            microbatches: (0..order.num_microbatches).collect(),
+        }],
+    };
+    lower(header, order.order)
 }
 
 /// The durations the placement assumes: the usual proportions of a transformer layer, forward 1,

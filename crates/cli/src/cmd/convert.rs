@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use dualpipe_planner::lower::{Header, lower};
-use dualpipe_schedule::{Pipeline, ValidSchedule, read_torch_csv, to_torch_csv, validate};
+use dualpipe_planner::lower::lower_torch_order;
+use dualpipe_schedule::{ValidSchedule, read_torch_csv, to_torch_csv, validate};
 
 use crate::io::{Failure, load_schedule, read_input, source_name, write_output};
 
@@ -74,19 +74,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
     } else {
         let csv = read_input(&args.file)?;
         let order = read_torch_csv(&csv).map_err(|e| Failure::invalid(format!("{name}: {e}")))?;
-        let header = Header {
-            schedule: args.name.clone().unwrap_or_else(|| "torch".into()),
-            num_ranks: order.num_ranks,
-            num_stages: order.num_stages,
-            num_microbatches: order.num_microbatches,
-            forward_only: order.forward_only,
-            pipelines: vec![Pipeline {
-                route: order.route,
-                microbatches: (0..order.num_microbatches).collect(),
-            }],
-        };
-        let schedule =
-            lower(header, order.order).map_err(|e| Failure::invalid(format!("{name}: {e}")))?;
+        let label = args.name.as_deref().unwrap_or("torch");
+        let schedule = lower_torch_order(order, label)
+            .map_err(|e| Failure::invalid(format!("{name}: {e}")))?;
         validate(&schedule).map_err(|errors| Failure::violations(name, &errors))?;
         schedule.to_json()
     };
