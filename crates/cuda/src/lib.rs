@@ -4,7 +4,9 @@
 //! GPU.
 
 pub mod error;
+pub mod kernels;
 pub mod launch;
+pub mod plan;
 pub mod rendezvous;
 
 pub use error::CudaError;
