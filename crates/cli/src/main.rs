@@ -19,6 +19,7 @@ Examples:
   dualpipe compare --ranks 8 --microbatches 20
   dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
+  dualpipe bench-gpu
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -41,6 +42,7 @@ enum Command {
     Compare(cmd::compare::Args),
     Convert(cmd::convert::Args),
     Run(cmd::run::Args),
+    BenchGpu(cmd::bench_gpu::Args),
 }
 
 fn main() -> ExitCode {
@@ -64,6 +66,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => cmd::compare::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
+        Command::BenchGpu(args) => cmd::bench_gpu::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

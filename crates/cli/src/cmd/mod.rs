@@ -1,5 +1,6 @@
 //! One module per subcommand: its clap arguments and its `run`.
 
+pub mod bench_gpu;
 pub mod compare;
 pub mod convert;
 pub mod inspect;

@@ -1,0 +1,90 @@
+//! Plain types of the public API, the same with or without the `cuda` feature.
+
+use dualpipe_executor::Profile;
+
+pub use crate::kernels::DType;
+
+/// What a send between virtual ranks on one GPU does with the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommMode {
+    /// A device-to-device copy on the receiving rank's comm stream: what moving the data
+    /// costs on one GPU.
+    Copy,
+    /// No copy: the receiving rank reads the sender's buffer once the sender's event has
+    /// fired. Communication replaced by a no-op, to measure what it costs.
+    Move,
+}
+
+/// How the GPU backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// The GPU (its ordinal); a multi-process run uses `LOCAL_RANK` instead.
+    pub device: usize,
+    /// The model's element type.
+    pub dtype: DType,
+    /// Sends between virtual ranks: copies or no-ops.
+    pub comm: CommMode,
+    /// Run the backward half of an `FB` on a second stream, overlapped with the forward.
+    pub fb_two_streams: bool,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            device: 0,
+            dtype: DType::F32,
+            comm: CommMode::Copy,
+            fb_two_streams: true,
+        }
+    }
+}
+
+/// The GPU found by [`probe`](crate::probe).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// Its ordinal.
+    pub ordinal: usize,
+    /// How many GPUs the driver sees.
+    pub devices: usize,
+    /// The device's name.
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub compute_capability: (i32, i32),
+    /// Total memory in bytes.
+    pub memory_bytes: usize,
+    /// Whether NCCL was found (needed only for multi-process runs).
+    pub nccl: bool,
+}
+
+impl std::fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "GPU {} of {}: {} (compute capability {}.{}, {:.0} GiB){}",
+            self.ordinal,
+            self.devices,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.memory_bytes as f64 / (1u64 << 30) as f64,
+            if self.nccl { "" } else { "; NCCL not found" }
+        )
+    }
+}
+
+/// What one step on the GPU returns, on the host.
+#[derive(Clone, Debug, Default)]
+pub struct GpuStep {
+    /// The loss of each micro-batch (`None` where this process did not compute it).
+    pub losses: Vec<Option<f32>>,
+    /// The model output of each micro-batch, when outputs were kept.
+    pub outputs: Vec<Option<Vec<f32>>>,
+    /// The timeline from CUDA events, when profiling.
+    pub profile: Option<Profile>,
+    /// Host time spent issuing the step's work (before waiting for the GPU), microseconds.
+    pub dispatch_us: f64,
+    /// Host time from the start of issuing to the end of the GPU's work, microseconds.
+    pub step_us: f64,
+    /// Instructions issued (computes, sends, receives and commits of every rank run here).
+    pub instructions: usize,
+}

@@ -1,0 +1,143 @@
+//! The stand-in built without the `cuda` feature: the same API, every constructor returning
+//! [`CudaError::NotCompiled`], so callers compile the same either way.
+
+use std::time::Duration;
+
+use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
+use dualpipe_executor::{Executor, Options, StepError};
+use dualpipe_schedule::ValidSchedule;
+
+use crate::api::{GpuConfig, GpuStep};
+use crate::error::CudaError;
+use crate::launch::LaunchEnv;
+
+/// See the `cuda` build: a schedule on one GPU with virtual ranks. Never constructed here.
+pub enum CudaPipeline {}
+
+impl CudaPipeline {
+    /// Always [`CudaError::NotCompiled`].
+    pub fn new(
+        _: ValidSchedule,
+        _: Options,
+        _: &ModelSpec,
+        _: GpuConfig,
+    ) -> Result<Self, CudaError> {
+        Err(CudaError::NotCompiled)
+    }
+    /// Unreachable: no value exists.
+    pub fn device_name(&self) -> String {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn executor(&self) -> &Executor {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn gradients(&self, _: u32) -> Result<Parameters, CudaError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn leftover(&self) -> usize {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
+        match *self {}
+    }
+}
+
+/// See the `cuda` build: the single-stream reference. Never constructed here.
+pub enum GpuSequential {}
+
+impl GpuSequential {
+    /// Always [`CudaError::NotCompiled`].
+    pub fn new(_: &ModelSpec, _: GpuConfig) -> Result<Self, CudaError> {
+        Err(CudaError::NotCompiled)
+    }
+    /// Unreachable: no value exists.
+    pub fn step(&mut self, _: &Batch, _: bool) -> Result<GpuStep, CudaError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn gradients(&self, _: u32) -> Result<Parameters, CudaError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn leftover(&self) -> usize {
+        match *self {}
+    }
+}
+
+/// See the `cuda` build: one process of an NCCL run. Never constructed here.
+pub enum NcclRank {}
+
+impl NcclRank {
+    /// Always [`CudaError::NotCompiled`].
+    pub fn new(
+        _: &LaunchEnv,
+        _: ValidSchedule,
+        _: Options,
+        _: &ModelSpec,
+        _: GpuConfig,
+        _: Duration,
+    ) -> Result<Self, CudaError> {
+        Err(CudaError::NotCompiled)
+    }
+    /// Unreachable: no value exists.
+    pub fn rank(&self) -> u32 {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn gradients(&self, _: u32) -> Result<Option<Parameters>, CudaError> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn stages(&self) -> Vec<u32> {
+        match *self {}
+    }
+    /// Unreachable: no value exists.
+    pub fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
+        match *self {}
+    }
+}
+
+/// See the `cuda` build: the backend under the conformance tests.
+pub enum CudaReference {}
+
+impl CudaReference {
+    /// Always [`CudaError::NotCompiled`].
+    pub fn new(_: GpuConfig) -> Result<Self, CudaError> {
+        Err(CudaError::NotCompiled)
+    }
+}
+
+impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
+    fn name(&self) -> &'static str {
+        match *self {}
+    }
+    fn pipelined(
+        &mut self,
+        _: ValidSchedule,
+        _: &ModelSpec,
+        _: &Batch,
+        _: Options,
+    ) -> Result<dualpipe_executor::conformance::ReferenceRun, StepError> {
+        match *self {}
+    }
+    fn sequential(
+        &mut self,
+        _: &ModelSpec,
+        _: &Batch,
+        _: bool,
+    ) -> Result<dualpipe_executor::conformance::ReferenceRun, dualpipe_executor::StageError> {
+        match *self {}
+    }
+}

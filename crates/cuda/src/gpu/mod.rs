@@ -1,0 +1,260 @@
+//! The GPU backend proper (the `cuda` feature): device resources of a rank, device tensors,
+//! the reference model's stages on cuBLAS and NVRTC kernels, the transports and the pipelines.
+
+mod memory;
+pub(crate) mod raw;
+mod stage;
+mod transport;
+
+pub(crate) mod pipeline;
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError};
+use dualpipe_executor::Payload;
+
+use crate::error::CudaError;
+use crate::kernels::DType;
+use memory::Graveyard;
+use raw::{Buf, Kernels};
+
+/// A failure inside the GPU backend; becomes a [`CudaError::Device`] or a stage error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GpuError {
+    #[error("{what}: CUDA driver error {code:?}")]
+    Driver { what: String, code: DriverError },
+    #[error("{0}")]
+    Library(String),
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl GpuError {
+    pub fn driver(what: &str, code: DriverError) -> Self {
+        GpuError::Driver {
+            what: what.to_string(),
+            code,
+        }
+    }
+}
+
+impl From<GpuError> for CudaError {
+    fn from(e: GpuError) -> Self {
+        CudaError::Device(e.to_string())
+    }
+}
+
+/// One rank's device resources: its three streams (see `plan`), a cuBLAS handle for each
+/// compute stream, the compiled kernels, and where its dropped buffers wait to be freed.
+pub(crate) struct RankDevice {
+    pub ctx: Arc<CudaContext>,
+    pub main: Arc<CudaStream>,
+    pub side: Arc<CudaStream>,
+    pub comm: Arc<CudaStream>,
+    pub blas_main: CudaBlas,
+    pub blas_side: CudaBlas,
+    pub kernels: Arc<Kernels>,
+    pub graveyard: Arc<Graveyard>,
+    pub dtype: DType,
+    pub fb_two_streams: bool,
+    /// Timed start and end events of each commit's batch on comm, when profiling.
+    pub commit_times: Mutex<Vec<(CudaEvent, CudaEvent)>>,
+    pub profile: bool,
+}
+
+impl RankDevice {
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        kernels: &Arc<Kernels>,
+        dtype: DType,
+        fb_two_streams: bool,
+        profile: bool,
+    ) -> Result<Arc<Self>, GpuError> {
+        let stream = || {
+            ctx.new_stream()
+                .map_err(|e| GpuError::driver("creating a stream", e))
+        };
+        let (main, side, comm) = (stream()?, stream()?, stream()?);
+        let blas = |s: &Arc<CudaStream>| {
+            CudaBlas::new(s.clone())
+                .map_err(|e| GpuError::Library(format!("creating a cuBLAS handle failed: {e:?}")))
+        };
+        Ok(Arc::new(RankDevice {
+            blas_main: blas(&main)?,
+            blas_side: blas(&side)?,
+            graveyard: Arc::new(Graveyard::new(ctx.clone())),
+            ctx: ctx.clone(),
+            main,
+            side,
+            comm,
+            kernels: kernels.clone(),
+            dtype,
+            fb_two_streams,
+            commit_times: Mutex::new(Vec::new()),
+            profile,
+        }))
+    }
+
+    /// Makes this rank's context current on the calling thread (cuBLAS calls need it).
+    pub fn bind(&self) -> Result<(), GpuError> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| GpuError::driver("binding the context", e))
+    }
+
+    /// A tensor over `buf` whose memory goes back through this rank's graveyard.
+    pub fn tensor(&self, buf: Buf, shape: [usize; 2]) -> Tensor {
+        Tensor {
+            buf: Some(buf),
+            shape,
+            ready: None,
+            home: self.graveyard.clone(),
+        }
+    }
+
+    /// `len` uninitialised elements of the model's type on `stream`, as a tensor.
+    pub fn alloc(&self, stream: &Arc<CudaStream>, shape: [usize; 2]) -> Result<Tensor, GpuError> {
+        Ok(self.tensor(raw::alloc(stream, self.dtype, shape[0] * shape[1])?, shape))
+    }
+
+    /// Host `f32` values onto the device in the model's type, on main.
+    pub fn upload(&self, values: &[f32], shape: [usize; 2]) -> Result<Tensor, GpuError> {
+        let host = self
+            .main
+            .clone_htod(values)
+            .map_err(|e| GpuError::driver("copying to the device", e))?;
+        let buf = match self.dtype {
+            DType::F32 => Buf::F32(host),
+            DType::Bf16 => {
+                let mut out = raw::alloc(&self.main, DType::Bf16, values.len())?;
+                self.kernels.convert_from_f32(&self.main, &mut out, &host)?;
+                self.graveyard.bury(Buf::F32(host));
+                out
+            }
+        };
+        Ok(self.tensor(buf, shape))
+    }
+
+    /// Device values as host `f32`, after everything issued on main (waits for main).
+    pub fn download(&self, buf: &Buf) -> Result<Vec<f32>, GpuError> {
+        let copy = |e| GpuError::driver("copying to the host", e);
+        match buf {
+            Buf::F32(s) => self.main.clone_dtoh(s).map_err(copy),
+            Buf::Bf16(_) => {
+                let mut wide: CudaSlice<f32> = self.main.alloc_zeros(buf.len()).map_err(copy)?;
+                self.kernels.convert_to_f32(&self.main, &mut wide, buf)?;
+                self.main.clone_dtoh(&wide).map_err(copy)
+            }
+        }
+    }
+
+    /// Makes `stream` wait until `tensor` is ready, once.
+    pub fn make_ready(&self, tensor: &mut Tensor, stream: &CudaStream) -> Result<(), GpuError> {
+        if let Some(event) = tensor.ready.take() {
+            stream
+                .wait(&event)
+                .map_err(|e| GpuError::driver("waiting for an event", e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the batch of buffers dropped so far (events on all three streams) and frees
+    /// the batches already finished with.
+    pub fn seal_and_sweep(&self) -> Result<(), GpuError> {
+        self.graveyard.seal(&[&self.main, &self.side, &self.comm])?;
+        self.graveyard.sweep()
+    }
+
+    /// Waits on the host for the rank's streams (the end of a step) and frees every dropped
+    /// buffer.
+    pub fn synchronize(&self) -> Result<(), GpuError> {
+        for stream in [&self.main, &self.side, &self.comm] {
+            stream
+                .synchronize()
+                .map_err(|e| GpuError::driver("synchronizing a stream", e))?;
+        }
+        self.graveyard.clear_after_sync();
+        Ok(())
+    }
+
+    /// A fresh event; timed when `timed`.
+    pub fn event(&self, timed: bool) -> Result<CudaEvent, GpuError> {
+        let flags = timed.then_some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.ctx
+            .new_event(flags)
+            .map_err(|e| GpuError::driver("creating an event", e))
+    }
+
+    /// Records a fresh event on `stream`.
+    pub fn record(&self, stream: &CudaStream) -> Result<Arc<CudaEvent>, GpuError> {
+        let event = self.event(false)?;
+        event
+            .record(stream)
+            .map_err(|e| GpuError::driver("recording an event", e))?;
+        Ok(Arc::new(event))
+    }
+}
+
+/// A row-major matrix on the device: an activation, a gradient, a loss (`[1, 1]`), or a
+/// temporary. `ready`, when set, is the event every stream must wait for before reading it
+/// (a received buffer in the async model). Dropping it hands the memory to its rank's
+/// graveyard.
+pub(crate) struct Tensor {
+    buf: Option<Buf>,
+    shape: [usize; 2],
+    pub ready: Option<Arc<CudaEvent>>,
+    home: Arc<Graveyard>,
+}
+
+impl Tensor {
+    pub fn buf(&self) -> &Buf {
+        self.buf
+            .as_ref()
+            .expect("a tensor holds its buffer until dropped")
+    }
+
+    pub fn buf_mut(&mut self) -> &mut Buf {
+        self.buf
+            .as_mut()
+            .expect("a tensor holds its buffer until dropped")
+    }
+
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+
+    pub fn cols(&self) -> usize {
+        self.shape[1]
+    }
+
+    /// From now on, freed through `dev`'s graveyard (a buffer moving to another rank).
+    pub fn rehome(&mut self, dev: &RankDevice) {
+        self.home = dev.graveyard.clone();
+    }
+}
+
+impl Payload for Tensor {
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.home.bury(buf);
+        }
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {:?})",
+            self.shape,
+            self.buf.as_ref().map(Buf::dtype)
+        )
+    }
+}

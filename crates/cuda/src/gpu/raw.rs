@@ -1,0 +1,553 @@
+//! Every unsafe call of the backend, each behind a safe function that checks what the call
+//! relies on (lengths, shapes, element types) before making it. Nothing outside this module
+//! uses `unsafe`.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as cublas_sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use half::bf16;
+
+use crate::gpu::GpuError;
+use crate::kernels::{DType, REDUCE_THREADS};
+
+/// Which of the libraries the backend loads at run time can be found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Libraries {
+    pub driver: bool,
+    pub nvrtc: bool,
+    pub cublas: bool,
+    pub nccl: bool,
+}
+
+/// Looks for the libraries without calling into any of them (cudarc panics on the first call
+/// into a library it cannot load, so this comes before anything else).
+pub(crate) fn libraries() -> Libraries {
+    // SAFETY: `is_culib_present` only tries to open the shared library by name and closes it
+    // again; it runs none of the library's code beyond its initialisers.
+    unsafe {
+        Libraries {
+            driver: cudarc::driver::sys::is_culib_present(),
+            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
+            cublas: cudarc::cublas::sys::is_culib_present(),
+            nccl: cudarc::nccl::sys::is_culib_present(),
+        }
+    }
+}
+
+/// Turns off cudarc's per-buffer event tracking for buffers allocated from now on in `ctx`:
+/// the backend orders its streams with its own events (see `plan`) and frees memory only once
+/// events recorded after every use have completed (see `memory::Graveyard`).
+pub(crate) fn own_stream_ordering(ctx: &CudaContext) {
+    // SAFETY: the obligations cudarc lists (no free before a use on another stream ends, no use
+    // on another stream before the allocation, no concurrent writes) are the backend's: every
+    // cross-stream use is ordered by an event wait (plan.rs), every buffer is freed through the
+    // graveyard, and no two streams write one buffer.
+    unsafe { ctx.disable_event_tracking() }
+}
+
+/// A device buffer of either element type.
+#[derive(Debug)]
+pub(crate) enum Buf {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl Buf {
+    pub fn len(&self) -> usize {
+        match self {
+            Buf::F32(s) => s.len(),
+            Buf::Bf16(s) => s.len(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Buf::F32(_) => DType::F32,
+            Buf::Bf16(_) => DType::Bf16,
+        }
+    }
+}
+
+/// `len` elements of `dtype` on `stream`, not initialised (every use writes before it reads).
+pub(crate) fn alloc(stream: &Arc<CudaStream>, dtype: DType, len: usize) -> Result<Buf, GpuError> {
+    // SAFETY: the memory is uninitialised; callers only pass it as the output of a gemm with
+    // beta 0, a copy, or a kernel that writes every element before reading it.
+    let buf = unsafe {
+        match dtype {
+            DType::F32 => stream.alloc::<f32>(len).map(Buf::F32),
+            DType::Bf16 => stream.alloc::<bf16>(len).map(Buf::Bf16),
+        }
+    };
+    buf.map_err(|e| GpuError::driver("allocating device memory", e))
+}
+
+/// A row-major `rows x cols` matrix stored in `buf`, read as stored or transposed.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub buf: &'a Buf,
+    pub rows: usize,
+    pub cols: usize,
+    pub transposed: bool,
+}
+
+impl<'a> Mat<'a> {
+    pub fn new(buf: &'a Buf, rows: usize, cols: usize) -> Self {
+        Mat {
+            buf,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    pub fn t(self) -> Self {
+        Mat {
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    fn shape(&self) -> (usize, usize) {
+        if self.transposed {
+            (self.cols, self.rows)
+        } else {
+            (self.rows, self.cols)
+        }
+    }
+}
+
+fn int(value: usize, what: &str) -> Result<i32, GpuError> {
+    i32::try_from(value)
+        .map_err(|_| GpuError::Shape(format!("{what} = {value} is too large for cuBLAS")))
+}
+
+/// `out = a b` (row-major, `out` overwritten), on the stream of `blas`.
+///
+/// cuBLAS is column-major: a row-major matrix is its transpose there, so `out^T = b^T a^T`
+/// is computed with the operands swapped.
+pub(crate) fn matmul(
+    blas: &CudaBlas,
+    out: &mut Buf,
+    a: Mat<'_>,
+    b: Mat<'_>,
+) -> Result<(), GpuError> {
+    let (m, k) = a.shape();
+    let (k2, n) = b.shape();
+    let fits = |mat: &Mat<'_>| mat.buf.len() == mat.rows * mat.cols;
+    if k != k2 || out.len() != m * n || !fits(&a) || !fits(&b) {
+        return Err(GpuError::Shape(format!(
+            "matmul of {m}x{k} by {k2}x{n} into {} values (operands hold {} and {})",
+            out.len(),
+            a.buf.len(),
+            b.buf.len()
+        )));
+    }
+    if a.buf.dtype() != out.dtype() || b.buf.dtype() != out.dtype() {
+        return Err(GpuError::Shape(
+            "matmul operands of different element types".into(),
+        ));
+    }
+    let op = |t: bool| {
+        if t {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    let (transa, transb) = (op(b.transposed), op(a.transposed));
+    let (mm, nn, kk) = (int(n, "columns")?, int(m, "rows")?, int(k, "inner size")?);
+    let (lda, ldb, ldc) = (
+        int(b.cols, "leading dimension")?,
+        int(a.cols, "leading dimension")?,
+        mm,
+    );
+    let failed = |e| GpuError::Library(format!("cuBLAS gemm ({m}x{k} by {k}x{n}) failed: {e:?}"));
+    match (out, a.buf, b.buf) {
+        (Buf::F32(c), Buf::F32(a), Buf::F32(b)) => {
+            let cfg = GemmConfig {
+                transa,
+                transb,
+                m: mm,
+                n: nn,
+                k: kk,
+                alpha: 1.0f32,
+                lda,
+                ldb,
+                beta: 0.0f32,
+                ldc,
+            };
+            // SAFETY: the shapes were checked above: `b` holds k x n (read with lda = its
+            // stored columns), `a` holds m x k (ldb likewise) and `c` exactly m x n, so cuBLAS
+            // reads and writes in bounds; beta is 0, so `c` need not be initialised.
+            unsafe { blas.gemm(cfg, b, a, c) }.map_err(failed)
+        }
+        (Buf::Bf16(c), Buf::Bf16(a), Buf::Bf16(b)) => {
+            let cfg = GemmConfig {
+                transa,
+                transb,
+                m: mm,
+                n: nn,
+                k: kk,
+                alpha: bf16::ONE,
+                lda,
+                ldb,
+                beta: bf16::ZERO,
+                ldc,
+            };
+            // SAFETY: as for f32 above; cudarc runs bf16 through cublasGemmEx computing in f32.
+            unsafe { blas.gemm(cfg, b, a, c) }.map_err(failed)
+        }
+        _ => unreachable!("element types checked above"),
+    }
+}
+
+/// Launch geometry of the grid-stride kernels.
+fn grid(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One kernel argument.
+pub(crate) enum Arg<'a> {
+    Buf(&'a Buf),
+    Grad(&'a CudaSlice<f32>),
+    Int(&'a i64),
+    Float(&'a f32),
+}
+
+/// Launches `func` with `args`.
+///
+/// # Safety
+/// `args` must match the kernel's parameter list in number, order and type (`Buf` for a `T*`
+/// of the instance's element type, `Grad` for a `float*`, `Int` for a `long long`, `Float` for
+/// a `float`), and every buffer must hold at least as many elements as the kernel touches for
+/// the sizes passed.
+unsafe fn launch(
+    stream: &CudaStream,
+    func: &CudaFunction,
+    cfg: LaunchConfig,
+    args: &[Arg<'_>],
+) -> Result<(), GpuError> {
+    let mut builder = stream.launch_builder(func);
+    for arg in args {
+        match arg {
+            Arg::Buf(Buf::F32(s)) => builder.arg(s),
+            Arg::Buf(Buf::Bf16(s)) => builder.arg(s),
+            Arg::Grad(s) => builder.arg(*s),
+            Arg::Int(v) => builder.arg(*v),
+            Arg::Float(v) => builder.arg(*v),
+        };
+    }
+    // SAFETY: the caller's obligation (above).
+    unsafe { builder.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| GpuError::driver("launching a kernel", e))
+}
+
+/// The compiled kernels of one context.
+pub(crate) struct Kernels {
+    functions: std::collections::HashMap<(crate::kernels::Kernel, DType), CudaFunction>,
+}
+
+impl Kernels {
+    /// Compiles [`crate::kernels::source`] for the device of `ctx` with NVRTC and loads every
+    /// kernel.
+    pub fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, GpuError> {
+        use crate::kernels::Kernel;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| GpuError::driver("reading the compute capability", e))?;
+        // NVRTC takes the architecture as a `&'static str`; a handful of values exist, so
+        // leaking one small string per process is harmless.
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let options = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch),
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(crate::kernels::source(), options).map_err(
+            |e| {
+                GpuError::Library(format!(
+                    "NVRTC could not compile the kernels for {arch}: {e:?}"
+                ))
+            },
+        )?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| GpuError::driver("loading the compiled kernels", e))?;
+        let mut functions = std::collections::HashMap::new();
+        for dtype in [DType::F32, DType::Bf16] {
+            for kernel in Kernel::ALL {
+                let name = kernel.name(dtype);
+                let function = module
+                    .load_function(&name)
+                    .map_err(|e| GpuError::driver(&format!("loading kernel {name}"), e))?;
+                functions.insert((kernel, dtype), function);
+            }
+        }
+        Ok(Kernels { functions })
+    }
+
+    fn get(&self, kernel: crate::kernels::Kernel, dtype: DType) -> &CudaFunction {
+        &self.functions[&(kernel, dtype)]
+    }
+
+    fn check(what: &str, ok: bool) -> Result<(), GpuError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(GpuError::Shape(format!(
+                "{what}: buffer sizes do not match"
+            )))
+        }
+    }
+
+    /// `a += bias` per row, then `g = gelu(a)`; `a` and `g` are `rows x cols`.
+    pub fn bias_gelu(
+        &self,
+        stream: &CudaStream,
+        a: &mut Buf,
+        g: &mut Buf,
+        bias: &Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        let n = rows * cols;
+        let dtype = a.dtype();
+        Self::check(
+            "bias_gelu",
+            a.len() == n
+                && g.len() == n
+                && bias.len() == cols
+                && g.dtype() == dtype
+                && bias.dtype() == dtype,
+        )?;
+        let (r, c) = (rows as i64, cols as i64);
+        // SAFETY: bias_gelu_T(T* a, T* g, const T* bias, long long rows, long long cols)
+        // touches rows*cols elements of a and g and cols of bias, as checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::BiasGelu, dtype),
+                grid(n),
+                &[
+                    Arg::Buf(a),
+                    Arg::Buf(g),
+                    Arg::Buf(bias),
+                    Arg::Int(&r),
+                    Arg::Int(&c),
+                ],
+            )
+        }
+    }
+
+    /// `y += bias` per row; `y` is `rows x cols`.
+    pub fn add_bias(
+        &self,
+        stream: &CudaStream,
+        y: &mut Buf,
+        bias: &Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        let n = rows * cols;
+        let dtype = y.dtype();
+        Self::check(
+            "add_bias",
+            y.len() == n && bias.len() == cols && bias.dtype() == dtype,
+        )?;
+        let (r, c) = (rows as i64, cols as i64);
+        // SAFETY: add_bias_T(T* y, const T* bias, long long rows, long long cols), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::AddBias, dtype),
+                grid(n),
+                &[Arg::Buf(y), Arg::Buf(bias), Arg::Int(&r), Arg::Int(&c)],
+            )
+        }
+    }
+
+    /// `d *= gelu'(a)` element-wise.
+    pub fn gelu_backward(&self, stream: &CudaStream, d: &mut Buf, a: &Buf) -> Result<(), GpuError> {
+        let n = d.len();
+        let dtype = d.dtype();
+        Self::check("gelu_backward", a.len() == n && a.dtype() == dtype)?;
+        let count = n as i64;
+        // SAFETY: gelu_backward_T(T* d, const T* a, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::GeluBackward, dtype),
+                grid(n),
+                &[Arg::Buf(d), Arg::Buf(a), Arg::Int(&count)],
+            )
+        }
+    }
+
+    /// The gradient of the mean squared error of `y` against `t` into `grad`, and the loss into
+    /// `loss` (one `f32`).
+    pub fn mse(
+        &self,
+        stream: &CudaStream,
+        grad: &mut Buf,
+        loss: &mut CudaSlice<f32>,
+        y: &Buf,
+        t: &Buf,
+    ) -> Result<(), GpuError> {
+        let n = y.len();
+        let dtype = y.dtype();
+        Self::check(
+            "mse",
+            grad.len() == n
+                && t.len() == n
+                && loss.len() == 1
+                && t.dtype() == dtype
+                && grad.dtype() == dtype,
+        )?;
+        let count = n as i64;
+        // SAFETY: mse_grad_T(T* grad, const T* y, const T* t, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::MseGrad, dtype),
+                grid(n),
+                &[Arg::Buf(grad), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
+            )?
+        };
+        let one_block = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (REDUCE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: mse_loss_T(float* loss, const T* y, const T* t, long long n) writes loss[0]
+        // only and reads n elements of y and t; it needs exactly REDUCE_THREADS threads.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::MseLoss, dtype),
+                one_block,
+                &[Arg::Grad(loss), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
+            )
+        }
+    }
+
+    /// `sums[c] += sum over rows of x[r, c]`.
+    pub fn column_sums_add(
+        &self,
+        stream: &CudaStream,
+        sums: &mut CudaSlice<f32>,
+        x: &Buf,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), GpuError> {
+        Self::check(
+            "column_sums_add",
+            x.len() == rows * cols && sums.len() == cols,
+        )?;
+        let (r, c) = (rows as i64, cols as i64);
+        // SAFETY: column_sums_add_T(float* sums, const T* x, long long rows, long long cols),
+        // sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::ColumnSumsAdd, x.dtype()),
+                grid(cols),
+                &[Arg::Grad(sums), Arg::Buf(x), Arg::Int(&r), Arg::Int(&c)],
+            )
+        }
+    }
+
+    /// `acc += x` element-wise (`acc` in f32).
+    pub fn accumulate(
+        &self,
+        stream: &CudaStream,
+        acc: &mut CudaSlice<f32>,
+        x: &Buf,
+    ) -> Result<(), GpuError> {
+        Self::check("accumulate", acc.len() == x.len())?;
+        let count = x.len() as i64;
+        // SAFETY: accumulate_T(float* acc, const T* x, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::Accumulate, x.dtype()),
+                grid(x.len()),
+                &[Arg::Grad(acc), Arg::Buf(x), Arg::Int(&count)],
+            )
+        }
+    }
+
+    /// `p -= lr grad`.
+    pub fn sgd(
+        &self,
+        stream: &CudaStream,
+        p: &mut Buf,
+        grad: &CudaSlice<f32>,
+        lr: f32,
+    ) -> Result<(), GpuError> {
+        Self::check("sgd", p.len() == grad.len())?;
+        let count = p.len() as i64;
+        // SAFETY: sgd_T(T* p, const float* grad, float lr, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::Sgd, p.dtype()),
+                grid(p.len()),
+                &[
+                    Arg::Buf(p),
+                    Arg::Grad(grad),
+                    Arg::Float(&lr),
+                    Arg::Int(&count),
+                ],
+            )
+        }
+    }
+
+    /// `out = x` converted from f32.
+    pub fn convert_from_f32(
+        &self,
+        stream: &CudaStream,
+        out: &mut Buf,
+        x: &CudaSlice<f32>,
+    ) -> Result<(), GpuError> {
+        Self::check("from_f32", out.len() == x.len())?;
+        let count = x.len() as i64;
+        // SAFETY: from_f32_T(T* out, const float* x, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::FromF32, out.dtype()),
+                grid(x.len()),
+                &[Arg::Buf(out), Arg::Grad(x), Arg::Int(&count)],
+            )
+        }
+    }
+
+    /// `out = x` converted to f32.
+    pub fn convert_to_f32(
+        &self,
+        stream: &CudaStream,
+        out: &mut CudaSlice<f32>,
+        x: &Buf,
+    ) -> Result<(), GpuError> {
+        Self::check("to_f32", out.len() == x.len())?;
+        let count = x.len() as i64;
+        // SAFETY: to_f32_T(float* out, const T* x, long long n), sizes checked.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::ToF32, x.dtype()),
+                grid(x.len()),
+                &[Arg::Grad(out), Arg::Buf(x), Arg::Int(&count)],
+            )
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Checks that only a GPU can answer: the GPU model against the CPU model, bf16 against f32,
+//! copies against no-op communication, and NCCL. Without a GPU each test writes "skipped: no
+//! GPU" to the terminal and returns: its `ok` means "did not run" (docs/gpu.md).
+
+use std::io::Write;
+use std::time::Duration;
+
+use dualpipe_cuda::{CommMode, CudaPipeline, DType, GpuConfig, GpuSequential, probe};
+use dualpipe_executor::Options;
+use dualpipe_executor::conformance::cal_diff;
+use dualpipe_executor::model::{Batch, ModelSpec, Sequential};
+use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_schedule::{ExecutionModel, ValidSchedule};
+
+fn gpu_or_skip() -> bool {
+    match probe(0) {
+        Ok(_) => true,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "skipped: no GPU ({error})");
+            false
+        }
+    }
+}
+
+fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
+    ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
+}
+
+fn options(spec: &ModelSpec) -> Options {
+    Options {
+        message_shape: Some(spec.message_shape()),
+        keep_outputs: true,
+        model: ExecutionModel::Async,
+        timeout: Duration::from_secs(60),
+        profile: true,
+    }
+}
+
+/// The largest relative difference of `x` from `y`, over the largest magnitude of `y`.
+fn relative(x: &[f32], y: &[f32]) -> f64 {
+    let scale = y.iter().fold(0.0f64, |m, &v| m.max(f64::from(v.abs())));
+    let worst = x
+        .iter()
+        .zip(y)
+        .fold(0.0f64, |m, (&a, &b)| m.max(f64::from((a - b).abs())));
+    worst / scale.max(f64::MIN_POSITIVE)
+}
+
+#[test]
+fn gpu_fp32_matches_the_cpu_model_skipped_without_gpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let schedule = schedule(Family::DualPipeV, 2, 6);
+    let spec = ModelSpec {
+        hidden: 64,
+        rows: 48,
+        stages: 4,
+        seed: 233,
+    };
+    let batch = Batch::synthetic(&spec, 6, 0);
+    let mut gpu = CudaPipeline::new(schedule, options(&spec), &spec, GpuConfig::default()).unwrap();
+    let step = gpu.step(&batch).unwrap();
+    let mut cpu = Sequential::new(&spec);
+    let reference = cpu.step(&batch, true).unwrap();
+    for (mb, (ours, theirs)) in step.losses.iter().zip(&reference.losses).enumerate() {
+        let ours = ours.expect("a loss");
+        assert!(
+            ((ours - theirs) / theirs).abs() < 1e-5,
+            "micro-batch {mb}: {ours} against {theirs}"
+        );
+    }
+    for stage in 0..spec.stages {
+        let ours = gpu.gradients(stage).unwrap();
+        let theirs = cpu.stages[stage as usize].gradients();
+        for ((name, a), (_, b)) in ours.tensors().into_iter().zip(theirs.tensors()) {
+            let diff = cal_diff(a, b);
+            assert!(diff < 1e-10, "stage {stage} {name}: cal_diff {diff:e}");
+        }
+    }
+    let profile = step.profile.expect("profiled");
+    assert!(profile.makespan_us() > 0.0);
+}
+
+#[test]
+fn gpu_bf16_is_within_a_percent_of_fp32_skipped_without_gpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let spec = ModelSpec {
+        hidden: 64,
+        rows: 48,
+        stages: 2,
+        seed: 233,
+    };
+    let batch = Batch::synthetic(&spec, 4, 0);
+    let run = |dtype| {
+        let mut model = GpuSequential::new(
+            &spec,
+            GpuConfig {
+                dtype,
+                ..GpuConfig::default()
+            },
+        )
+        .unwrap();
+        let step = model.step(&batch, true).unwrap();
+        (step, model.gradients(1).unwrap())
+    };
+    let (full, full_grads) = run(DType::F32);
+    let (half, half_grads) = run(DType::Bf16);
+    for (a, b) in half.outputs.iter().zip(&full.outputs) {
+        let r = relative(a.as_ref().unwrap(), b.as_ref().unwrap());
+        assert!(r < 1e-2, "bf16 output off by {r:e} relative");
+    }
+    for ((name, a), (_, b)) in half_grads.tensors().into_iter().zip(full_grads.tensors()) {
+        let r = relative(a, b);
+        assert!(r < 1e-2, "bf16 gradient {name} off by {r:e} relative");
+    }
+}
+
+#[test]
+fn copies_and_no_op_communication_give_the_same_bits_skipped_without_gpu() {
+    if !gpu_or_skip() {
+        return;
+    }
+    let spec = ModelSpec {
+        hidden: 32,
+        rows: 16,
+        stages: 8,
+        seed: 7,
+    };
+    let batch = Batch::synthetic(&spec, 10, 0);
+    let run = |comm| {
+        let config = GpuConfig {
+            comm,
+            ..GpuConfig::default()
+        };
+        let mut gpu = CudaPipeline::new(
+            schedule(Family::DualPipeV, 4, 10),
+            options(&spec),
+            &spec,
+            config,
+        )
+        .unwrap();
+        let step = gpu.step(&batch).unwrap();
+        (step.losses, gpu.gradients(0).unwrap())
+    };
+    assert_eq!(run(CommMode::Copy), run(CommMode::Move));
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The GPU benchmark, for a GPU machine without a Rust toolchain: runs the `dualpipe` binary
+# built elsewhere (docs/gpu.md says how) and torch's ScheduleDualPipeV on the same model in
+# the same run, and prints one table.
+#
+#   scripts/gpu_bench.sh [path/to/dualpipe] [extra bench-gpu options]
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+bin="${1:-$here/../dist/dualpipe}"
+shift || true
+if [ ! -x "$bin" ]; then
+    echo "error: no dualpipe binary at $bin (build it with the command in docs/gpu.md and copy it here)" >&2
+    exit 2
+fi
+ours="$(mktemp)"
+trap 'rm -f "$ours"' EXIT
+"$bin" bench-gpu "$@" > "$ours"
+python3 "$here/gpu_bench_torch.py" "$ours"
