@@ -1,28 +1,40 @@
 //! The executor's shared backend test bodies on the CUDA backend (virtual ranks on GPU 0).
-//! Without a GPU each test writes "skipped: no GPU" to the terminal and returns: read its
-//! `ok` as "did not run", never as "passed" (docs/gpu.md).
+//! Without a GPU the runner prints "skipped: no GPU" and counts nothing as passed
+//! (docs/gpu.md).
 
 #[macro_use]
 #[path = "../../executor/tests/shared/mod.rs"]
 mod shared;
+mod runner;
 
-/// The backend, or `None` after saying on the terminal (past the test harness's capture) why
-/// the test does not run here.
-fn cuda_or_skip() -> Option<dualpipe_cuda::CudaReference> {
-    match dualpipe_cuda::CudaReference::new(dualpipe_cuda::GpuConfig::default()) {
-        Ok(backend) => Some(backend),
-        Err(error) if error.is_no_gpu() => {
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "skipped: no GPU ({error})");
-            None
-        }
-        Err(error) => panic!("the GPU is there but unusable: {error}"),
-    }
+use std::process::ExitCode;
+
+use dualpipe_cuda::{CudaReference, GpuConfig};
+
+fn backend() -> CudaReference {
+    CudaReference::new(GpuConfig::default()).expect("the GPU backend starts")
 }
 
-backend_tests!(
-    cuda_skipped_without_gpu => super::cuda_or_skip();
-    every_family_matches_the_single_process_run,
-    forward_only_outputs_match_bitwise,
-    a_larger_model_matches_too,
-);
+fn main() -> ExitCode {
+    let gpu = match CudaReference::new(GpuConfig::default()) {
+        Ok(_) => Ok(()),
+        Err(error) if error.is_no_gpu() => Err(error.to_string()),
+        Err(error) => {
+            println!("error: the GPU is there but unusable: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = backend_checks!(
+        backend();
+        every_family_matches_the_single_process_run,
+        forward_only_outputs_match_bitwise,
+        a_larger_model_matches_too,
+    );
+    runner::run(
+        checks
+            .into_iter()
+            .map(|(name, run)| runner::Check { name, run })
+            .collect(),
+        gpu,
+    )
+}

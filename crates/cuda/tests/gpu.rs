@@ -1,9 +1,11 @@
 //! Checks that only a GPU can answer: the GPU model against the CPU model, bf16 against f32,
-//! copies against no-op communication, and NCCL. Without a GPU each test writes "skipped: no
-//! GPU" to the terminal and returns: its `ok` means "did not run" (docs/gpu.md).
+//! copies against no-op communication. Without a GPU the runner prints "skipped: no GPU" and
+//! counts nothing as passed (docs/gpu.md).
 
-use std::io::Write;
+use std::process::ExitCode;
 use std::time::Duration;
+
+mod runner;
 
 use dualpipe_cuda::{CommMode, CudaPipeline, DType, GpuConfig, GpuSequential, probe};
 use dualpipe_executor::Options;
@@ -11,16 +13,6 @@ use dualpipe_executor::conformance::cal_diff;
 use dualpipe_executor::model::{Batch, ModelSpec, Sequential};
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule};
-
-fn gpu_or_skip() -> bool {
-    match probe(0) {
-        Ok(_) => true,
-        Err(error) => {
-            let _ = writeln!(std::io::stderr(), "skipped: no GPU ({error})");
-            false
-        }
-    }
-}
 
 fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
     ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
@@ -46,11 +38,7 @@ fn relative(x: &[f32], y: &[f32]) -> f64 {
     worst / scale.max(f64::MIN_POSITIVE)
 }
 
-#[test]
-fn gpu_fp32_matches_the_cpu_model_skipped_without_gpu() {
-    if !gpu_or_skip() {
-        return;
-    }
+fn gpu_fp32_matches_the_cpu_model() {
     let schedule = schedule(Family::DualPipeV, 2, 6);
     let spec = ModelSpec {
         hidden: 64,
@@ -82,11 +70,7 @@ fn gpu_fp32_matches_the_cpu_model_skipped_without_gpu() {
     assert!(profile.makespan_us() > 0.0);
 }
 
-#[test]
-fn gpu_bf16_is_within_a_percent_of_fp32_skipped_without_gpu() {
-    if !gpu_or_skip() {
-        return;
-    }
+fn gpu_bf16_is_within_a_percent_of_fp32() {
     let spec = ModelSpec {
         hidden: 64,
         rows: 48,
@@ -118,11 +102,7 @@ fn gpu_bf16_is_within_a_percent_of_fp32_skipped_without_gpu() {
     }
 }
 
-#[test]
-fn copies_and_no_op_communication_give_the_same_bits_skipped_without_gpu() {
-    if !gpu_or_skip() {
-        return;
-    }
+fn copies_and_no_op_communication_give_the_same_bits() {
     let spec = ModelSpec {
         hidden: 32,
         rows: 16,
@@ -146,4 +126,22 @@ fn copies_and_no_op_communication_give_the_same_bits_skipped_without_gpu() {
         (step.losses, gpu.gradients(0).unwrap())
     };
     assert_eq!(run(CommMode::Copy), run(CommMode::Move));
+}
+
+fn main() -> ExitCode {
+    let checks = vec![
+        runner::Check {
+            name: "gpu_fp32_matches_the_cpu_model",
+            run: Box::new(gpu_fp32_matches_the_cpu_model),
+        },
+        runner::Check {
+            name: "gpu_bf16_is_within_a_percent_of_fp32",
+            run: Box::new(gpu_bf16_is_within_a_percent_of_fp32),
+        },
+        runner::Check {
+            name: "copies_and_no_op_communication_give_the_same_bits",
+            run: Box::new(copies_and_no_op_communication_give_the_same_bits),
+        },
+    ];
+    runner::run(checks, probe(0).map(|_| ()).map_err(|e| e.to_string()))
 }

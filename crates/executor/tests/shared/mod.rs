@@ -14,6 +14,7 @@ use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 
 /// One test per body, named after the backend: `$make` gives the backend, or `None` when it
 /// cannot run here (it then says why on the terminal and the test returns).
+#[allow(unused_macros)]
 macro_rules! backend_tests {
     ($backend:ident => $make:expr; $($body:ident),* $(,)?) => {$(
         mod $body {
@@ -25,6 +26,18 @@ macro_rules! backend_tests {
             }
         }
     )*};
+}
+
+/// The same bodies as a list of named checks, for runners without the test harness (backends
+/// that need hardware the machine may not have): `$make` gives the backend.
+#[allow(unused_macros)]
+macro_rules! backend_checks {
+    ($make:expr; $($body:ident),* $(,)?) => {{
+        let checks: Vec<(&'static str, Box<dyn Fn()>)> = vec![$(
+            (stringify!($body), Box::new(|| shared::$body(&mut $make)) as Box<dyn Fn()>),
+        )*];
+        checks
+    }};
 }
 
 /// (family, chunks per rank, ranks, micro-batches).
