@@ -70,8 +70,25 @@ pub fn canonical() -> Vec<(&'static str, PlanRequest)> {
     ]
 }
 
-/// An extra check for [`campaign`] that accepts everything.
-pub fn no_extra_check(_: &Schedule) -> Result<(), String> {
+/// An extra check for [`campaign`]: the schedule runs to the end in the simulator under both
+/// execution models, with free and with costly messages, and the async step is never longer
+/// than the blocking one.
+pub fn simulates(schedule: &Schedule) -> Result<(), String> {
+    use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
+    let valid = ValidSchedule::new(schedule.clone()).map_err(|e| e.to_string())?;
+    for comm in ["comm=0", "comm=0.5,fb=2.5"] {
+        let mut costs = Costs::default();
+        costs.apply_assignments(comm).map_err(|e| e.to_string())?;
+        let run = |model| simulate(&valid, &costs, model).map_err(|e| format!("{model}: {e}"));
+        let blocking = run(ExecutionModel::Blocking)?;
+        let overlapped = run(ExecutionModel::Async)?;
+        if overlapped.makespan > blocking.makespan {
+            return Err(format!(
+                "with {comm}: async step {} is longer than blocking {}",
+                overlapped.makespan, blocking.makespan
+            ));
+        }
+    }
     Ok(())
 }
 
