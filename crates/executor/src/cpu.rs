@@ -602,23 +602,7 @@ where
             })
             .collect()
     });
-    let mut runs = Vec::with_capacity(results.len());
-    let mut failures = Vec::new();
-    let mut finished = Vec::new();
-    for (rank, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(run) => {
-                finished.push(rank as u32);
-                runs.push(run);
-            }
-            Err(failure) => failures.push(failure),
-        }
-    }
-    if failures.is_empty() {
-        Ok(runs)
-    } else {
-        Err(StepError::new(failures, finished))
-    }
+    StepError::gather(results)
 }
 
 type RankResult<S> = Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>;

@@ -141,6 +141,28 @@ pub struct StepError {
 }
 
 impl StepError {
+    /// Gathers the outcome of every rank of a step (in rank order): every rank's result when
+    /// all finished, else the step's error.
+    pub fn gather<R>(results: Vec<Result<R, RankFailure>>) -> Result<Vec<R>, StepError> {
+        let mut runs = Vec::with_capacity(results.len());
+        let mut failures = Vec::new();
+        let mut finished = Vec::new();
+        for (rank, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(run) => {
+                    finished.push(rank as u32);
+                    runs.push(run);
+                }
+                Err(failure) => failures.push(failure),
+            }
+        }
+        if failures.is_empty() {
+            Ok(runs)
+        } else {
+            Err(StepError::new(failures, finished))
+        }
+    }
+
     /// Builds the error from every rank's failure and the ranks that finished. The cause
     /// goes first: the rank that ended the step, as the aborted ranks name it, else the
     /// first failure that is not the echo of an abort.

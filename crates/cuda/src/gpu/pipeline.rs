@@ -207,23 +207,7 @@ fn run_ranks(
             })
             .collect()
     });
-    let mut runs = Vec::new();
-    let mut failures = Vec::new();
-    let mut finished = Vec::new();
-    for (rank, result) in results.into_iter().enumerate() {
-        match result {
-            Ok(run) => {
-                finished.push(rank as u32);
-                runs.push(run);
-            }
-            Err(f) => failures.push(f),
-        }
-    }
-    if failures.is_empty() {
-        Ok(runs)
-    } else {
-        Err(StepError::new(failures, finished))
-    }
+    StepError::gather(results)
 }
 
 fn instructions(schedule: &ValidSchedule, ranks: impl Iterator<Item = u32>) -> usize {
