@@ -1,0 +1,114 @@
+"""Point-to-point messages between pipeline ranks: shapes, batches, bounded waits.
+
+Every message carries the list of tensors that crosses a stage boundary. Activation shapes
+are learnt on a pipeline's first step: at each commit of that step the sender first sends a
+small description of every activation message of the batch (shape, dtype), then the data.
+The receiver allocates its buffers from the description and keeps it, keyed by (stage,
+micro-batch), for the steps that follow. Gradient messages need no description: their
+receiver produced the activation they belong to.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "TensorMeta",
+    "encode_meta",
+    "decode_meta",
+    "META_LEN",
+    "set_p2p_tensor_shapes",
+    "set_p2p_tensor_dtype",
+    "p2p_defaults",
+]
+
+META_LEN = 64
+
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+]
+_CODE = {dt: i for i, dt in enumerate(_DTYPES)}
+
+TensorMeta = Tuple[Tuple[int, ...], torch.dtype]
+
+_P2P_SHAPES: Optional[List[Tuple[int, ...]]] = None
+_P2P_DTYPE: Optional[torch.dtype] = None
+
+
+def set_p2p_tensor_shapes(shapes: Sequence[Sequence[int]]) -> None:
+    """Set the shapes of the tensors that cross every stage boundary (the reference's setter).
+
+    A :class:`~dualpipe_rs.torch.Pipeline` built afterwards without ``p2p_shapes`` uses them.
+    Without either, shapes are learnt on the first step.
+    """
+    global _P2P_SHAPES
+    _P2P_SHAPES = [tuple(int(d) for d in s) for s in shapes]
+
+
+def set_p2p_tensor_dtype(dtype: torch.dtype) -> None:
+    """Set the dtype of the tensors that cross every stage boundary (the reference's setter)."""
+    global _P2P_DTYPE
+    _P2P_DTYPE = dtype
+
+
+def p2p_defaults() -> Tuple[Optional[List[Tuple[int, ...]]], Optional[torch.dtype]]:
+    """The shapes and dtype given to the module-level setters, if any."""
+    return _P2P_SHAPES, _P2P_DTYPE
+
+
+def encode_meta(tensors: Sequence[torch.Tensor], device) -> torch.Tensor:
+    """A fixed-size int64 tensor describing ``tensors`` (count, then dtype, rank, dims each)."""
+    words = [len(tensors)]
+    for t in tensors:
+        code = _CODE.get(t.dtype)
+        if code is None:
+            raise TypeError(f"tensors of dtype {t.dtype} cannot cross a stage boundary")
+        words += [code, t.dim(), *t.shape]
+    if len(words) > META_LEN:
+        raise ValueError(
+            f"a stage output of {len(tensors)} tensors with these shapes is too large to "
+            f"describe in {META_LEN} words; pass p2p_shapes to the Pipeline instead"
+        )
+    words += [0] * (META_LEN - len(words))
+    return torch.tensor(words, dtype=torch.int64, device=device)
+
+
+def decode_meta(meta: torch.Tensor) -> List[TensorMeta]:
+    """The inverse of :func:`encode_meta`."""
+    words = meta.tolist()
+    count, pos, out = words[0], 1, []
+    for _ in range(count):
+        code, ndim = words[pos], words[pos + 1]
+        shape = tuple(words[pos + 2 : pos + 2 + ndim])
+        out.append((shape, _DTYPES[code]))
+        pos += 2 + ndim
+    return out
+
+
+def wait(works, timeout: Optional[float]) -> None:
+    """Wait for ``works``; raises ``RuntimeError`` from torch on a timeout or a dead peer."""
+    for work in works:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=timedelta(seconds=timeout))
+
+
+def post(ops: List[dist.P2POp]):
+    """Post one batch; the list of works to wait on."""
+    return dist.batch_isend_irecv(ops)

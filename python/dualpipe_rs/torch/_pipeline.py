@@ -1,0 +1,811 @@
+"""The torch runtime: one rank's instruction list run against real ``nn.Module`` stages."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import Schedule, plan
+from . import _comm
+from ._profile import Profile
+from ._split import backward_input
+from ._store import WeightGradStore, run_backward
+
+__all__ = ["Pipeline", "PipelineError"]
+
+_F, _B, _W, _FB, _SEND, _RECV, _COMMIT = range(7)
+_HOOKS = ("overlapped_forward_backward", "overlaped_forward_backward")
+_ids = itertools.count()
+
+
+class PipelineError(RuntimeError):
+    """A step failed. ``rank`` is the pipeline rank that raises; ``index`` and ``instruction``
+    name the instruction where one applies (else ``None``)."""
+
+    def __init__(
+        self, message: str, rank: int, index: Optional[int] = None, instruction: Optional[str] = None
+    ) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.index = index
+        self.instruction = instruction
+
+
+def _hook_of(module0: nn.Module, module1: nn.Module) -> Optional[Callable]:
+    """The reference's overlap hook, when both modules are of one class that defines it."""
+    if type(module0) is not type(module1):
+        return None
+    for name in _HOOKS:
+        hook = getattr(type(module0), name, None)
+        if hook is not None:
+            return hook
+    return None
+
+
+def _as_list(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out)
+
+
+def _grad_dtype(t: torch.Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+def _scatter(tensors: Sequence[Optional[torch.Tensor]], chunks: int, dim: int):
+    """Split every tensor into ``chunks`` along ``dim`` with ``tensor_split``, as the reference."""
+    parts = [
+        [None] * chunks if t is None else list(t.tensor_split(chunks, dim=dim)) for t in tensors
+    ]
+    if not parts:
+        return [() for _ in range(chunks)]
+    return [tuple(p) for p in zip(*parts)]
+
+
+class _Program:
+    """One schedule compiled for one rank: decoded instructions and where data comes from."""
+
+    def __init__(self, schedule: Schedule, rank: int, to_global: Callable[[int], int]) -> None:
+        self.schedule = schedule
+        self.rank = rank
+        self.last = schedule.num_stages - 1
+        self.stages = list(schedule.stages_on(rank))
+        self.route: Dict[int, List[int]] = {}
+        self.input_mbs: List[int] = []
+        self.label_mbs: List[int] = []
+        for pipe in schedule.pipelines:
+            route, mbs = list(pipe["route"]), sorted(pipe["microbatches"])
+            for m in mbs:
+                self.route[m] = route
+            if route[0] == rank:
+                self.input_mbs += mbs
+            if route[-1] == rank:
+                self.label_mbs += mbs
+        self.text = list(schedule.instruction_text(rank))
+        self.ops: List[tuple] = []
+        for i, ins in enumerate(schedule.instructions(rank)):
+            op = ins["op"]
+            if op == "F":
+                self.ops.append((_F, i, ins["stage"], ins["mb"]))
+            elif op == "B":
+                self.ops.append((_B, i, ins["stage"], ins["mb"], bool(ins.get("defer_w", False))))
+            elif op == "W":
+                self.ops.append((_W, i, ins["stage"], ins["mb"]))
+            elif op == "FB":
+                f, b = ins["f"], ins["b"]
+                self.ops.append((_FB, i, f["stage"], f["mb"], b["stage"], b["mb"]))
+            elif op in ("send", "recv"):
+                code = _SEND if op == "send" else _RECV
+                self.ops.append(
+                    (code, i, ins["kind"] == "act", ins["stage"], ins["mb"], ins["peer"],
+                     to_global(ins["peer"]))
+                )
+            else:
+                self.ops.append((_COMMIT, i))
+
+    def local_prev(self, stage: int, mb: int) -> bool:
+        """Whether stage-1 of ``mb`` runs on this rank (a hand-off, no message)."""
+        return stage > 0 and self.route[mb][stage - 1] == self.rank
+
+    def local_next(self, stage: int, mb: int) -> bool:
+        """Whether stage+1 of ``mb`` runs on this rank."""
+        return stage < self.last and self.route[mb][stage + 1] == self.rank
+
+
+class _Step:
+    """The state of one step on one rank."""
+
+    def __init__(self) -> None:
+        self.inputs: Dict[Tuple[int, int], List[torch.Tensor]] = {}
+        self.outputs: Dict[Tuple[int, int], List[torch.Tensor]] = {}
+        self.out_meta: Dict[Tuple[int, int], List[Tuple[torch.Size, torch.dtype]]] = {}
+        self.losses: Dict[int, torch.Tensor] = {}
+        self.last_outputs: Dict[int, List[torch.Tensor]] = {}
+        self.local_grads: Dict[Tuple[int, int], List[Optional[torch.Tensor]]] = {}
+        self.send_grads: Dict[Tuple[int, int], List[torch.Tensor]] = {}
+        self.pending_w: Dict[Tuple[int, int], tuple] = {}
+        self.act_bufs: Dict[Tuple[int, int], tuple] = {}
+        self.grad_bufs: Dict[Tuple[int, int], tuple] = {}
+        self.batch: List[tuple] = []
+        self.send_works: List[Any] = []
+        self.to_free: List[torch.Tensor] = []
+        self.feed: Dict[int, tuple] = {}
+        self.labels: Dict[int, tuple] = {}
+        self.criterion: Optional[Callable] = None
+        self.return_outputs = False
+        self.training = True
+
+
+class Pipeline(nn.Module):
+    """Runs a dualpipe schedule with real ``nn.Module`` stages over ``torch.distributed``.
+
+    Args:
+        schedule: the :class:`dualpipe_rs.Schedule` (validated) that every rank runs.
+        modules: this rank's stage modules, in ``schedule.stages_on(rank)`` order (a list,
+            tuple, ``nn.ModuleList`` or ``nn.Sequential``; a single module for one stage).
+        process_group: the pipeline group (default: the default group); its size must equal
+            ``schedule.num_ranks``.
+        rank_mapping: ``rank_mapping[group rank]`` = pipeline rank (default: the identity).
+        batch_dim: the dimension along which ``step`` splits inputs and labels.
+        execution: ``"blocking"`` waits for every batch at its commit (as the reference does);
+            ``"async"`` waits for a received buffer right before its first use.
+        p2p_shapes, p2p_dtype: the shapes and dtype of the tensors that cross every stage
+            boundary, as the reference's setters take them; by default (and unless
+            :func:`set_p2p_tensor_shapes` was called) learnt on the first step.
+        inference_schedule: the forward-only schedule run under ``torch.no_grad()``; by
+            default planned from the schedule's family when the schedule is a planned one.
+        profile: record every instruction's start and end (see :attr:`profile`).
+        timeout: seconds a rank waits for its peers before raising :class:`PipelineError`
+            (on gloo; NCCL stalls end by the process group's own timeout).
+    """
+
+    def __init__(
+        self,
+        schedule: Schedule,
+        modules: Union[nn.Module, Sequence[nn.Module]],
+        process_group: Optional[dist.ProcessGroup] = None,
+        rank_mapping: Optional[Sequence[int]] = None,
+        batch_dim: int = 0,
+        execution: str = "blocking",
+        p2p_shapes: Optional[Sequence[Sequence[int]]] = None,
+        p2p_dtype: Optional[torch.dtype] = None,
+        inference_schedule: Optional[Schedule] = None,
+        profile: bool = False,
+        timeout: float = 600.0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(
+                f"schedule must be a dualpipe_rs.Schedule (from dualpipe_rs.plan or "
+                f"dualpipe_rs.load), not {type(schedule).__name__}"
+            )
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call init_process_group first")
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        size = dist.get_world_size(self.group)
+        group_rank = dist.get_rank(self.group)
+        if rank_mapping is None:
+            rank_mapping = list(range(size))
+        rank_mapping = [int(r) for r in rank_mapping]
+        if sorted(rank_mapping) != list(range(size)):
+            raise ValueError(
+                f"group rank {group_rank}: rank_mapping {rank_mapping} is not a permutation "
+                f"of 0..{size - 1}"
+            )
+        self.rank = rank_mapping[group_rank]
+        if size != schedule.num_ranks:
+            raise ValueError(
+                f"rank {self.rank}: the process group has {size} ranks but the schedule "
+                f"'{schedule.name}' has {schedule.num_ranks}"
+            )
+        group_of = {pipe: g for g, pipe in enumerate(rank_mapping)}
+        self._to_global = lambda pipe_rank: dist.get_global_rank(self.group, group_of[pipe_rank])
+        if execution not in ("blocking", "async"):
+            raise ValueError(
+                f"rank {self.rank}: execution must be 'blocking' or 'async', not {execution!r}"
+            )
+        self.execution = execution
+        self.batch_dim = batch_dim
+        self.timeout = None if timeout is None else float(timeout)
+        self.schedule = schedule
+        if isinstance(modules, nn.Module) and not isinstance(modules, (nn.Sequential, nn.ModuleList)):
+            modules = [modules]
+        modules = list(modules)
+        stages = list(schedule.stages_on(self.rank))
+        if len(modules) != len(stages):
+            raise ValueError(
+                f"rank {self.rank}: got {len(modules)} modules but the schedule "
+                f"'{schedule.name}' runs {len(stages)} stages here ({stages}); pass them in "
+                f"schedule.stages_on({self.rank}) order"
+            )
+        self.module = nn.ModuleList(modules)
+        self._stage_module = {s: m for s, m in zip(stages, modules)}
+        self._programs: Dict[str, _Program] = {}
+        self._meta: Dict[str, Dict[Tuple[int, int], List[Tuple[Tuple[int, ...], torch.dtype]]]] = {}
+        shapes, dtype = _comm.p2p_defaults()
+        if p2p_shapes is not None:
+            shapes = [tuple(int(d) for d in s) for s in p2p_shapes]
+        if p2p_dtype is not None:
+            dtype = p2p_dtype
+        self._fixed_shapes = shapes
+        self._fixed_dtype = dtype
+        self._inference = inference_schedule
+        if inference_schedule is not None:
+            self._check_inference(inference_schedule)
+        self._device = self._pick_device()
+        self._id = next(_ids)
+        self._steps = 0
+        self.profile: Optional[Profile] = Profile(self) if profile else None
+
+    # ----------------------------------------------------------------- setup helpers
+
+    def _pick_device(self) -> torch.device:
+        for m in self.module:
+            for p in m.parameters():
+                return p.device
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _check_inference(self, inf: Schedule) -> None:
+        s = self.schedule
+        if not inf.forward_only:
+            raise ValueError(f"rank {self.rank}: inference_schedule must be forward-only")
+        same = (
+            inf.num_ranks == s.num_ranks
+            and inf.num_stages == s.num_stages
+            and inf.num_microbatches == s.num_microbatches
+            and inf.pipelines == s.pipelines
+            and list(inf.stages_on(self.rank)) == list(s.stages_on(self.rank))
+        )
+        if not same:
+            raise ValueError(
+                f"rank {self.rank}: inference_schedule must have the training schedule's "
+                f"ranks, stages, micro-batches and pipelines"
+            )
+
+    def _planned_inference(self) -> Schedule:
+        s = self.schedule
+        chunks = s.num_stages // s.num_ranks if s.name == "interleaved-1f1b" else None
+        try:
+            planned = plan(s.name, s.num_ranks, s.num_microbatches, chunks_per_rank=chunks)
+            same = planned == s
+        except ValueError:
+            same = False
+        if not same:
+            raise PipelineError(
+                f"rank {self.rank}: a step under torch.no_grad() needs a forward-only "
+                f"schedule: this schedule is not what dualpipe_rs.plan gives for "
+                f"'{s.name}', so pass inference_schedule= to the Pipeline",
+                self.rank,
+            )
+        return plan(s.name, s.num_ranks, s.num_microbatches, chunks_per_rank=chunks, forward_only=True)
+
+    def _program(self, schedule: Schedule) -> _Program:
+        key = schedule.to_json() if schedule is not self.schedule else "train"
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = _Program(schedule, self.rank, self._to_global)
+            self._programs[key] = prog
+            self._meta[key] = {}
+        prog.key = key  # type: ignore[attr-defined]
+        return prog
+
+    # ----------------------------------------------------------------- public API
+
+    def stages(self) -> List[int]:
+        """The stages this rank runs, in the order of ``self.module``."""
+        return list(self._stage_module)
+
+    def step(
+        self,
+        *inputs: Optional[torch.Tensor],
+        num_chunks: Optional[int] = None,
+        criterion: Optional[Callable[..., torch.Tensor]] = None,
+        labels: Sequence[Optional[torch.Tensor]] = (),
+        return_outputs: bool = False,
+    ) -> Tuple[Optional[torch.Tensor], Any]:
+        """Run one training step (or, under ``torch.no_grad()``, one inference step).
+
+        ``inputs`` are needed on the ranks that run stage 0 of a pipeline, ``criterion`` and
+        ``labels`` on the ranks that run its last stage; each is split along ``batch_dim``
+        into that rank's micro-batches (pipelines in document order, then micro-batches in
+        order). Returns ``(loss, outputs)``: the stacked per-micro-batch losses on the ranks
+        that run a last stage (else ``None``), and the concatenated last-stage outputs when
+        ``return_outputs`` (else ``None``).
+        """
+        s = self.schedule
+        if num_chunks is not None and num_chunks not in (0, s.num_microbatches):
+            raise ValueError(
+                f"rank {self.rank}: num_chunks={num_chunks} but the schedule has "
+                f"{s.num_microbatches} micro-batches"
+            )
+        training = torch.is_grad_enabled()
+        if training and s.forward_only:
+            raise PipelineError(
+                f"rank {self.rank}: the schedule is forward-only but gradients are enabled: "
+                f"run the step under torch.no_grad(), or plan a training schedule",
+                self.rank,
+            )
+        run = s
+        if not training and not s.forward_only:
+            if self._inference is None:
+                self._inference = self._planned_inference()
+            run = self._inference
+        prog = self._program(run)
+        st = _Step()
+        st.training = training
+        st.criterion = criterion
+        st.return_outputs = return_outputs
+        self._feed(prog, st, inputs, labels, criterion, training)
+        exchange = self._fixed_shapes is None and not self._meta[prog.key]
+        try:
+            self._run(prog, st, exchange)
+        except BaseException as exc:
+            self._announce(exc)
+            WeightGradStore.clear()
+            raise
+        self._steps += 1
+        return self._results(prog, st)
+
+    def sum_copy_gradients(self) -> None:
+        """Sum the gradients of stages held by several ranks (DualPipe's two copies).
+
+        Every rank of the pipeline group must call it after a step (before any data-parallel
+        all-reduce). A no-op where no stage has a copy. Copies are added in rank order, so
+        every copy ends with the same bits.
+        """
+        holders: Dict[int, List[int]] = {}
+        for pipe in self.schedule.pipelines:
+            for stage, r in enumerate(pipe["route"]):
+                holders.setdefault(stage, [])
+                if r not in holders[stage]:
+                    holders[stage].append(r)
+        ops, mine = [], []
+        # Ascending stage order on every rank, so each pair's messages line up.
+        for stage, module in sorted(self._stage_module.items()):
+            ranks = sorted(holders.get(stage, [self.rank]))
+            if len(ranks) < 2:
+                continue
+            params = [p for p in module.parameters() if p.requires_grad]
+            flat = torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                    for p in params
+                ]
+            ) if params else torch.zeros(0, device=self._device)
+            bufs = {}
+            for r in ranks:
+                if r == self.rank:
+                    bufs[r] = flat
+                    continue
+                buf = torch.empty_like(flat)
+                bufs[r] = buf
+                ops.append(dist.P2POp(dist.isend, flat, self._to_global(r), self.group))
+                ops.append(dist.P2POp(dist.irecv, buf, self._to_global(r), self.group))
+            mine.append((params, ranks, bufs))
+        if ops:
+            try:
+                _comm.wait(_comm.post(ops), self.timeout)
+            except RuntimeError as exc:
+                raise PipelineError(
+                    f"rank {self.rank}: summing stage copies failed: {exc}", self.rank
+                ) from exc
+        for params, ranks, bufs in mine:
+            total = bufs[ranks[0]].clone()
+            for r in ranks[1:]:
+                total += bufs[r]
+            offset = 0
+            for p in params:
+                n = p.numel()
+                p.grad = total[offset : offset + n].view_as(p).clone()
+                offset += n
+
+    # ----------------------------------------------------------------- the step
+
+    def _feed(self, prog, st, inputs, labels, criterion, training) -> None:
+        r = self.rank
+        if prog.input_mbs:
+            if not inputs or all(t is None for t in inputs):
+                raise PipelineError(
+                    f"rank {r}: this rank runs stage 0 for micro-batches "
+                    f"{_span(prog.input_mbs)}: pass their inputs to step()", r
+                )
+            parts = _scatter(inputs, len(prog.input_mbs), self.batch_dim)
+            st.feed = dict(zip(prog.input_mbs, parts))
+        if prog.label_mbs:
+            if training and criterion is None:
+                raise PipelineError(
+                    f"rank {r}: this rank runs the last stage for micro-batches "
+                    f"{_span(prog.label_mbs)}: pass criterion= (and labels=) to step()", r
+                )
+            if isinstance(labels, torch.Tensor):
+                labels = (labels,)
+            parts = _scatter(list(labels), len(prog.label_mbs), self.batch_dim)
+            st.labels = dict(zip(prog.label_mbs, parts))
+
+    def _run(self, prog: _Program, st: _Step, exchange: bool) -> None:
+        prof = self.profile
+        if prof is not None:
+            prof._begin(prog)
+        for op in prog.ops:
+            code = op[0]
+            t0 = prof._now() if prof is not None else None
+            if code == _F:
+                self._forward(prog, st, op[1], op[2], op[3])
+            elif code == _B:
+                self._backward(prog, st, op[1], op[2], op[3], op[4])
+            elif code == _W:
+                self._weight(st, op[2], op[3])
+            elif code == _FB:
+                self._forward_backward(prog, st, op)
+            elif code == _SEND:
+                self._queue_send(prog, st, op)
+            elif code == _RECV:
+                self._queue_recv(prog, st, op)
+            else:
+                self._commit(prog, st, op[1], exchange)
+            if prof is not None:
+                prof._record(op, t0)
+        self._commit(prog, st, len(prog.ops), exchange)
+        if st.send_works:
+            self._wait(prog, len(prog.ops) - 1, st.send_works, "the sends of this step")
+            st.send_works = []
+        self._free(st)
+        if prof is not None:
+            prof._end()
+
+    # compute ---------------------------------------------------------------------
+
+    def _stage_inputs(self, prog, st, index, stage, mb) -> List[torch.Tensor]:
+        if stage == 0:
+            feed = st.feed.get(mb)
+            if feed is None:
+                raise PipelineError(
+                    f"rank {self.rank}: instruction {index} ({prog.text[index]}) has no "
+                    f"input for micro-batch {mb}", self.rank, index, prog.text[index]
+                )
+            return list(feed)
+        if prog.local_prev(stage, mb):
+            prev = st.outputs[(stage - 1, mb)]
+            if st.training:
+                return [t.detach().requires_grad_(_grad_dtype(t)) for t in prev]
+            del st.outputs[(stage - 1, mb)]
+            return list(prev)
+        tensors, works = st.act_bufs.pop((stage, mb))
+        if works:
+            self._wait(prog, index, works, f"recv act s{stage} m{mb}")
+        return tensors
+
+    def _forward(self, prog, st, index, stage, mb) -> None:
+        inputs = self._stage_inputs(prog, st, index, stage, mb)
+        module = self._stage_module[stage]
+        outs = _as_list(module(*inputs))
+        self._after_forward(prog, st, stage, mb, inputs, outs, None)
+
+    def _after_forward(self, prog, st, stage, mb, inputs, outs, loss) -> None:
+        if st.training:
+            st.inputs[(stage, mb)] = inputs
+        if stage == prog.last:
+            if loss is None and st.criterion is not None:
+                loss = st.criterion(*outs, *st.labels.get(mb, ()))
+            if loss is not None:
+                st.losses[mb] = loss
+            if st.return_outputs:
+                st.last_outputs[mb] = outs
+        else:
+            st.outputs[(stage, mb)] = outs
+            st.out_meta[(stage, mb)] = [(t.shape, t.dtype) for t in outs]
+
+    def _grads_for(self, prog, st, index, stage, mb):
+        """The stage outputs and the gradients that come back for them."""
+        if stage == prog.last:
+            return None, None
+        outs = st.outputs.pop((stage, mb))
+        if prog.local_next(stage, mb):
+            grads = st.local_grads.pop((stage + 1, mb))
+        else:
+            grads, works = st.grad_bufs.pop((stage, mb))
+            if works:
+                self._wait(prog, index, works, f"recv grad s{stage} m{mb}")
+            grads = iter(grads)
+            grads = [next(grads) if _grad_dtype(o) else None for o in outs]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        return [o for o, _ in pairs], [g for _, g in pairs]
+
+    def _input_grads(self, prog, st, stage, mb, inputs, grads) -> None:
+        if stage == 0:
+            return
+        full = []
+        for t, g in zip(inputs, grads):
+            if not _grad_dtype(t):
+                continue
+            full.append(g if g is not None else torch.zeros_like(t))
+        if prog.local_prev(stage, mb):
+            it = iter(full)
+            st.local_grads[(stage, mb)] = [
+                next(it) if _grad_dtype(t) else None for t in inputs
+            ]
+        else:
+            st.send_grads[(stage, mb)] = full
+
+    def _backward(self, prog, st, index, stage, mb, defer) -> None:
+        if not st.training:
+            return
+        outs, grads = self._grads_for(prog, st, index, stage, mb)
+        loss = st.losses.get(mb) if stage == prog.last else None
+        if stage == prog.last and loss is None:
+            raise PipelineError(
+                f"rank {self.rank}: instruction {index} ({prog.text[index]}) has no loss: "
+                f"the criterion returned nothing", self.rank, index, prog.text[index]
+            )
+        inputs = st.inputs.pop((stage, mb))
+        if not defer:
+            if loss is not None:
+                loss.backward()
+                loss.detach_()
+            elif outs:
+                run_backward(outs, grads)
+            in_grads = [t.grad if t.requires_grad else None for t in inputs]
+        else:
+            if loss is not None:
+                outs, grads = [loss], [None]
+            params = list(self._stage_module[stage].parameters())
+            WeightGradStore.cache = []
+            WeightGradStore.enabled = True
+            try:
+                in_grads, later = backward_input(outs or [], grads or [], inputs, params)
+            finally:
+                WeightGradStore.enabled = False
+            st.pending_w[(stage, mb)] = (later, WeightGradStore.take(), loss)
+        self._input_grads(prog, st, stage, mb, inputs, in_grads)
+
+    def _weight(self, st, stage, mb) -> None:
+        if not st.training:
+            return
+        later, group, loss = st.pending_w.pop((stage, mb))
+        for func in group:
+            func()
+        later.run(skip_custom=bool(group))
+        if loss is not None:
+            loss.detach_()
+
+    def _forward_backward(self, prog, st, op) -> None:
+        _, index, fs, fm, bs, bm = op
+        if not st.training:
+            self._forward(prog, st, index, fs, fm)
+            return
+        module0, module1 = self._stage_module[fs], self._stage_module[bs]
+        hook = _hook_of(module0, module1)
+        if hook is None:
+            self._forward(prog, st, index, fs, fm)
+            self._backward(prog, st, index, bs, bm, False)
+            return
+        inputs0 = self._stage_inputs(prog, st, index, fs, fm)
+        if fs == prog.last and st.criterion is not None:
+            criterion0, labels0 = st.criterion, list(st.labels.get(fm, ()))
+        else:
+            criterion0, labels0 = None, []
+        if bs == prog.last:
+            loss1, outs1, grads1 = st.losses.get(bm), [], []
+        else:
+            loss1 = None
+            outs1, grads1 = self._grads_for(prog, st, index, bs, bm)
+            outs1, grads1 = tuple(outs1), tuple(grads1)
+        inputs1 = st.inputs.pop((bs, bm))
+        outs0, loss0 = hook(module0, inputs0, criterion0, labels0, module1, loss1, outs1, grads1)
+        self._after_forward(prog, st, fs, fm, inputs0, _as_list(outs0), loss0)
+        in_grads = [t.grad if t.requires_grad else None for t in inputs1]
+        self._input_grads(prog, st, bs, bm, inputs1, in_grads)
+
+    # communication ----------------------------------------------------------------
+
+    def _queue_send(self, prog, st, op) -> None:
+        _, index, act, stage, mb, peer, gpeer = op
+        if act:
+            outs = st.outputs[(stage, mb)]
+            fixed = self._expected(prog, stage + 1, mb)
+            if fixed is not None:
+                got = [(tuple(t.shape), t.dtype) for t in outs]
+                if got != fixed:
+                    raise PipelineError(
+                        f"rank {self.rank}: instruction {index} ({prog.text[index]}): stage "
+                        f"{stage} output {_fmt(got)} differs from what rank {peer} expects, "
+                        f"{_fmt(fixed)}; every step must keep the shapes of the first (or of "
+                        f"p2p_shapes)", self.rank, index, prog.text[index]
+                    )
+            tensors = [t if t.is_contiguous() else t.contiguous() for t in outs]
+            st.batch.append((_SEND, index, act, stage, mb, gpeer, tensors, outs))
+        else:
+            if not st.training:
+                return
+            tensors = st.send_grads.pop((stage, mb))
+            tensors = [t if t.is_contiguous() else t.contiguous() for t in tensors]
+            st.batch.append((_SEND, index, act, stage, mb, gpeer, tensors, None))
+
+    def _expected(self, prog, stage, mb):
+        """The (shape, dtype) list the receiver of (stage, mb)'s activations expects."""
+        if self._fixed_shapes is not None:
+            dtype = self._fixed_dtype
+            if dtype is None:
+                dtype = next(
+                    (p.dtype for m in self.module for p in m.parameters()), torch.float32
+                )
+            return [(s, dtype) for s in self._fixed_shapes]
+        meta = self._meta[prog.key].get((stage, mb))
+        return None if meta is None else list(meta)
+
+    def _queue_recv(self, prog, st, op) -> None:
+        _, index, act, stage, mb, peer, gpeer = op
+        if act:
+            st.batch.append((_RECV, index, act, stage, mb, gpeer, None, None))
+        else:
+            if not st.training:
+                return
+            meta = st.out_meta[(stage, mb)]
+            bufs = [
+                torch.empty(shape, dtype=dtype, device=self._device)
+                for shape, dtype in meta
+                if dtype.is_floating_point or dtype.is_complex
+            ]
+            st.batch.append((_RECV, index, act, stage, mb, gpeer, bufs, None))
+
+    def _commit(self, prog, st, index, exchange) -> None:
+        batch, st.batch = st.batch, []
+        if not batch:
+            return
+        if exchange:
+            self._exchange_shapes(prog, st, index, batch)
+        ops, recv_at = [], []
+        for entry in batch:
+            code, _, act, stage, mb, gpeer, tensors, _ = entry
+            if code == _RECV and act:
+                meta = self._expected(prog, stage, mb)
+                if meta is None:
+                    raise PipelineError(
+                        f"rank {self.rank}: instruction {entry[1]} ({prog.text[entry[1]]}): "
+                        f"the shapes of this message are unknown", self.rank, entry[1],
+                        prog.text[entry[1]],
+                    )
+                tensors = [
+                    torch.empty(shape, dtype=dtype, device=self._device).requires_grad_(
+                        st.training and (dtype.is_floating_point or dtype.is_complex)
+                    )
+                    for shape, dtype in meta
+                ]
+            first = len(ops)
+            fn = dist.isend if code == _SEND else dist.irecv
+            for t in tensors:
+                ops.append(dist.P2POp(fn, t, gpeer, self.group))
+            if code == _RECV:
+                recv_at.append((act, stage, mb, tensors, first, len(ops)))
+        if not ops:
+            return
+        prof = self.profile
+        t0 = prof._now() if prof is not None else None
+        works = _comm.post(ops)
+        if self.execution == "blocking":
+            self._wait(prog, index, works, "this commit's batch", batch)
+            for act, stage, mb, tensors, _, _ in recv_at:
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (tensors, None)
+            self._free(st, batch)
+        else:
+            per_op = len(works) == len(ops)
+            for act, stage, mb, tensors, lo, hi in recv_at:
+                mine = works[lo:hi] if per_op else works
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (tensors, list(mine))
+            if per_op:
+                sent = [w for w, o in zip(works, ops) if o.op is dist.isend]
+            else:
+                sent = list(works)
+            st.send_works.extend(sent)
+            st.to_free.extend(t for e in batch if e[0] == _SEND and e[7] is not None for t in e[7])
+        if prof is not None:
+            prof._comm(index, t0)
+
+    def _exchange_shapes(self, prog, st, index, batch) -> None:
+        """First step: describe every activation message of the batch before sending it."""
+        ops, incoming = [], []
+        known = self._meta[prog.key]
+        for code, _, act, stage, mb, gpeer, tensors, _ in batch:
+            if not act:
+                continue
+            if code == _SEND:
+                ops.append(dist.P2POp(dist.isend, _comm.encode_meta(tensors, self._device), gpeer, self.group))
+            else:
+                buf = torch.empty(_comm.META_LEN, dtype=torch.int64, device=self._device)
+                ops.append(dist.P2POp(dist.irecv, buf, gpeer, self.group))
+                incoming.append((stage, mb, buf))
+        if not ops:
+            return
+        self._wait(prog, index, _comm.post(ops), "the shapes of this commit's messages", batch)
+        for stage, mb, buf in incoming:
+            known[(stage, mb)] = _comm.decode_meta(buf.cpu())
+        for code, _, act, stage, mb, _, tensors, _ in batch:
+            if act and code == _SEND:
+                known[(stage + 1, mb)] = [(tuple(t.shape), t.dtype) for t in tensors]
+
+    def _free(self, st, batch=None) -> None:
+        """Release the storage of sent activations (their graph stays for the backward)."""
+        if batch is not None:
+            tensors = [t for e in batch if e[0] == _SEND and e[7] is not None for t in e[7]]
+        else:
+            tensors, st.to_free = st.to_free, []
+        for t in tensors:
+            if t._base is None and t.grad_fn is not None and not hasattr(t.grad_fn, "_saved_result"):
+                t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def _wait(self, prog, index, works, what, batch=None) -> None:
+        prof = self.profile
+        t0 = prof._now() if prof is not None else None
+        try:
+            _comm.wait(works, self.timeout if dist.get_backend(self.group) != "nccl" else None)
+        except RuntimeError as exc:
+            index = min(index, len(prog.ops) - 1)
+            ops = ""
+            if batch:
+                ops = ": " + ", ".join(prog.text[e[1]] for e in batch)
+            peer = self._peer_failure()
+            raise PipelineError(
+                f"rank {self.rank}: instruction {index} ({prog.text[index]}) waited for "
+                f"{what}{ops} and failed after at most {self.timeout} s: {exc}"
+                + (f"; {peer}" if peer else ""),
+                self.rank, index, prog.text[index],
+            ) from exc
+        if prof is not None:
+            prof._wait(t0)
+
+    # failures ------------------------------------------------------------------------
+
+    def _store_key(self) -> str:
+        return f"dualpipe_rs/pipeline{self._id}/step{self._steps}/failed"
+
+    def _announce(self, exc: BaseException) -> None:
+        """Tell the other ranks why this rank stops (through the default store)."""
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            key = self._store_key()
+            store.set(f"{key}/{self.rank}", str(exc)[:2000])
+        except Exception:
+            pass
+
+    def _peer_failure(self) -> str:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            key = self._store_key()
+            told = []
+            for r in range(self.schedule.num_ranks):
+                if r != self.rank and store.check([f"{key}/{r}"]):
+                    told.append(f"rank {r} failed first: {store.get(f'{key}/{r}').decode()}")
+            return "; ".join(told)
+        except Exception:
+            return ""
+
+    # results -------------------------------------------------------------------------
+
+    def _results(self, prog, st):
+        loss = None
+        if prog.label_mbs and st.losses:
+            loss = torch.stack([st.losses[m] for m in prog.label_mbs])
+        outputs = None
+        if st.return_outputs and prog.label_mbs:
+            per_mb = [st.last_outputs[m] for m in prog.label_mbs]
+            outputs = tuple(torch.cat(list(parts), dim=self.batch_dim) for parts in zip(*per_mb))
+            if len(outputs) == 1:
+                outputs = outputs[0]
+        return loss, outputs
+
+
+def _span(mbs: Sequence[int]) -> str:
+    if mbs and list(mbs) == list(range(mbs[0], mbs[0] + len(mbs))):
+        return f"{mbs[0]}..{mbs[-1]}"
+    return ", ".join(map(str, mbs))
+
+
+def _fmt(meta) -> str:
+    return "[" + ", ".join(f"{tuple(s)} {str(d).replace('torch.', '')}" for s, d in meta) + "]"

@@ -1,0 +1,448 @@
+"""Test bodies that run on every rank of a world (imported by the spawned processes)."""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dualpipe_rs
+from dualpipe_rs.torch import Pipeline, PipelineError, WeightGradStore, run_backward
+
+HIDDEN = 8
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Block(nn.Module):
+    """A plain stage: Linear-GELU-Linear with biases."""
+
+    def __init__(self, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden, 2 * hidden)
+        self.down = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class LinearFunc(torch.autograd.Function):
+    """A linear map that defers its weight gradient through the WeightGradStore."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+
+        def grad_weight():
+            weight.grad += grad_output.flatten(0, -2).T @ x.flatten(0, -2)
+
+        if WeightGradStore.enabled:
+            WeightGradStore.put(grad_weight)
+        else:
+            grad_weight()
+        return grad_output @ weight, None
+
+
+class StoreLinear(nn.Linear):
+    def forward(self, x):
+        return LinearFunc.apply(x, self.weight)
+
+
+class HookStage(nn.Module):
+    """The reference example's stage: deferred-W linears and the overlap hook."""
+
+    calls = 0
+
+    def __init__(self, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.linear1 = StoreLinear(hidden, hidden * 4, bias=False)
+        self.linear2 = StoreLinear(hidden * 4, hidden, bias=False)
+
+    def forward(self, x):
+        return self.linear2(F.gelu(self.linear1(x)))
+
+    @classmethod
+    def overlapped_forward_backward(
+        cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
+    ):
+        HookStage.calls += 1
+        outputs0 = module0(*inputs0)
+        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+        if loss1 is not None:
+            loss1.backward()
+            loss1.detach_()
+        else:
+            run_backward(outputs1, output_grads1)
+        return outputs0, loss0
+
+    # The spelling of the reference's first release.
+    overlaped_forward_backward = overlapped_forward_backward
+
+
+def criterion(output, target):
+    return F.mse_loss(output, target).clone()
+
+
+def cal_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double(), y.double()
+    return 1 - 2 * (x * y).sum().item() / (x * x + y * y).sum().item()
+
+
+def full_model(stages: int, kind=Block, seed: int = 233) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(*[kind() for _ in range(stages)]).double()
+
+
+def data(batch: int, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, HIDDEN, generator=g, dtype=torch.float64)
+    y = torch.randn(batch, HIDDEN, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def reference(model: nn.Sequential, x, y, chunks: int):
+    """Single process: each micro-batch forward then backward; losses and outputs."""
+    model.zero_grad(set_to_none=True)
+    losses, outs = [], []
+    for mx, my in zip(x.tensor_split(chunks), y.tensor_split(chunks)):
+        out = model(mx)
+        loss = criterion(out, my)
+        loss.backward()
+        losses.append(loss.detach())
+        outs.append(out.detach())
+    return torch.stack(losses), torch.cat(outs)
+
+
+def feeds(schedule, rank: int, x, y):
+    """What a rank passes to step(): its inputs and labels, pipelines in document order."""
+    s = schedule
+    chunks = list(x.tensor_split(s.num_microbatches))
+    lchunks = list(y.tensor_split(s.num_microbatches))
+    xs, ys, in_mbs, out_mbs = [], [], [], []
+    for pipe in s.pipelines:
+        mbs = sorted(pipe["microbatches"])
+        if pipe["route"][0] == rank:
+            xs += [chunks[m] for m in mbs]
+            in_mbs += mbs
+        if pipe["route"][-1] == rank:
+            ys += [lchunks[m] for m in mbs]
+            out_mbs += mbs
+    inp = torch.cat(xs) if xs else None
+    lab = torch.cat(ys) if ys else None
+    return inp, lab, in_mbs, out_mbs
+
+
+# --------------------------------------------------------------------------- conformance
+
+
+def conformance(rank: int, cases, steps: int = 2, kind: str = "block"):
+    """Every case: (family, ranks, microbatches, chunks_per_rank). For both execution models,
+    training then forward-only: losses and outputs bitwise equal to the single-process run,
+    gradients within cal_diff < 1e-13. Returns the number of checks made."""
+    torch.set_num_threads(1)
+    checks = 0
+    for family, n, c, v in cases:
+        schedule = dualpipe_rs.plan(family, n, c, chunks_per_rank=v)
+        stages = schedule.num_stages
+        model_kind = HookStage if kind == "hook" else Block
+        model = full_model(stages, model_kind)
+        per = 2 if stages <= 8 else 1
+        x, y = data(c * per)
+        ref_loss, ref_out = reference(model, x, y, c)
+        ref_grads = {s: [p.grad.clone() for p in model[s].parameters()] for s in range(stages)}
+        mine = schedule.stages_on(rank)
+        inp, lab, in_mbs, out_mbs = feeds(schedule, rank, x, y)
+        out_rows = torch.cat([ref_out.tensor_split(c)[m] for m in out_mbs]) if out_mbs else None
+        for execution in ("blocking", "async"):
+            modules = [copy.deepcopy(model[s]) for s in mine]
+            pipe = Pipeline(schedule, modules, execution=execution, timeout=60)
+            for step in range(steps):
+                for m in modules:
+                    m.zero_grad(set_to_none=True)
+                loss, outs = pipe.step(
+                    inp, num_chunks=c, criterion=criterion, labels=(lab,), return_outputs=True
+                )
+                where = f"{family} {n}x{c} {execution} step {step} rank {rank}"
+                if out_mbs:
+                    want = torch.stack([ref_loss[m] for m in out_mbs])
+                    assert torch.equal(loss, want), f"{where}: losses differ {loss} {want}"
+                    assert torch.equal(outs.detach(), out_rows), f"{where}: outputs differ"
+                else:
+                    assert loss is None and outs is None, where
+                pipe.sum_copy_gradients()
+                for s, m in zip(mine, modules):
+                    for p, g in zip(m.parameters(), ref_grads[s]):
+                        assert p.grad is not None, f"{where}: stage {s} has no gradient"
+                        d = cal_diff(p.grad, g)
+                        assert d < 1e-13, f"{where}: stage {s} cal_diff {d}"
+                checks += 1
+            with torch.no_grad():
+                loss, outs = pipe.step(
+                    inp, num_chunks=c, criterion=criterion, labels=(lab,), return_outputs=True
+                )
+            if out_mbs:
+                want = torch.stack([ref_loss[m] for m in out_mbs])
+                assert torch.equal(loss, want), f"{family} {execution} no_grad: losses differ"
+                assert torch.equal(outs, out_rows), f"{family} {execution} no_grad: outputs differ"
+            checks += 1
+        # A forward-only schedule run as it is.
+        fwd = dualpipe_rs.plan(family, n, c, chunks_per_rank=v, forward_only=True)
+        pipe = Pipeline(fwd, [copy.deepcopy(model[s]) for s in fwd.stages_on(rank)], timeout=60)
+        with torch.no_grad():
+            loss, outs = pipe.step(inp, criterion=criterion, labels=(lab,), return_outputs=True)
+        if out_mbs:
+            assert torch.equal(outs, out_rows), f"{family} forward-only: outputs differ"
+        checks += 1
+    return checks
+
+
+# --------------------------------------------------------------------------- the reference
+
+
+def _hook_stage_class(store, backward):
+    """The reference example's stage, written against a given store and backward helper."""
+
+    class Func(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return F.linear(x, weight)
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, weight = ctx.saved_tensors
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+
+            def grad_weight():
+                weight.grad += grad_output.flatten(0, -2).T @ x.flatten(0, -2)
+
+            if store.enabled:
+                store.put(grad_weight)
+            else:
+                grad_weight()
+            return grad_output @ weight, None
+
+    class Lin(nn.Linear):
+        def forward(self, x):
+            return Func.apply(x, self.weight)
+
+    class Stage(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear1 = Lin(HIDDEN, HIDDEN * 4, bias=False)
+            self.linear2 = Lin(HIDDEN * 4, HIDDEN, bias=False)
+
+        def forward(self, x):
+            return self.linear2(F.gelu(self.linear1(x)))
+
+        @classmethod
+        def overlapped_forward_backward(
+            cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
+        ):
+            outputs0 = module0(*inputs0)
+            outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+            loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+            if loss1 is not None:
+                loss1.backward()
+                loss1.detach_()
+            else:
+                backward(outputs1, output_grads1)
+            return outputs0, loss0
+
+        overlaped_forward_backward = overlapped_forward_backward
+
+    return Stage
+
+
+def against_reference(rank: int, n: int, c: int):
+    """The reference DualPipe (PyPI 1.0.0, its two CUDA device uses patched to CPU at run
+    time) and our Pipeline on the same program: losses, gradients and outputs bit for bit."""
+    import dualpipe
+    import dualpipe.comm as rcomm
+    import dualpipe.utils as rutils
+
+    import dualpipe_rs.torch as ours
+
+    torch.set_num_threads(1)
+    world = dist.get_world_size()
+    assert world == n
+    saved_device = torch.cuda.current_device
+    saved_build = rcomm.build_from_tensor_shapes
+    torch.cuda.current_device = lambda: "cpu"
+    rcomm.build_from_tensor_shapes = lambda: [
+        torch.empty(s, dtype=rcomm.TENSOR_DTYPE, requires_grad=True) for s in rcomm.TENSOR_SHAPES
+    ]
+    try:
+        results = {}
+        for name, store, backward, make in (
+            ("reference", dualpipe.WeightGradStore, rutils.run_backward, None),
+            ("ours", ours.WeightGradStore, ours.run_backward, None),
+        ):
+            Stage = _hook_stage_class(store, backward)
+            torch.manual_seed(233)
+            full = nn.Sequential(*[Stage() for _ in range(n)]).double()
+            x, y = data(c * 2)
+            local = [copy.deepcopy(full[rank]), copy.deepcopy(full[n - 1 - rank])]
+            if rank == 0:
+                xi, li = x.chunk(2)[0], y.chunk(2)[1]
+            elif rank == n - 1:
+                xi, li = x.chunk(2)[1], y.chunk(2)[0]
+            else:
+                xi, li = None, None
+            if name == "reference":
+                dualpipe.set_p2p_tensor_shapes([(2, HIDDEN)])
+                dualpipe.set_p2p_tensor_dtype(torch.float64)
+                model = dualpipe.DualPipe(local)
+            else:
+                ours.set_p2p_tensor_shapes([(2, HIDDEN)])
+                ours.set_p2p_tensor_dtype(torch.float64)
+                model = ours.Pipeline(dualpipe_rs.plan("dualpipe", n, c), local)
+            loss, _ = model.step(xi, num_chunks=c, criterion=criterion, labels=(li,))
+            grads = [p.grad.clone() for m in local for p in m.parameters()]
+            with torch.no_grad():
+                iloss, outs = model.step(
+                    xi, num_chunks=c, criterion=criterion, labels=(li,), return_outputs=True
+                )
+            results[name] = (loss, grads, iloss, outs)
+        ref, got = results["reference"], results["ours"]
+        if rank in (0, n - 1):
+            assert torch.equal(ref[0], got[0]), f"rank {rank}: losses differ"
+            assert torch.equal(ref[2], got[2]), f"rank {rank}: inference losses differ"
+            assert torch.equal(ref[3], got[3]), f"rank {rank}: outputs differ"
+        else:
+            assert got[0] is None and ref[0] is None
+        for a, b in zip(ref[1], got[1]):
+            assert torch.equal(a, b), f"rank {rank}: gradients differ, cal_diff {cal_diff(a, b)}"
+        return True
+    finally:
+        torch.cuda.current_device = saved_device
+        rcomm.build_from_tensor_shapes = saved_build
+        ours_shapes_reset()
+
+
+def ours_shapes_reset() -> None:
+    from dualpipe_rs.torch import _comm
+
+    _comm._P2P_SHAPES = None
+    _comm._P2P_DTYPE = None
+
+
+# --------------------------------------------------------------------------- deferral
+
+
+def deferral(rank: int):
+    """With a zero-bubble schedule, each deferring B leaves the stage's weight gradient
+    absent and its W makes it present."""
+    from dualpipe_rs.torch import _pipeline
+
+    schedule = dualpipe_rs.plan("zbv", 1, 2)
+    ops = schedule.instructions(0)
+    assert any(o["op"] == "B" and o["defer_w"] for o in ops)
+    model = full_model(schedule.num_stages)
+    seen = []
+
+    class Watch(Pipeline):
+        def _backward(self, prog, st, index, stage, mb, defer):
+            super()._backward(prog, st, index, stage, mb, defer)
+            if defer and mb == 0:
+                seen.append(("B", all(p.grad is None for p in self._stage_module[stage].parameters())))
+
+        def _weight(self, st, stage, mb):
+            super()._weight(st, stage, mb)
+            if mb == 0:
+                seen.append(("W", all(p.grad is not None for p in self._stage_module[stage].parameters())))
+
+    x, y = data(4)
+    pipe = Watch(schedule, [copy.deepcopy(model[s]) for s in schedule.stages_on(0)])
+    pipe.step(x, criterion=criterion, labels=(y,))
+    assert ("B", True) in seen and ("W", True) in seen, seen
+    assert all(ok for _, ok in seen), seen
+    return True
+
+
+# --------------------------------------------------------------------------- DP x PP
+
+
+def dp_pp(rank: int):
+    """Four processes: two pipelines of two ranks (dualpipe), data parallel across them.
+    Copies are summed first, then the data-parallel all-reduce."""
+    torch.set_num_threads(1)
+    pp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    pp_index, pp_rank = divmod(rank, 2)
+    c = 4
+    schedule = dualpipe_rs.plan("dualpipe", 2, c)
+    model = full_model(2)
+    x, y = data(4 * c)
+    ref_loss, _ = reference(model, x, y, 2 * c)
+    xs, ys = x.chunk(2)[pp_index], y.chunk(2)[pp_index]
+    inp, lab, _, out_mbs = feeds(schedule, pp_rank, xs, ys)
+    mine = schedule.stages_on(pp_rank)
+    modules = [copy.deepcopy(model[s]) for s in mine]
+    pipe = Pipeline(schedule, modules, process_group=pp_groups[pp_index])
+    loss, _ = pipe.step(inp, criterion=criterion, labels=(lab,))
+    want = torch.stack([ref_loss[pp_index * c + m] for m in out_mbs])
+    assert torch.equal(loss, want), f"rank {rank}: losses differ"
+    pipe.sum_copy_gradients()
+    for m in modules:
+        for p in m.parameters():
+            dist.all_reduce(p.grad, group=dp_groups[pp_rank])
+    for s, m in zip(mine, modules):
+        for p, q in zip(m.parameters(), model[s].parameters()):
+            d = cal_diff(p.grad, q.grad)
+            assert d < 1e-13, f"rank {rank}: stage {s} cal_diff {d}"
+    for g in pp_groups + dp_groups:
+        dist.destroy_process_group(g)
+    return True
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def profile_case(rank: int, trace_path: str, costs_path: str):
+    import json
+    import os
+
+    schedule = dualpipe_rs.plan("dualpipev", 2, 4)
+    model = full_model(schedule.num_stages)
+    x, y = data(8)
+    inp, lab, _, _ = feeds(schedule, rank, x, y)
+    pipe = Pipeline(
+        schedule, [copy.deepcopy(model[s]) for s in schedule.stages_on(rank)], profile=True
+    )
+    for _ in range(2):
+        pipe.step(inp, criterion=criterion, labels=(lab,))
+    summary = pipe.profile.summary()
+    pipe.profile.chrome_trace(trace_path)
+    costs = pipe.profile.costs(costs_path)
+    assert {"f", "b", "stages"} <= set(costs), costs
+    assert len(costs["stages"]) == schedule.num_stages, costs
+    sim = schedule.simulate(costs=costs)
+    assert sim["makespan"] > 0
+    if rank == 0:
+        trace = json.load(open(trace_path))
+        pids = {e["pid"] for e in trace["traceEvents"]}
+        assert pids == {0, 1}, pids
+        names = {e["name"] for e in trace["traceEvents"] if e["ph"] == "X"}
+        assert any(n.startswith("FB") for n in names), names
+        assert json.load(open(costs_path)) == costs
+        os.remove(costs_path)
+    assert len(summary["ranks"]) == 2
+    for r in summary["ranks"]:
+        assert r["busy"] > 0 and r["idle"] >= 0
+    assert summary["simulated_bubble"] is not None, summary
+    return summary

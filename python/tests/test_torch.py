@@ -1,0 +1,111 @@
+"""The torch runtime on gloo: every family against a single-process run, the reference's
+contract, errors, data parallel x pipeline parallel, and the profiler."""
+
+from __future__ import annotations
+
+import pytest
+
+import _cases
+import _faults
+
+
+def test_every_family_two_ranks(world2):
+    cases = [
+        ("dualpipe", 2, 4, None),
+        ("dualpipe", 2, 6, None),
+        ("dualpipev", 2, 4, None),
+        ("dualpipev", 2, 5, None),
+        ("1f1b", 2, 3, None),
+        ("gpipe", 2, 4, None),
+        ("zb1p", 2, 4, None),
+        ("zbv", 2, 4, None),
+        ("interleaved-1f1b", 2, 4, 2),
+    ]
+    checks = world2.run(_cases.conformance, cases)
+    assert checks[0] == checks[1] == 7 * len(cases)
+
+
+def test_every_family_four_ranks(world4):
+    cases = [
+        ("dualpipe", 4, 8, None),
+        ("dualpipev", 4, 8, None),
+        ("1f1b", 4, 6, None),
+        ("zb1p", 4, 8, None),
+        ("zbv", 4, 8, None),
+        ("interleaved-1f1b", 4, 8, 2),
+    ]
+    checks = world4.run(_cases.conformance, cases, 1)
+    assert all(c == 5 * len(cases) for c in checks)
+
+
+def test_one_rank(world1):
+    cases = [
+        ("dualpipev", 1, 3, None),
+        ("zbv", 1, 2, None),
+        ("interleaved-1f1b", 1, 2, 3),
+        ("1f1b", 1, 2, None),
+    ]
+    checks = world1.run(_cases.conformance, cases)
+    assert checks[0] == 7 * len(cases)
+
+
+def test_reference_stages_with_hook_and_store(world2):
+    """The reference example's stages (deferred-W linears, the overlap hook)."""
+    cases = [("dualpipe", 2, 4, None), ("dualpipev", 2, 6, None), ("zbv", 2, 4, None)]
+    checks = world2.run(_cases.conformance, cases, 2, "hook")
+    assert checks[0] == 7 * len(cases)
+
+
+def test_reference_dualpipe_bitwise(world2):
+    """A program written for the reference DualPipe, with only its imports and constructor
+    changed, gets the reference's losses and gradients bit for bit."""
+    pytest.importorskip("dualpipe", reason="the reference package (dualpipe==1.0.0) is needed")
+    results = world2.run(_cases.against_reference, 2, 8)
+    assert all(results)
+
+
+def test_deferred_weight_gradient_is_really_deferred(world1):
+    assert world1.run(_cases.deferral)[0]
+
+
+def test_data_parallel_times_pipeline(world4):
+    assert all(world4.run(_cases.dp_pp))
+
+
+def test_profile(world2, tmp_path):
+    summaries = world2.run(_cases.profile_case, str(tmp_path / "trace.json"), str(tmp_path / "costs.json"))
+    assert summaries[0]["measured_bubble"] >= 0.0
+    assert (tmp_path / "trace.json").exists()
+
+
+# ------------------------------------------------------------------- errors
+
+
+def test_construction_errors(world2):
+    errors = world2.run(_faults.construction)
+    for rank, found in enumerate(errors):
+        for name, (kind, message) in found.items():
+            assert kind in ("ValueError", "TypeError", "PipelineError"), (name, kind, message)
+            assert f"rank {rank}" in message or name == "not_a_schedule", (name, message)
+
+
+def test_step_errors(world2):
+    errors = world2.run(_faults.step_errors)
+    for rank, found in enumerate(errors):
+        for name, (kind, message) in found.items():
+            assert f"rank {rank}" in message, (name, message)
+
+
+def test_shape_change_fails_on_every_rank(world2):
+    errors = world2.errors(_faults.shape_change)
+    assert set(errors) == {0, 1}
+    kinds = {r: e[0] for r, e in errors.items()}
+    assert kinds == {0: "PipelineError", 1: "PipelineError"}
+    assert "differs from what rank 1 expects" in errors[0][1]
+    assert "rank 0 failed first" in errors[1][1]
+
+
+def test_dead_peer_raises_within_timeout(world2):
+    errors = world2.errors(_faults.dead_peer, timeout=60)
+    assert 0 in errors and errors[0][0] == "PipelineError"
+    assert "waited for" in errors[0][1]
