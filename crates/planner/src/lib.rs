@@ -87,6 +87,18 @@ impl Family {
     }
 }
 
+impl Family {
+    /// How many stages the family cuts the model into, as a formula of the ranks N and the
+    /// chunks per rank V: `N`, `2N` or `N x V`.
+    pub const fn stages_formula(self) -> &'static str {
+        match self {
+            Family::DualPipeV | Family::Zbv => "2N",
+            Family::Interleaved1F1B => "N x V",
+            Family::DualPipe | Family::OneFOneB | Family::GPipe | Family::Zb1p => "N",
+        }
+    }
+}
+
 impl fmt::Display for Family {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

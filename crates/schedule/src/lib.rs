@@ -38,7 +38,7 @@ pub use order::{
     RankStats, Round, Stalled, compute_rounds, compute_times, order_grid, rank_stats, works,
 };
 pub use render::{timeline_svg, timeline_text};
-pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
+pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_US, simulate};
 pub use topology::Topology;
 pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};

@@ -25,6 +25,8 @@
 
 use std::fmt;
 
+use serde::Serialize;
+
 use crate::costs::{CostError, Costs};
 use crate::format::{Instruction, Kind, Schedule, Work};
 use crate::topology::Topology;
@@ -104,6 +106,120 @@ impl Simulation {
         }
         spans
     }
+}
+
+/// Microseconds per simulated time unit in Chrome traces: one unit reads as one millisecond.
+pub const TRACE_UNIT_US: f64 = 1000.0;
+
+impl Simulation {
+    /// The simulation of `valid` as the JSON document `dualpipe simulate --json` prints:
+    /// `{"schedule", "num_ranks", "num_stages", "num_microbatches", "model", "costs",
+    /// "makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", "end",
+    /// "peak_activations", "peak_pending_w"}, ...]}`, with `"instructions"` (per rank, per
+    /// instruction: `{"index", "instruction", "start", "end"}`) added when `timeline` is set.
+    /// Times are rounded to 1e-9 so that float noise does not show; the text is pretty-printed
+    /// and ends with a newline.
+    ///
+    /// `valid` must be the schedule simulated and `costs` the cost model it ran with.
+    pub fn to_json(&self, valid: &ValidSchedule, costs: &Costs, timeline: bool) -> String {
+        let schedule = valid.schedule();
+        let costs = costs.to_string();
+        let report = JsonReport {
+            schedule: &schedule.schedule,
+            num_ranks: schedule.num_ranks,
+            num_stages: schedule.num_stages,
+            num_microbatches: schedule.num_microbatches,
+            model: self.model.to_string(),
+            costs: &costs,
+            makespan: round(self.makespan),
+            bubble_share: round(self.bubble_share()),
+            ranks: self
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(rank, r)| JsonRank {
+                    rank,
+                    busy: round(r.busy),
+                    idle: round(r.idle),
+                    end: round(r.end),
+                    peak_activations: r.peak_activations,
+                    peak_pending_w: r.peak_pending_w,
+                })
+                .collect(),
+            instructions: timeline.then(|| {
+                schedule
+                    .ranks
+                    .iter()
+                    .zip(&self.times)
+                    .map(|(list, times)| {
+                        list.iter()
+                            .zip(times)
+                            .enumerate()
+                            .map(|(index, (i, t))| JsonTimed {
+                                index,
+                                instruction: i.to_string(),
+                                start: round(t.start),
+                                end: round(t.end),
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }),
+        };
+        // Strings, integers and floats only: serializing cannot fail (a non-finite float
+        // becomes `null`).
+        let mut text = serde_json::to_string_pretty(&report).unwrap_or_default();
+        text.push('\n');
+        text
+    }
+
+    /// The simulated timeline of `valid` as a Chrome trace ([`crate::chrome_trace`]), one time
+    /// unit written as [`TRACE_UNIT_US`] microseconds.
+    pub fn chrome_trace(&self, valid: &ValidSchedule) -> String {
+        crate::trace::chrome_trace(
+            valid.schedule(),
+            valid.links(),
+            &self.spans(valid.schedule(), TRACE_UNIT_US),
+        )
+    }
+}
+
+/// Times in JSON, rounded to 1e-9 so that float noise does not show.
+fn round(value: f64) -> f64 {
+    (value * 1e9).round() / 1e9
+}
+
+#[derive(Serialize)]
+struct JsonReport<'a> {
+    schedule: &'a str,
+    num_ranks: u32,
+    num_stages: u32,
+    num_microbatches: u32,
+    model: String,
+    costs: &'a str,
+    makespan: f64,
+    bubble_share: f64,
+    ranks: Vec<JsonRank>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instructions: Option<Vec<Vec<JsonTimed>>>,
+}
+
+#[derive(Serialize)]
+struct JsonRank {
+    rank: usize,
+    busy: f64,
+    idle: f64,
+    end: f64,
+    peak_activations: u32,
+    peak_pending_w: u32,
+}
+
+#[derive(Serialize)]
+struct JsonTimed {
+    index: usize,
+    instruction: String,
+    start: f64,
+    end: f64,
 }
 
 /// Why a simulation could not run.

@@ -158,6 +158,53 @@ impl Topology {
         work.stage as usize * self.num_microbatches as usize + work.mb as usize
     }
 
+    /// The distinct stages `rank` runs, in the order a runtime builds its modules: the
+    /// pipelines in document order (those that carry at least one micro-batch), within one
+    /// pipeline by ascending stage number, each stage at its first appearance.
+    ///
+    /// This gives the families' conventions: DualPipe rank r holds `[r, N-1-r]` (its stage on
+    /// the route `0..N-1` first, for every r), DualPipeV and ZB-V `[r, 2N-1-r]`, interleaved
+    /// 1F1B `[r, r+N, r+2N, ...]`, the others `[r]`. Empty for a rank out of range.
+    ///
+    /// ```
+    /// use dualpipe_schedule::{Format, Pipeline, Schedule, Topology};
+    /// let schedule = Schedule {
+    ///     format: Format::V1,
+    ///     schedule: "dualpipe".into(),
+    ///     num_ranks: 4,
+    ///     num_stages: 4,
+    ///     num_microbatches: 2,
+    ///     forward_only: false,
+    ///     pipelines: vec![
+    ///         Pipeline { route: vec![0, 1, 2, 3], microbatches: vec![0] },
+    ///         Pipeline { route: vec![3, 2, 1, 0], microbatches: vec![1] },
+    ///     ],
+    ///     ranks: vec![vec![]; 4],
+    /// };
+    /// let topology = Topology::new(&schedule).unwrap();
+    /// assert_eq!(topology.stages_on(1), [1, 2]);
+    /// assert_eq!(topology.stages_on(3), [3, 0]);
+    /// ```
+    pub fn stages_on(&self, rank: u32) -> Vec<u32> {
+        let mut used = vec![false; self.routes.len()];
+        for &p in &self.pipeline_of {
+            if let Some(slot) = used.get_mut(p as usize) {
+                *slot = true;
+            }
+        }
+        let mut seen = vec![false; self.num_stages as usize];
+        let mut stages = Vec::new();
+        for (route, _) in self.routes.iter().zip(&used).filter(|&(_, &used)| used) {
+            for (stage, &r) in route.iter().enumerate() {
+                if r == rank && seen.get(stage).is_some_and(|&seen| !seen) {
+                    seen[stage] = true;
+                    stages.push(stage as u32);
+                }
+            }
+        }
+        stages
+    }
+
     /// How many distinct stages each rank holds parameters for (2 for DualPipe and DualPipeV,
     /// `V` for interleaved schedules, 1 for 1F1B).
     pub fn stages_per_rank(&self) -> Vec<u32> {

@@ -2,13 +2,10 @@
 
 use std::path::PathBuf;
 
-use dualpipe_schedule::{chrome_trace, timeline_svg, timeline_text};
+use dualpipe_schedule::{timeline_svg, timeline_text};
 
 use crate::io::{Failure, write_output};
 use crate::options::{CostOptions, simulate_file};
-
-/// Microseconds per time unit in the Chrome trace: one unit reads as one millisecond.
-const UNIT_US: f64 = 1000.0;
 
 /// Output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -70,11 +67,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let text = match args.format {
         Format::Text => timeline_text(&valid, &sim, args.columns),
         Format::Svg => timeline_svg(&valid, &sim),
-        Format::Chrome => chrome_trace(
-            valid.schedule(),
-            valid.links(),
-            &sim.spans(valid.schedule(), UNIT_US),
-        ),
+        Format::Chrome => sim.chrome_trace(&valid),
     };
     write_output(args.output.as_deref(), &text, args.force)
 }

@@ -2,11 +2,9 @@
 
 use std::fmt::Write as _;
 
-use dualpipe_schedule::{Simulation, ValidSchedule};
-use serde::Serialize;
-
 use crate::io::{Failure, source_name, write_stdout};
 use crate::options::{CostOptions, simulate_file, time};
+use dualpipe_schedule::{Simulation, ValidSchedule};
 
 /// Simulate one step of a schedule: per rank busy and idle time, peak live activations and
 /// peak pending weight gradients, and the step time (makespan).
@@ -38,7 +36,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let (valid, costs, sim) = simulate_file(&args.file, &args.options)?;
     let name = source_name(&args.file);
     let text = if args.json {
-        json(&valid, &costs.to_string(), &sim, args.timeline)
+        sim.to_json(&valid, &costs, args.timeline)
     } else {
         table(name, &valid, &costs.to_string(), &sim, args.timeline)
     };
@@ -101,91 +99,4 @@ fn table(
         }
     }
     out
-}
-
-/// Times in JSON, rounded to 1e-9 so that float noise does not show.
-fn round(value: f64) -> f64 {
-    (value * 1e9).round() / 1e9
-}
-
-#[derive(Serialize)]
-struct Report<'a> {
-    schedule: &'a str,
-    num_ranks: u32,
-    num_stages: u32,
-    num_microbatches: u32,
-    model: String,
-    costs: &'a str,
-    makespan: f64,
-    bubble_share: f64,
-    ranks: Vec<RankReport>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    instructions: Option<Vec<Vec<Timed>>>,
-}
-
-#[derive(Serialize)]
-struct RankReport {
-    rank: usize,
-    busy: f64,
-    idle: f64,
-    end: f64,
-    peak_activations: u32,
-    peak_pending_w: u32,
-}
-
-#[derive(Serialize)]
-struct Timed {
-    index: usize,
-    instruction: String,
-    start: f64,
-    end: f64,
-}
-
-fn json(valid: &ValidSchedule, costs: &str, sim: &Simulation, timeline: bool) -> String {
-    let schedule = valid.schedule();
-    let report = Report {
-        schedule: &schedule.schedule,
-        num_ranks: schedule.num_ranks,
-        num_stages: schedule.num_stages,
-        num_microbatches: schedule.num_microbatches,
-        model: sim.model.to_string(),
-        costs,
-        makespan: round(sim.makespan),
-        bubble_share: round(sim.bubble_share()),
-        ranks: sim
-            .ranks
-            .iter()
-            .enumerate()
-            .map(|(rank, r)| RankReport {
-                rank,
-                busy: round(r.busy),
-                idle: round(r.idle),
-                end: round(r.end),
-                peak_activations: r.peak_activations,
-                peak_pending_w: r.peak_pending_w,
-            })
-            .collect(),
-        instructions: timeline.then(|| {
-            schedule
-                .ranks
-                .iter()
-                .zip(&sim.times)
-                .map(|(list, times)| {
-                    list.iter()
-                        .zip(times)
-                        .enumerate()
-                        .map(|(index, (i, t))| Timed {
-                            index,
-                            instruction: i.to_string(),
-                            start: round(t.start),
-                            end: round(t.end),
-                        })
-                        .collect()
-                })
-                .collect()
-        }),
-    };
-    let mut text = serde_json::to_string_pretty(&report).expect("reports serialize");
-    text.push('\n');
-    text
 }

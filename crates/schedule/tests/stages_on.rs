@@ -1,0 +1,45 @@
+//! `Topology::stages_on` gives every family's module convention.
+
+use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_schedule::ValidSchedule;
+
+fn stages(request: PlanRequest) -> Vec<Vec<u32>> {
+    let valid = ValidSchedule::new(plan(&request).unwrap()).unwrap();
+    let n = valid.schedule().num_ranks;
+    (0..n).map(|r| valid.topology().stages_on(r)).collect()
+}
+
+#[test]
+fn every_family_follows_its_convention() {
+    for n in [1u32, 2, 4, 6] {
+        let c = 2 * n;
+        for family in Family::ALL {
+            if family == Family::DualPipe && n % 2 == 1 {
+                continue;
+            }
+            let mut request = PlanRequest::new(family, n, c);
+            if family == Family::Interleaved1F1B {
+                request = request.chunks_per_rank(3);
+            }
+            for forward_only in [false, true] {
+                request.forward_only = forward_only;
+                let expected: Vec<Vec<u32>> = (0..n)
+                    .map(|r| match family {
+                        Family::DualPipe => vec![r, n - 1 - r],
+                        Family::DualPipeV | Family::Zbv => vec![r, 2 * n - 1 - r],
+                        Family::Interleaved1F1B => vec![r, r + n, r + 2 * n],
+                        Family::OneFOneB | Family::GPipe | Family::Zb1p => vec![r],
+                    })
+                    .collect();
+                assert_eq!(stages(request), expected, "{family} on {n} ranks");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rank_out_of_range_runs_nothing() {
+    let valid =
+        ValidSchedule::new(plan(&PlanRequest::new(Family::OneFOneB, 2, 2)).unwrap()).unwrap();
+    assert!(valid.topology().stages_on(2).is_empty());
+}
