@@ -107,3 +107,21 @@ def dead_peer(rank: int):
     x, y = data(8)
     inp, lab, _, _ = feeds(s, rank, x, y)
     pipe.step(inp, criterion=criterion, labels=(lab,))
+
+
+class Broken(torch.nn.Module):
+    """A stage whose forward fails."""
+
+    def forward(self, x):
+        raise ValueError("this stage is broken")
+
+
+def module_raises(rank: int):
+    """Rank 1's module raises: it names the instruction; rank 0 repeats it after its timeout."""
+    s = dualpipe_rs.plan("1f1b", 2, 4)
+    model = full_model(2)
+    module = copy.deepcopy(model[0]) if rank == 0 else Broken()
+    pipe = Pipeline(s, [module], timeout=3)
+    x, y = data(8)
+    inp, lab, _, _ = feeds(s, rank, x, y)
+    pipe.step(inp, criterion=criterion, labels=(lab,))

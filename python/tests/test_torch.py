@@ -109,3 +109,28 @@ def test_dead_peer_raises_within_timeout(world2):
     errors = world2.errors(_faults.dead_peer, timeout=60)
     assert 0 in errors and errors[0][0] == "PipelineError"
     assert "waited for" in errors[0][1]
+
+
+def test_module_error_names_the_instruction(world2):
+    errors = world2.errors(_faults.module_raises)
+    assert set(errors) == {0, 1}
+    assert "rank 1: instruction 2 (F s1 m0) failed: ValueError: this stage is broken" in errors[1][1]
+    assert "rank 1 failed first" in errors[0][1]
+
+
+def test_example_runs_under_torchrun():
+    """examples/torch_dualpipev.py, unchanged, on 4 CPU processes."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    example = os.path.join(root, "examples", "torch_dualpipev.py")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", example],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "losses equal bit for bit" in run.stdout, run.stdout

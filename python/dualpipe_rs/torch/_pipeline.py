@@ -287,7 +287,7 @@ class Pipeline(nn.Module):
         return plan(s.name, s.num_ranks, s.num_microbatches, chunks_per_rank=chunks, forward_only=True)
 
     def _program(self, schedule: Schedule) -> _Program:
-        key = schedule.to_json() if schedule is not self.schedule else "train"
+        key = "train" if schedule is self.schedule else "inference"
         prog = self._programs.get(key)
         if prog is None:
             prog = _Program(schedule, self.rank, self._to_global)
@@ -436,20 +436,16 @@ class Pipeline(nn.Module):
         for op in prog.ops:
             code = op[0]
             t0 = prof._now() if prof is not None else None
-            if code == _F:
-                self._forward(prog, st, op[1], op[2], op[3])
-            elif code == _B:
-                self._backward(prog, st, op[1], op[2], op[3], op[4])
-            elif code == _W:
-                self._weight(st, op[2], op[3])
-            elif code == _FB:
-                self._forward_backward(prog, st, op)
-            elif code == _SEND:
-                self._queue_send(prog, st, op)
-            elif code == _RECV:
-                self._queue_recv(prog, st, op)
-            else:
-                self._commit(prog, st, op[1], exchange)
+            try:
+                self._dispatch(prog, st, op, code, exchange)
+            except PipelineError:
+                raise
+            except Exception as exc:
+                index = op[1]
+                raise PipelineError(
+                    f"rank {self.rank}: instruction {index} ({prog.text[index]}) failed: "
+                    f"{type(exc).__name__}: {exc}", self.rank, index, prog.text[index]
+                ) from exc
             if prof is not None:
                 prof._record(op, t0)
         self._commit(prog, st, len(prog.ops), exchange)
@@ -459,6 +455,22 @@ class Pipeline(nn.Module):
         self._free(st)
         if prof is not None:
             prof._end()
+
+    def _dispatch(self, prog, st, op, code, exchange) -> None:
+        if code == _F:
+            self._forward(prog, st, op[1], op[2], op[3])
+        elif code == _B:
+            self._backward(prog, st, op[1], op[2], op[3], op[4])
+        elif code == _W:
+            self._weight(st, op[2], op[3])
+        elif code == _FB:
+            self._forward_backward(prog, st, op)
+        elif code == _SEND:
+            self._queue_send(prog, st, op)
+        elif code == _RECV:
+            self._queue_recv(prog, st, op)
+        else:
+            self._commit(prog, st, op[1], exchange)
 
     # compute ---------------------------------------------------------------------
 
