@@ -5,8 +5,8 @@ Every operation runs in the Rust core (``dualpipe_rs._core``); this package only
     import dualpipe_rs
     schedule = dualpipe_rs.plan("dualpipev", 4, 10)
     schedule.stages_on(1)                  # [1, 6]
-    schedule.instruction_text(0)[:3]       # ['F s0 m0', 'F s0 m1', 'F s0 m2']
-    schedule.simulate(costs="f=1,b=2,w=1,fb=3")["makespan"]
+    schedule.instruction_text(0)[:3]       # ['F s0 m0', 'send act s0 m0 -> r1', 'commit']
+    schedule.simulate(costs="f=1,b=2,w=1,fb=3")["makespan"]   # 66.0
     dualpipe_rs.load("schedules/dualpipe-8x20.json")
 
 A schedule that does not parse or breaks a rule raises :class:`ScheduleError` (a

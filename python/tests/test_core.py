@@ -176,8 +176,14 @@ def test_plan_errors_match_the_cli():
 
 
 def test_plan_argument_types():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="ranks must be an int, not str"):
         dualpipe_rs.plan("1f1b", "4", 8)
+    with pytest.raises(TypeError, match="microbatches must be an int, not float"):
+        dualpipe_rs.plan("1f1b", 4, 8.0)
+    with pytest.raises(TypeError, match="chunks_per_rank must be an int, not bool"):
+        dualpipe_rs.plan("interleaved-1f1b", 4, 8, chunks_per_rank=True)
+    with pytest.raises(ValueError, match="ranks is 1180591620717411303424; it must be an integer"):
+        dualpipe_rs.plan("1f1b", 2**70, 8)
     with pytest.raises(TypeError):
         dualpipe_rs.plan(1, 4, 8)
 

@@ -167,9 +167,20 @@ pub(crate) fn to_python<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'
     })
 }
 
-/// A non-negative count argument as `u32`; anything else is a `ValueError` naming it.
-fn count(name: &str, value: i64) -> PyResult<u32> {
-    u32::try_from(value).map_err(|_| {
+/// A count argument (`ranks`, ...) as `u32`: a `TypeError` for anything but an int, a
+/// `ValueError` naming the argument for an int out of range.
+fn count(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u32> {
+    if value.cast::<pyo3::types::PyInt>().is_err() || value.cast::<pyo3::types::PyBool>().is_ok() {
+        let kind = value
+            .get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "{name} must be an int, not {kind}"
+        )));
+    }
+    value.extract::<u32>().map_err(|_| {
         PyValueError::new_err(format!(
             "{name} is {value}; it must be an integer from 0 to {}",
             u32::MAX
@@ -178,14 +189,18 @@ fn count(name: &str, value: i64) -> PyResult<u32> {
 }
 
 /// Plans one step of a schedule family and validates it.
+///
+/// `name` is one of `families()`; `chunks_per_rank` applies to `interleaved-1f1b` only
+/// (default 2). A family that does not accept the parameters raises `ValueError` with the
+/// planner's message, the one `dualpipe plan` prints.
 #[pyfunction]
 #[pyo3(signature = (name, ranks, microbatches, chunks_per_rank = None, forward_only = false))]
 fn plan(
     py: Python<'_>,
     name: &str,
-    ranks: i64,
-    microbatches: i64,
-    chunks_per_rank: Option<i64>,
+    ranks: &Bound<'_, PyAny>,
+    microbatches: &Bound<'_, PyAny>,
+    chunks_per_rank: Option<&Bound<'_, PyAny>>,
     forward_only: bool,
 ) -> PyResult<PySchedule> {
     let family: Family = name
@@ -198,6 +213,7 @@ fn plan(
     );
     request.forward_only = forward_only;
     request.chunks_per_rank = chunks_per_rank
+        .filter(|v| !v.is_none())
         .map(|v| count("chunks_per_rank", v))
         .transpose()?;
     // As `dualpipe plan`: interleaved 1F1B takes two stages per rank unless told otherwise.
@@ -216,7 +232,9 @@ fn plan(
     }
 }
 
-/// The schedule families the planner knows, each `{"name", "constraint", "stages"}`.
+/// The schedule families the planner knows, in the CLI's order, each
+/// `{"name", "constraint", "stages"}`: the constraint in the planner's words and the number of
+/// stages as a formula of N (ranks) and V (chunks per rank).
 #[pyfunction]
 fn families(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     let list = PyList::empty(py);
@@ -230,7 +248,10 @@ fn families(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
     Ok(list)
 }
 
-/// Reads, parses and validates a schedule file.
+/// Reads, parses and validates a schedule file (a `str` or `os.PathLike` path).
+///
+/// Raises `OSError` (`FileNotFoundError`, ...) when the file cannot be read, `ScheduleError`
+/// when it is not a valid v1 schedule, with the message `dualpipe validate` prints.
 #[pyfunction]
 fn load(py: Python<'_>, path: PathBuf) -> PyResult<PySchedule> {
     let name = path.display().to_string();
