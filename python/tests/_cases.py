@@ -148,7 +148,7 @@ def feeds(schedule, rank: int, x, y):
 # --------------------------------------------------------------------------- conformance
 
 
-def conformance(rank: int, cases, steps: int = 2, kind: str = "block"):
+def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Optional[int] = None):
     """Every case: (family, ranks, microbatches, chunks_per_rank). For both execution models,
     training then forward-only: losses and outputs bitwise equal to the single-process run,
     gradients within cal_diff < 1e-13. Returns the number of checks made."""
@@ -160,7 +160,7 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block"):
         model_kind = HookStage if kind == "hook" else Block
         model = full_model(stages, model_kind)
         per = 2 if stages <= 8 else 1
-        x, y = data(c * per)
+        x, y = data(rows or c * per)
         ref_loss, ref_out = reference(model, x, y, c)
         ref_grads = {s: [p.grad.clone() for p in model[s].parameters()] for s in range(stages)}
         mine = schedule.stages_on(rank)

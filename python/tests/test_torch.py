@@ -38,6 +38,12 @@ def test_every_family_four_ranks(world4):
     assert all(c == 5 * len(cases) for c in checks)
 
 
+def test_uneven_micro_batches(world2):
+    """9 rows in 4 micro-batches (3, 2, 2, 2): shapes are learnt per micro-batch."""
+    checks = world2.run(_cases.conformance, [("1f1b", 2, 4, None), ("zbv", 2, 4, None)], 2, "block", 9)
+    assert checks[0] == 14
+
+
 def test_one_rank(world1):
     cases = [
         ("dualpipev", 1, 3, None),
