@@ -1,4 +1,5 @@
-//! `Topology::stages_on` gives every family's module convention.
+//! `Topology::stages_on` gives every family's module convention; `Family::stages_formula`
+//! states the number of stages each plans.
 
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::ValidSchedule;
@@ -32,6 +33,19 @@ fn every_family_follows_its_convention() {
                     })
                     .collect();
                 assert_eq!(stages(request), expected, "{family} on {n} ranks");
+                let planned = plan(&request).unwrap().num_stages;
+                let formula = match family.stages_formula() {
+                    "N" => n,
+                    "2N" => 2 * n,
+                    "N x V" => 3 * n,
+                    other => panic!("{family}: unknown formula {other}"),
+                };
+                assert_eq!(
+                    planned,
+                    formula,
+                    "{family}: stages {}",
+                    family.stages_formula()
+                );
             }
         }
     }
