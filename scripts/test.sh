@@ -24,6 +24,7 @@ echo "== cargo test --workspace"
 cargo test --workspace
 
 echo "== building and installing the dualpipe_rs package"
+export PATH="$venv/bin:$PATH"   # the build backend runs the environment's `maturin`
 "$venv/bin/python" -m pip install --quiet --no-build-isolation --force-reinstall --no-deps ./python
 
 echo "== pytest python/tests"
