@@ -9,13 +9,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _world import World  # noqa: E402
-
 _worlds = {}
 
 
-def world_of(size: int) -> World:
-    """A live world of ``size`` processes (restarted when a case left it broken)."""
+def world_of(size: int):
+    """A live world of ``size`` processes (restarted when a case left it broken). torch is
+    imported here, not at collection, so the core's tests run without it."""
+    from _world import World
+
     w = _worlds.get(size)
     if w is None or w.broken:
         if w is not None:

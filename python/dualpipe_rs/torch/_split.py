@@ -14,6 +14,7 @@ import collections
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
+from torch.autograd import Variable
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
@@ -120,8 +121,16 @@ def _accumulate(p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
         p.grad += g
 
 
+def _grad(outputs, grads, inputs, retain: bool):
+    """``torch.autograd.grad`` without its Python-side checks (the caller's shapes hold):
+    the gradients of ``inputs``, ``None`` where unreached."""
+    return Variable._execution_engine.run_backward(
+        tuple(outputs), tuple(grads), retain, False, tuple(inputs), True, False
+    )
+
+
 def _grad_into(edges, grads, params) -> None:
-    dws = torch.autograd.grad(edges, params, grads, allow_unused=True)
+    dws = _grad(edges, grads, params, False)
     for p, dw in zip(params, dws):
         _accumulate(p, dw)
 
@@ -211,9 +220,7 @@ def backward_input(
     targets = want + entangled
     try:
         if targets and run_edges:
-            result = torch.autograd.grad(
-                run_edges, targets, run_grads, retain_graph=True, allow_unused=True
-            )
+            result = _grad(run_edges, run_grads, targets, True)
         else:
             result = [None] * len(targets)
     finally:
