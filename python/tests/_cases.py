@@ -446,3 +446,51 @@ def profile_case(rank: int, trace_path: str, costs_path: str):
         assert r["busy"] > 0 and r["idle"] >= 0
     assert summary["simulated_bubble"] is not None, summary
     return summary
+
+
+def mapped(rank: int):
+    """rank_mapping=[1, 0]: process 0 runs pipeline rank 1 and the other way round."""
+    schedule = dualpipe_rs.plan("zb1p", 2, 4)
+    model = full_model(2)
+    x, y = data(8)
+    ref_loss, _ = reference(model, x, y, 4)
+    pipe_rank = 1 - rank
+    inp, lab, _, out_mbs = feeds(schedule, pipe_rank, x, y)
+    module = copy.deepcopy(model[pipe_rank])
+    pipe = Pipeline(schedule, [module], rank_mapping=[1, 0])
+    assert pipe.rank == pipe_rank
+    loss, _ = pipe.step(inp, criterion=criterion, labels=(lab,))
+    if out_mbs:
+        assert torch.equal(loss, ref_loss)
+    for p, q in zip(module.parameters(), model[pipe_rank].parameters()):
+        assert cal_diff(p.grad, q.grad) < 1e-13
+    return True
+
+
+def mesh_groups(rank: int):
+    """The pipeline group taken from a DeviceMesh (data parallel 2 x pipeline 2)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))
+    pp, dp = mesh.get_group("pp"), mesh.get_group("dp")
+    pp_index = mesh.get_coordinate()[0]
+    pp_rank = dist.get_rank(pp)
+    schedule = dualpipe_rs.plan("dualpipev", 2, 4)
+    model = full_model(4)
+    x, y = data(16)
+    ref_loss, _ = reference(model, x, y, 8)
+    inp, lab, _, out_mbs = feeds(schedule, pp_rank, x.chunk(2)[pp_index], y.chunk(2)[pp_index])
+    mine = schedule.stages_on(pp_rank)
+    modules = [copy.deepcopy(model[s]) for s in mine]
+    pipe = Pipeline(schedule, modules, process_group=pp)
+    loss, _ = pipe.step(inp, criterion=criterion, labels=(lab,))
+    if out_mbs:
+        assert torch.equal(loss, ref_loss[pp_index * 4 : pp_index * 4 + 4])
+    pipe.sum_copy_gradients()
+    for m in modules:
+        for p in m.parameters():
+            dist.all_reduce(p.grad, group=dp)
+    for s, m in zip(mine, modules):
+        for p, q in zip(m.parameters(), model[s].parameters()):
+            assert cal_diff(p.grad, q.grad) < 1e-13
+    return True

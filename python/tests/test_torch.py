@@ -140,3 +140,11 @@ def test_example_runs_under_torchrun():
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "losses equal bit for bit" in run.stdout, run.stdout
+
+
+def test_rank_mapping(world2):
+    assert all(world2.run(_cases.mapped))
+
+
+def test_device_mesh_groups(world4):
+    assert all(world4.run(_cases.mesh_groups))
