@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use dualpipe_schedule::{chrome_trace, timeline_svg, timeline_text};
 
-use crate::io::{Failure, write_output};
+use crate::io::{Failure, check_output, write_output};
 use crate::options::{CostOptions, simulate_file};
 
 /// Microseconds per time unit in the Chrome trace: one unit reads as one millisecond.
@@ -56,6 +56,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
+    check_output(args.output.as_deref(), args.force)?;
     if let Some(columns) = args.columns {
         if args.format != Format::Text {
             return Err(Failure::usage("--columns applies to --format text only"));
