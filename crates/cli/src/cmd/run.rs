@@ -13,7 +13,7 @@ use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::io::{Failure, load_schedule, source_name, write_output, write_stdout};
+use crate::io::{Failure, check_output, load_schedule, source_name, write_output, write_stdout};
 
 /// Train the reference model (per stage Linear(h, 4h) -> GELU -> Linear(4h, h), mean squared
 /// error at the last stage) on synthetic data under a schedule, one CPU thread per rank. Every
@@ -97,14 +97,7 @@ const MEMORY_LIMIT: f64 = 8.0 * (1u64 << 30) as f64;
 pub fn run(args: Args) -> Result<(), Failure> {
     let (source, schedule) = schedule(&args)?;
     check_sizes(&args, &schedule)?;
-    if let Some(path) = &args.trace {
-        if path.exists() && !args.force {
-            return Err(Failure::usage(format!(
-                "{} already exists; pass --force to overwrite it",
-                path.display()
-            )));
-        }
-    }
+    check_output(args.trace.as_deref(), args.force)?;
     let doc = schedule.schedule();
     let training = !doc.forward_only;
     let lr = args
