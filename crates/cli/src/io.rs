@@ -60,18 +60,48 @@ pub fn read_input(path: &str) -> Result<String, Failure> {
 /// Reads and parses a schedule document (not yet validated).
 pub fn load_schedule(path: &str) -> Result<Schedule, Failure> {
     let text = read_input(path)?;
-    Schedule::from_json(&text).map_err(|e| Failure::invalid(format!("{}: {e}", source_name(path))))
+    Schedule::from_json(&text).map_err(|e| {
+        let hint = if text.trim_start().starts_with(['{', '[']) || text.trim().is_empty() {
+            ""
+        } else {
+            " (this is not JSON; a torch CSV is read by `dualpipe convert FILE --from torch-csv`)"
+        };
+        Failure::invalid(format!("{}: {e}{hint}", source_name(path)))
+    })
 }
 
-/// Writes `text` to `output`, or to standard output when `output` is `None`. An existing file is
-/// kept unless `force` is set.
+/// Refuses, before any work is done, an output path that cannot be written: a directory, or
+/// an existing file without `force`. `-` (standard output), devices and pipes are accepted.
+pub fn check_output(output: Option<&Path>, force: bool) -> Result<(), Failure> {
+    let Some(path) = output.filter(|p| p.as_os_str() != "-") else {
+        return Ok(());
+    };
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Err(Failure::usage(format!(
+            "{} is a directory; give a file name",
+            path.display()
+        ))),
+        Ok(meta) if meta.is_file() && !force => Err(Failure::usage(format!(
+            "{} already exists; pass --force to overwrite it",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `text` to `output`, or to standard output when `output` is `None` or `-`. An existing
+/// file is kept unless `force` is set; a directory is refused.
 pub fn write_output(output: Option<&Path>, text: &str, force: bool) -> Result<(), Failure> {
-    let Some(path) = output else {
+    let Some(path) = output.filter(|p| p.as_os_str() != "-") else {
         return write_stdout(text);
     };
+    check_output(Some(path), force)?;
     let mut options = fs::OpenOptions::new();
     options.write(true);
-    if force {
+    let special = fs::metadata(path).is_ok_and(|m| !m.is_file());
+    if special {
+        // A device or a pipe (`/dev/null`, `/dev/stdout`): written as it is, nothing to keep.
+    } else if force {
         options.create(true).truncate(true);
     } else {
         options.create_new(true);

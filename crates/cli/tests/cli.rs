@@ -206,3 +206,110 @@ fn help_has_examples() {
     let out = dualpipe(&[], None);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn huge_costs_are_drawn_or_refused_never_a_panic_or_a_hang() {
+    let v = "../../schedules/dualpipev-4x10.json";
+    let out = dualpipe(
+        &[
+            "render",
+            v,
+            "--format",
+            "text",
+            "--cost",
+            "f=1e15,b=2e15,w=1e15",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("step time 6.6e16"));
+    for args in [
+        &["simulate", v, "--cost", "f=1e308,b=1e308"][..],
+        &["render", v, "--format", "svg", "--cost", "f=1e308,b=1e308"],
+        &["render", v, "--format", "text", "--cost", "f=1e308,b=1e308"],
+    ] {
+        let out = dualpipe(args, None);
+        assert_clean_error(&out, 2, "the costs are too large");
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[test]
+fn sizes_beyond_the_planner_limit_are_refused_at_once() {
+    let started = std::time::Instant::now();
+    let out = dualpipe(&["plan", "-s", "1f1b", "-n", "1000", "-c", "100000"], None);
+    assert_clean_error(&out, 2, "the planner takes at most 1048576");
+    let out = dualpipe(&["plan", "-s", "1f1b", "-n", "256", "-c", "20000"], None);
+    assert_clean_error(&out, 2, "runs 5120000 (stage, micro-batch) pairs");
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+    // Nothing accepts this size: compare says why instead of printing an empty table.
+    let out = dualpipe(&["compare", "-n", "100000", "-c", "200000"], None);
+    assert_clean_error(&out, 2, "no schedule family accepts 100000 ranks");
+    assert!(text(&out.stderr).contains("dualpipev: "));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn chrome_flows_end_at_or_after_their_start() {
+    for model in ["blocking", "async"] {
+        let out = dualpipe(
+            &[
+                "render",
+                "../../schedules/dualpipev-4x10.json",
+                "--format",
+                "chrome",
+                "--model",
+                model,
+                "--cost",
+                "comm=0.3",
+            ],
+            None,
+        );
+        assert!(out.status.success());
+        let trace: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let events = trace["traceEvents"].as_array().unwrap();
+        let mut starts = std::collections::HashMap::new();
+        for e in events.iter().filter(|e| e["ph"] == "s") {
+            starts.insert(e["id"].as_u64().unwrap(), e["ts"].as_f64().unwrap());
+        }
+        let ends: Vec<_> = events.iter().filter(|e| e["ph"] == "f").collect();
+        assert!(!ends.is_empty());
+        for e in ends {
+            let start = starts[&e["id"].as_u64().unwrap()];
+            assert!(e["ts"].as_f64().unwrap() >= start, "{model}: {e}");
+        }
+    }
+}
+
+#[test]
+fn outputs_go_where_asked_and_nowhere_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = |output: &str, force: bool| {
+        let mut args = vec!["plan", "-s", "1f1b", "-n", "2", "-c", "2", "-o", output];
+        if force {
+            args.push("--force");
+        }
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dualpipe"));
+        command.args(&args).current_dir(dir.path());
+        command.output().unwrap()
+    };
+    // `-o -` is standard output, not a file named `-`.
+    let out = plan("-", false);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("\"schedule\": \"1f1b\""));
+    assert!(!dir.path().join("-").exists());
+    // A device needs no --force.
+    assert!(plan("/dev/null", false).status.success());
+    // A directory is refused before any work, with or without --force.
+    let here = dir.path().to_str().unwrap();
+    assert_clean_error(&plan(here, true), 2, "is a directory");
+    // A CSV read as a schedule says what to do, in the user's words.
+    let csv = dir.path().join("s.csv");
+    std::fs::write(&csv, "0F0,0B0\n").unwrap();
+    let out = dualpipe(
+        &["convert", csv.to_str().unwrap(), "--to", "torch-csv"],
+        None,
+    );
+    assert_clean_error(&out, 1, "--from torch-csv");
+    assert!(!text(&out.stderr).contains("RawSchedule"));
+}

@@ -153,6 +153,16 @@ fn bad_requests_are_refused_with_a_reason() {
             2,
             "--timeout must be",
         ),
+        (
+            &["run", "-s", "1f1b", "-n", "2", "-c", "2", "--lr=-1"],
+            2,
+            "--lr -1: the learning rate must be a positive number",
+        ),
+        (
+            &["run", "-s", "1f1b", "-n", "2", "-c", "2", "--lr", "0"],
+            2,
+            "must be a positive number",
+        ),
         (&["run", "missing.json"], 2, "cannot read missing.json"),
         (&["run", broken], 1, "invalid schedule"),
     ];
@@ -163,4 +173,34 @@ fn bad_requests_are_refused_with_a_reason() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn deep_pipelines_are_checked_not_refused() {
+    // 64 stages: the reference model's gradient used to vanish at this depth, and the run
+    // failed with "the reference gradient of w1 is zero".
+    for (family, n, c) in [("dualpipev", "32", "64"), ("1f1b", "64", "64")] {
+        let out = dualpipe(&[
+            "run", "-s", family, "-n", n, "-c", c, "--hidden", "8", "--rows", "2", "--steps", "2",
+        ]);
+        let stdout = text(&out.stdout);
+        assert!(out.status.success(), "{family}: {}", text(&out.stderr));
+        assert!(
+            stdout.contains("losses bitwise equal in 2 of 2 steps"),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn divergence_is_reported_as_divergence() {
+    let out = dualpipe(&[
+        "run", "-s", "1f1b", "-n", "4", "-c", "8", "--lr", "50", "--steps", "20", "--hidden", "16",
+        "--rows", "4",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("the training diverged"), "{stderr}");
+    assert!(stderr.contains("try a smaller --lr (now 50)"), "{stderr}");
+    assert!(!stderr.contains("differs"), "{stderr}");
 }

@@ -149,26 +149,69 @@ pub struct Agreement {
     pub max_cal_diff: f64,
 }
 
+/// Why a pipelined step was not accepted by [`compare`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    /// The pipelined step differs from the reference: a real failure.
+    #[error("{0}")]
+    Differs(String),
+    /// The reference step itself produced a loss or gradient that is not finite: the training
+    /// diverged (a learning rate too large, say), so there is nothing to compare.
+    #[error("{0}")]
+    Diverged(String),
+    /// The reference cannot tell a right step from a wrong one here (a gradient that is zero
+    /// everywhere).
+    #[error("{0}")]
+    Unchecked(String),
+}
+
+/// The first loss or gradient of the reference step that is not finite, if any.
+fn diverged(reference: &ReferenceRun) -> Option<String> {
+    if let Some((mb, loss)) = reference
+        .losses
+        .iter()
+        .enumerate()
+        .find_map(|(mb, l)| l.filter(|l| !l.is_finite()).map(|l| (mb, l)))
+    {
+        return Some(format!("micro-batch {mb}: the loss is {loss}"));
+    }
+    for (stage, gradients) in reference.gradients.iter().enumerate() {
+        for (name, values) in gradients.tensors() {
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Some(format!("stage {stage}: the gradient of {name} holds {v}"));
+            }
+        }
+    }
+    None
+}
+
 /// Holds `pipelined` to `reference`: every loss bitwise equal, every output the pipelined
 /// run returned bitwise equal, every gradient tensor within [`CAL_DIFF_LIMIT`], and nothing
 /// left saved on any stage. Says what differs, where, on failure.
-pub fn compare(pipelined: &ReferenceRun, reference: &ReferenceRun) -> Result<Agreement, String> {
+pub fn compare(pipelined: &ReferenceRun, reference: &ReferenceRun) -> Result<Agreement, Mismatch> {
+    if let Some(why) = diverged(reference) {
+        return Err(Mismatch::Diverged(why));
+    }
     if pipelined.losses.len() != reference.losses.len() {
-        return Err(format!(
+        return Err(Mismatch::Differs(format!(
             "{} losses, but the reference has {}",
             pipelined.losses.len(),
             reference.losses.len()
-        ));
+        )));
     }
     for (mb, (ours, theirs)) in pipelined.losses.iter().zip(&reference.losses).enumerate() {
         match (ours, theirs) {
             (Some(a), Some(b)) if a.to_bits() == b.to_bits() => {}
             (Some(a), Some(b)) => {
-                return Err(format!(
+                return Err(Mismatch::Differs(format!(
                     "micro-batch {mb}: loss {a:e}, but the reference has {b:e}"
-                ));
+                )));
             }
-            _ => return Err(format!("micro-batch {mb}: no loss came back")),
+            _ => {
+                return Err(Mismatch::Differs(format!(
+                    "micro-batch {mb}: no loss came back"
+                )));
+            }
         }
     }
     let mut outputs = 0;
@@ -177,19 +220,19 @@ pub fn compare(pipelined: &ReferenceRun, reference: &ReferenceRun) -> Result<Agr
             let same =
                 a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
             if !same {
-                return Err(format!(
+                return Err(Mismatch::Differs(format!(
                     "micro-batch {mb}: the output differs from the reference"
-                ));
+                )));
             }
             outputs += 1;
         }
     }
     if pipelined.gradients.len() != reference.gradients.len() {
-        return Err(format!(
+        return Err(Mismatch::Differs(format!(
             "gradients of {} stages, but the reference has {}",
             pipelined.gradients.len(),
             reference.gradients.len()
-        ));
+        )));
     }
     let mut max_cal_diff = 0.0f64;
     for (stage, (ours, theirs)) in pipelined
@@ -200,24 +243,24 @@ pub fn compare(pipelined: &ReferenceRun, reference: &ReferenceRun) -> Result<Agr
     {
         for ((name, a), (_, b)) in ours.tensors().into_iter().zip(theirs.tensors()) {
             if b.iter().all(|&v| v == 0.0) {
-                return Err(format!(
+                return Err(Mismatch::Unchecked(format!(
                     "stage {stage}: the reference gradient of {name} is zero, so comparing it proves nothing"
-                ));
+                )));
             }
             let diff = cal_diff(a, b);
             if diff.is_nan() || diff >= CAL_DIFF_LIMIT {
-                return Err(format!(
+                return Err(Mismatch::Differs(format!(
                     "stage {stage}: gradient of {name} has cal_diff {diff:e} against the reference (limit {CAL_DIFF_LIMIT:e})"
-                ));
+                )));
             }
             max_cal_diff = max_cal_diff.max(diff);
         }
     }
     if pipelined.leftover != 0 {
-        return Err(format!(
+        return Err(Mismatch::Differs(format!(
             "{} saved activations or pending weight gradients were left after the step",
             pipelined.leftover
-        ));
+        )));
     }
     Ok(Agreement {
         losses: pipelined.losses.len(),
@@ -242,5 +285,43 @@ mod tests {
             "{small} {large}"
         );
         assert!((cal_diff(&x, &[-1.0, 2.0, -3.0]) - 2.0).abs() < 1e-12);
+    }
+
+    fn run(losses: &[f32], w1: f32) -> ReferenceRun {
+        let mut gradients = Parameters::zeros(1);
+        gradients.w1.fill(w1);
+        gradients.b1.fill(1.0);
+        gradients.w2.fill(1.0);
+        gradients.b2.fill(1.0);
+        ReferenceRun {
+            losses: losses.iter().copied().map(Some).collect(),
+            outputs: Vec::new(),
+            gradients: vec![gradients],
+            leftover: 0,
+        }
+    }
+
+    #[test]
+    fn divergence_and_unchecked_gradients_are_not_differences() {
+        let good = run(&[0.5], 1.0);
+        assert!(compare(&good, &good).is_ok());
+        let nan = run(&[f32::NAN], 1.0);
+        assert_eq!(
+            compare(&nan, &nan),
+            Err(Mismatch::Diverged("micro-batch 0: the loss is NaN".into()))
+        );
+        let inf = run(&[0.5], f32::INFINITY);
+        assert_eq!(
+            compare(&inf, &inf),
+            Err(Mismatch::Diverged(
+                "stage 0: the gradient of w1 holds inf".into()
+            ))
+        );
+        let zero = run(&[0.5], 0.0);
+        assert!(matches!(compare(&zero, &zero), Err(Mismatch::Unchecked(_))));
+        assert!(matches!(
+            compare(&run(&[0.25], 1.0), &good),
+            Err(Mismatch::Differs(_))
+        ));
     }
 }

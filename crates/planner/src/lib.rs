@@ -81,7 +81,7 @@ impl Family {
                 "ranks N >= 1 and micro-batches C >= 1"
             }
             Family::Interleaved1F1B => {
-                "ranks N >= 1, chunks per rank V >= 1, and micro-batches C >= 1 that split into equal rounds: C must be a multiple of max(1, C / N)"
+                "ranks N >= 1, chunks per rank V >= 1, and micro-batches C >= 1 that split into rounds of equal size: C up to N, or a multiple of C / N rounded down (with N = 4: 8 and 12, not 9)"
             }
         }
     }
@@ -187,7 +187,7 @@ pub enum PlanError {
     /// A generator produced a compute order that does not lower: a bug in the planner.
     #[error("internal planner error, please report it: {0}")]
     Internal(String),
-    /// The request is too large to index with 32-bit ids.
+    /// The request has more (stage, micro-batch) pairs than [`MAX_STAGE_PASSES`].
     #[error("{0}")]
     TooLarge(String),
 }
@@ -239,7 +239,13 @@ pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
     Ok(schedule)
 }
 
-/// Checks `request` against its family's constraint.
+/// The most (stage, micro-batch) pairs a plan may have: 2^20. Each pair is a forward and a
+/// backward with their messages, about eight instructions; planning the largest allowed
+/// schedule takes seconds and about 1 GB, and anything much larger would exhaust memory.
+pub const MAX_STAGE_PASSES: u64 = 1 << 20;
+
+/// Checks `request` against its family's constraint and the size limit
+/// ([`MAX_STAGE_PASSES`]).
 pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
     let PlanRequest {
         family,
@@ -266,10 +272,11 @@ pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
             chunks: chunks_per_rank,
         });
     }
-    let stage_count = u64::from(n) * u64::from(v.max(2));
-    if stage_count * u64::from(c) > u64::from(u32::MAX) / 8 {
+    let passes = u64::from(stages(family, n, v)) * u64::from(c);
+    if passes > MAX_STAGE_PASSES {
         return Err(PlanError::TooLarge(format!(
-            "{n} ranks x {c} micro-batches is too large to plan"
+            "{family} on {n} ranks with {c} micro-batches runs {passes} (stage, micro-batch) pairs; \
+             the planner takes at most {MAX_STAGE_PASSES} (about 8 million instructions and 1 GB of memory)"
         )));
     }
     Ok(())
@@ -311,5 +318,30 @@ fn pipelines(family: Family, n: u32, c: u32, v: u32) -> Vec<Pipeline> {
             route: down,
             microbatches: (0..c).collect(),
         }],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_that_would_not_fit_are_refused_up_front() {
+        for (family, n, c) in [
+            (Family::OneFOneB, 1000, 100_000),
+            (Family::OneFOneB, 256, 20_000),
+            (Family::DualPipeV, 100_000, 200_000),
+        ] {
+            let error = check(&PlanRequest::new(family, n, c)).unwrap_err();
+            assert!(
+                matches!(&error, PlanError::TooLarge(m) if m.contains("at most 1048576")),
+                "{error}"
+            );
+        }
+        // The benchmark sizes still plan.
+        for (family, n, c) in [(Family::DualPipeV, 64, 512), (Family::DualPipe, 64, 1024)] {
+            check(&PlanRequest::new(family, n, c)).unwrap();
+        }
+        check(&PlanRequest::new(Family::OneFOneB, 64, 16_384)).unwrap();
     }
 }

@@ -15,7 +15,7 @@ use crate::format::{Format, Instruction, Pipeline, Schedule};
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
     /// The JSON itself, or a header field, is wrong.
-    #[error("not a dualpipe-schedule/v1 document: {0}")]
+    #[error("not a dualpipe-schedule/v1 document: {}", describe(.0))]
     Document(#[source] serde_json::Error),
     /// One instruction is wrong.
     #[error("rank {rank}, instruction {index}: {reason} in {text}")]
@@ -29,6 +29,13 @@ pub enum ParseError {
         /// The instruction's JSON text.
         text: String,
     },
+}
+
+/// A serde error in the user's words: the document is a JSON object, not a Rust type.
+fn describe(error: &serde_json::Error) -> String {
+    error
+        .to_string()
+        .replace("struct RawSchedule", "a JSON object")
 }
 
 #[derive(Deserialize)]

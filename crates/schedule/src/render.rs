@@ -64,8 +64,13 @@ pub fn timeline_text(
         number(sim.makespan),
         number(scale)
     );
-    // The time axis: a tick label every `step` units, spaced at least 6 columns apart.
-    let step = nice_step(6.0 / scale);
+    // The time axis: a tick label every `step` units, spaced at least 6 columns apart and
+    // wider than the longest label.
+    let widest = number(sim.makespan)
+        .len()
+        .max(number(nice_step(6.0 / scale)).len())
+        + 2;
+    let step = nice_step(widest.max(6) as f64 / scale);
     let mut axis = vec![b' '; width + 16];
     for k in 0u64.. {
         let t = k as f64 * step;
@@ -74,6 +79,9 @@ pub fn timeline_text(
             break;
         }
         let label = number(t);
+        if axis.len() < at + label.len() {
+            axis.resize(at + label.len(), b' ');
+        }
         axis[at..at + label.len()].copy_from_slice(label.as_bytes());
     }
     let axis = String::from_utf8(axis).expect("ASCII");
@@ -224,6 +232,12 @@ fn nice_step(min: f64) -> f64 {
 }
 
 fn number(value: f64) -> String {
+    if value != 0.0 && !(1e-3..1e9).contains(&value.abs()) {
+        let text = format!("{value:.3e}");
+        let (mantissa, exponent) = text.split_once('e').unwrap_or((&text, "0"));
+        let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+        return format!("{mantissa}e{exponent}");
+    }
     let text = format!("{value:.3}");
     text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
@@ -413,4 +427,50 @@ fn escape(text: &str) -> String {
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::costs::Costs;
+    use crate::format::{Format, Pipeline, Schedule};
+    use crate::parse_program;
+    use crate::simulate::simulate;
+    use crate::validate::ExecutionModel;
+
+    fn one_rank() -> ValidSchedule {
+        ValidSchedule::new(Schedule {
+            format: Format::V1,
+            schedule: "demo".into(),
+            num_ranks: 1,
+            num_stages: 1,
+            num_microbatches: 2,
+            forward_only: false,
+            pipelines: vec![Pipeline {
+                route: vec![0],
+                microbatches: vec![0, 1],
+            }],
+            ranks: vec![parse_program("F s0 m0 | F s0 m1 | B s0 m0 | B s0 m1").unwrap()],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn huge_times_fit_the_axis() {
+        // Axis labels longer than the grid's margin used to index out of range.
+        let valid = one_rank();
+        for list in ["f=1e15,b=2e15,w=1e15", "f=1e300,b=2e300,w=1e300"] {
+            let mut costs = Costs::default();
+            costs.apply_assignments(list).unwrap();
+            let sim = simulate(&valid, &costs, ExecutionModel::Blocking).unwrap();
+            let text = timeline_text(&valid, &sim, None);
+            assert!(text.contains("rank 0 F0"), "{list}: {text}");
+            let axis = text.lines().nth(1).unwrap();
+            assert!(
+                axis.split_whitespace().count() >= 3,
+                "{list}: labels run together: {axis}"
+            );
+            assert!(timeline_svg(&valid, &sim).len() < 100_000, "{list}");
+        }
+    }
 }

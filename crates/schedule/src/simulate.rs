@@ -569,6 +569,12 @@ impl<'a> Run<'a> {
             )));
         }
         let makespan = self.ranks.iter().map(|r| r.clock).fold(0.0, f64::max);
+        if !(makespan * self.ranks.len() as f64).is_finite() {
+            return Err(SimulateError::Costs(CostError(format!(
+                "the costs are too large: the step time times the number of ranks is {}, not a finite number",
+                makespan * self.ranks.len() as f64
+            ))));
+        }
         let ranks = self
             .ranks
             .iter()
@@ -970,5 +976,19 @@ mod tests {
             (Lane::Compute, 4000.0, 6000.0)
         );
         assert_eq!(sim.bubble_share(), 0.5);
+    }
+
+    #[test]
+    fn a_step_time_that_is_not_finite_is_an_error() {
+        let valid = straight(false, 2, &["F s0 m0 | F s0 m1 | B s0 m0 | B s0 m1"]);
+        let mut costs = Costs::default();
+        costs.apply_assignments("f=1e308,b=1e308").unwrap();
+        let error = simulate(&valid, &costs, ExecutionModel::Blocking).unwrap_err();
+        assert!(
+            error.to_string().contains("the costs are too large"),
+            "{error}"
+        );
+        costs.apply_assignments("f=1e300,b=1e300").unwrap();
+        assert!(simulate(&valid, &costs, ExecutionModel::Async).is_ok());
     }
 }

@@ -124,25 +124,38 @@ pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> Strin
                 continue;
             };
             flow += 1;
+            let (start, end) = flow_ends(from, to);
             let name = json_string(&instruction.to_string());
             event(
                 &mut out,
                 format!(
-                    r#"{{"name": {name}, "cat": "message", "ph": "s", "id": {flow}, "pid": {rank}, "tid": 1, "ts": {:.3}}}"#,
-                    middle(from)
+                    r#"{{"name": {name}, "cat": "message", "ph": "s", "id": {flow}, "pid": {rank}, "tid": 1, "ts": {start:.3}}}"#
                 ),
             );
             event(
                 &mut out,
                 format!(
-                    r#"{{"name": {name}, "cat": "message", "ph": "f", "bp": "e", "id": {flow}, "pid": {peer}, "tid": 1, "ts": {:.3}}}"#,
-                    middle(to)
+                    r#"{{"name": {name}, "cat": "message", "ph": "f", "bp": "e", "id": {flow}, "pid": {peer}, "tid": 1, "ts": {end:.3}}}"#
                 ),
             );
         }
     }
     out.push_str("\n]}\n");
     out
+}
+
+/// Where a message's arrow starts (in the sending batch's span) and ends (in the receiving
+/// batch's span), never back in time. When the two spans overlap, both ends go to the middle of
+/// the overlap; otherwise each to the middle of its span, the end no earlier than the start.
+fn flow_ends(from: &Span, to: &Span) -> (f64, f64) {
+    let lo = from.start_us.max(to.start_us);
+    let hi = from.end_us.min(to.end_us);
+    if lo < hi {
+        let both = (lo + hi) / 2.0;
+        return (both, both);
+    }
+    let start = middle(from);
+    (start, middle(to).max(start))
 }
 
 /// A flow end point strictly inside its span (Perfetto binds flow events to the slice open on
@@ -237,5 +250,24 @@ mod tests {
             .find(|e| e["ph"] == "X" && e["pid"] == 0 && e["tid"] == 1)
             .unwrap();
         assert_eq!(commit["name"], "commit: send act s0 m0 -> r1");
+        let ts = |ph: &str| events.iter().find(|e| e["ph"] == ph).unwrap()["ts"].as_f64();
+        assert!(ts("f") >= ts("s"), "the arrow goes back in time");
+    }
+
+    #[test]
+    fn flows_never_go_back_in_time() {
+        let span = |start_us, end_us| Span {
+            rank: 0,
+            index: 0,
+            lane: Lane::Comm,
+            start_us,
+            end_us,
+        };
+        // The receiver posted long before the sender and finished with it: the middle of the
+        // receiving span (6) lies before the middle of the sending one (11).
+        assert_eq!(flow_ends(&span(10.0, 12.0), &span(0.0, 12.0)), (11.0, 11.0));
+        assert_eq!(flow_ends(&span(0.0, 2.0), &span(4.0, 6.0)), (1.0, 5.0));
+        assert_eq!(flow_ends(&span(4.0, 6.0), &span(0.0, 2.0)), (5.0, 5.0));
+        assert_eq!(flow_ends(&span(3.0, 3.0), &span(3.0, 3.0)), (3.0, 3.0));
     }
 }

@@ -139,6 +139,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 .sum(),
         });
     }
+    if rows.is_empty() {
+        let reasons: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("  {}: {}", s.family, s.reason))
+            .collect();
+        return Err(Failure::usage(format!(
+            "no schedule family accepts {n} ranks and {c} micro-batches:\n{}",
+            reasons.join("\n")
+        )));
+    }
     let comparison = Comparison {
         ranks: n,
         microbatches: c,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use dualpipe_planner::lower::lower_torch_order;
 use dualpipe_schedule::{ValidSchedule, read_torch_csv, to_torch_csv, validate};
 
-use crate::io::{Failure, load_schedule, read_input, source_name, write_output};
+use crate::io::{Failure, check_output, load_schedule, read_input, source_name, write_output};
 
 /// Foreign formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -57,6 +57,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
+    check_output(args.output.as_deref(), args.force)?;
     if args.with_comms && args.to.is_none() {
         return Err(Failure::usage(
             "--with-comms applies to --to torch-csv only",

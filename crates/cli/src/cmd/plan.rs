@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::validate;
 
-use crate::io::{Failure, write_output};
+use crate::io::{Failure, check_output, write_output};
 
 /// Generate a schedule and write it as format-v1 JSON.
 #[derive(clap::Args)]
@@ -21,7 +21,7 @@ Schedules and what they need:
   dualpipev         N >= 1, C >= 2N
   1f1b, gpipe, zb1p N >= 1, C >= 1
   zbv               N >= 1, C >= 2N
-  interleaved-1f1b  N >= 1, C a multiple of max(1, C / N), --chunks-per-rank V >= 1 (default 2)")]
+  interleaved-1f1b  N >= 1, C up to N or a multiple of C / N rounded down, --chunks-per-rank V >= 1 (default 2)")]
 pub struct Args {
     /// Schedule family: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b.
     #[arg(long, short = 's', value_parser = parse_family)]
@@ -52,6 +52,7 @@ fn parse_family(name: &str) -> Result<Family, String> {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
+    check_output(args.output.as_deref(), args.force)?;
     let mut request = PlanRequest::new(args.schedule, args.ranks, args.microbatches);
     request.forward_only = args.forward_only;
     request.chunks_per_rank = args.chunks_per_rank;

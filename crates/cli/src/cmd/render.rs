@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use dualpipe_schedule::{timeline_svg, timeline_text};
 
-use crate::io::{Failure, write_output};
+use crate::io::{Failure, check_output, write_output};
 use crate::options::{CostOptions, simulate_file};
 
 /// Output format.
@@ -53,6 +53,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
+    check_output(args.output.as_deref(), args.force)?;
     if let Some(columns) = args.columns {
         if args.format != Format::Text {
             return Err(Failure::usage("--columns applies to --format text only"));

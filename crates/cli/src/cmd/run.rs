@@ -6,14 +6,14 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, ReferenceRun, compare};
+use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, Mismatch, ReferenceRun, compare};
 use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_executor::{CpuPipeline, Options, Profile};
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::io::{Failure, load_schedule, source_name, write_output, write_stdout};
+use crate::io::{Failure, check_output, load_schedule, source_name, write_output, write_stdout};
 
 /// Train the reference model (per stage Linear(h, 4h) -> GELU -> Linear(4h, h), mean squared
 /// error at the last stage) on synthetic data under a schedule, one CPU thread per rank. Every
@@ -56,9 +56,10 @@ pub struct Args {
     /// Training steps.
     #[arg(long, default_value_t = 10)]
     steps: u32,
-    /// Learning rate of plain gradient descent.
-    #[arg(long, default_value_t = 0.5)]
-    lr: f32,
+    /// Learning rate of plain gradient descent (default 8 / (stages x micro-batches): the
+    /// gradients of every micro-batch add up, and every stage learns at once).
+    #[arg(long, allow_negative_numbers = true)]
+    lr: Option<f32>,
     /// Seed of the parameters and the data.
     #[arg(long, default_value_t = 233)]
     seed: u64,
@@ -96,16 +97,12 @@ const MEMORY_LIMIT: f64 = 8.0 * (1u64 << 30) as f64;
 pub fn run(args: Args) -> Result<(), Failure> {
     let (source, schedule) = schedule(&args)?;
     check_sizes(&args, &schedule)?;
-    if let Some(path) = &args.trace {
-        if path.exists() && !args.force {
-            return Err(Failure::usage(format!(
-                "{} already exists; pass --force to overwrite it",
-                path.display()
-            )));
-        }
-    }
+    check_output(args.trace.as_deref(), args.force)?;
     let doc = schedule.schedule();
     let training = !doc.forward_only;
+    let lr = args
+        .lr
+        .unwrap_or(8.0 / (doc.num_stages as f32 * doc.num_microbatches.max(1) as f32));
     let (num_ranks, num_stages, microbatches) =
         (doc.num_ranks, doc.num_stages, doc.num_microbatches);
     let spec = ModelSpec {
@@ -136,7 +133,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     let _ = writeln!(
         out,
-        "model: {num_stages} x (Linear({h}, {h4}) -> GELU -> Linear({h4}, {h})), {rows} rows per micro-batch, {params:.2} M parameters; {} model, {num_ranks} CPU threads",
+        "model: {num_stages} x (Linear({h}, {h4}) -> GELU -> Linear({h4}, {h})), {rows} rows per micro-batch, {params:.2} M parameters; learning rate {lr}; {} model, {num_ranks} CPU threads",
         args.model,
         h = args.hidden,
         h4 = 4 * args.hidden,
@@ -217,10 +214,18 @@ pub fn run(args: Args) -> Result<(), Failure> {
             leftover: 0,
         };
         let agreement = compare(&ours, &theirs).map_err(|e| {
-            Failure::invalid(format!(
-                "step {}: the pipelined run differs from the single-process reference: {e}",
-                step + 1
-            ))
+            let step = step + 1;
+            Failure::invalid(match e {
+                Mismatch::Differs(why) => format!(
+                    "step {step}: the pipelined run differs from the single-process reference: {why}"
+                ),
+                Mismatch::Diverged(why) => format!(
+                    "step {step}: the training diverged ({why}); try a smaller --lr (now {lr})"
+                ),
+                Mismatch::Unchecked(why) => format!(
+                    "step {step}: the single-process reference cannot check this run: {why}"
+                ),
+            })
         })?;
         max_cal_diff = max_cal_diff.max(agreement.max_cal_diff);
 
@@ -234,7 +239,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         if training {
             for rank in 0..num_ranks {
                 for (_, stage) in pipeline.stages_mut(rank).iter_mut() {
-                    stage.sgd(args.lr);
+                    stage.sgd(lr);
                 }
             }
         }
@@ -324,8 +329,12 @@ fn check_sizes(args: &Args, schedule: &ValidSchedule) -> Result<(), Failure> {
             "--timeout must be a positive number of seconds",
         ));
     }
-    if !args.lr.is_finite() {
-        return Err(Failure::usage("--lr must be a finite number"));
+    if let Some(lr) = args.lr
+        && !(lr.is_finite() && lr > 0.0)
+    {
+        return Err(Failure::usage(format!(
+            "--lr {lr}: the learning rate must be a positive number"
+        )));
     }
     let doc = schedule.schedule();
     let (h, rows) = (args.hidden as f64, args.rows as f64);
