@@ -10,6 +10,7 @@ See docs/torch.md.
 """
 
 from ._comm import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from ._models import CausalLMStage, measure_layer_costs, model_units, parameter_costs, split_model
 from ._pipeline import Pipeline, PipelineError
 from ._profile import Profile
 from ._split import DeferredWeights, backward_input
@@ -25,4 +26,9 @@ __all__ = [
     "set_p2p_tensor_dtype",
     "backward_input",
     "DeferredWeights",
+    "split_model",
+    "measure_layer_costs",
+    "parameter_costs",
+    "model_units",
+    "CausalLMStage",
 ]

@@ -240,6 +240,7 @@ class Pipeline(nn.Module):
         self._device = self._pick_device()
         self._id = next(_ids)
         self._steps = 0
+        self._shared = None
         self.profile: Optional[Profile] = Profile(self) if profile else None
 
     # ----------------------------------------------------------------- setup helpers
@@ -354,57 +355,94 @@ class Pipeline(nn.Module):
         return self._results(prog, st)
 
     def sum_copy_gradients(self) -> None:
-        """Sum the gradients of stages held by several ranks (DualPipe's two copies).
+        """Sum the gradients of parameters held by several ranks: DualPipe's two copies of
+        each stage, and tied weights (marked by :func:`split_model`) whose units sit on
+        different ranks.
 
         Every rank of the pipeline group must call it after a step (before any data-parallel
-        all-reduce). A no-op where no stage has a copy. Copies are added in rank order, so
-        every copy ends with the same bits.
+        all-reduce). A parameter that is both copied and tied is summed once. Contributions
+        are added in rank order, so every holder ends with the same bits. A no-op where
+        nothing is shared (the first call exchanges which tied weights each rank holds).
         """
-        holders: Dict[int, List[int]] = {}
-        for pipe in self.schedule.pipelines:
-            for stage, r in enumerate(pipe["route"]):
-                holders.setdefault(stage, [])
-                if r not in holders[stage]:
-                    holders[stage].append(r)
-        ops, mine = [], []
-        # Ascending stage order on every rank, so each pair's messages line up.
-        for stage, module in sorted(self._stage_module.items()):
-            ranks = sorted(holders.get(stage, [self.rank]))
-            if len(ranks) < 2:
-                continue
-            params = [p for p in module.parameters() if p.requires_grad]
-            flat = torch.cat(
-                [
-                    (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                    for p in params
-                ]
-            ) if params else torch.zeros(0, device=self._device)
-            bufs = {}
-            for r in ranks:
-                if r == self.rank:
-                    bufs[r] = flat
-                    continue
-                buf = torch.empty_like(flat)
-                bufs[r] = buf
-                ops.append(dist.P2POp(dist.isend, flat, self._to_global(r), self.group))
-                ops.append(dist.P2POp(dist.irecv, buf, self._to_global(r), self.group))
-            mine.append((params, ranks, bufs))
+        shared = self._shared_parameters()
+        peers = sorted({r for _, _, holders in shared for r in holders if r != self.rank})
+        if not shared:
+            return
+        own = {}
+        for key, params, _ in shared:
+            total = None
+            for p in params:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                total = g.clone() if total is None else total.add_(g)
+            own[key] = total
+        ops, incoming = [], {}
+        for peer in peers:
+            keys = [key for key, _, holders in shared if peer in holders]
+            flat = torch.cat([own[k].reshape(-1) for k in keys])
+            buf = torch.empty_like(flat)
+            ops.append(dist.P2POp(dist.isend, flat, self._to_global(peer), self.group))
+            ops.append(dist.P2POp(dist.irecv, buf, self._to_global(peer), self.group))
+            incoming[peer] = (keys, buf)
         if ops:
             try:
                 _comm.wait(_comm.post(ops), self.timeout)
             except RuntimeError as exc:
                 raise PipelineError(
-                    f"rank {self.rank}: summing stage copies failed: {exc}", self.rank
+                    f"rank {self.rank}: summing shared gradients failed: {exc}", self.rank
                 ) from exc
-        for params, ranks, bufs in mine:
-            total = bufs[ranks[0]].clone()
-            for r in ranks[1:]:
-                total += bufs[r]
+        parts = {}
+        for peer, (keys, buf) in incoming.items():
             offset = 0
-            for p in params:
-                n = p.numel()
-                p.grad = total[offset : offset + n].view_as(p).clone()
+            for k in keys:
+                n = own[k].numel()
+                parts[(k, peer)] = buf[offset : offset + n].view_as(own[k])
                 offset += n
+        for key, params, holders in shared:
+            total = None
+            for r in holders:
+                part = own[key] if r == self.rank else parts[(key, r)]
+                total = part.clone() if total is None else total.add_(part)
+            for p in params:
+                p.grad = total.clone()
+
+    def _shared_parameters(self):
+        """``[(key, local parameters, holder ranks)]`` for every parameter held more than
+        once, in one order on every rank (computed once)."""
+        if self._shared is not None:
+            return self._shared
+        from ._models import TIE_ATTRIBUTE
+
+        stage_holders: Dict[int, set] = {}
+        for pipe in self.schedule.pipelines:
+            for stage, r in enumerate(pipe["route"]):
+                stage_holders.setdefault(stage, set()).add(r)
+        local: Dict[tuple, List[torch.nn.Parameter]] = {}
+        for stage, module in sorted(self._stage_module.items()):
+            for idx, p in enumerate(module.parameters()):
+                if not p.requires_grad:
+                    continue
+                tie = getattr(p, TIE_ATTRIBUTE, None)
+                key = ("tie", str(tie)) if tie is not None else ("stage", str(stage), str(idx))
+                found = local.setdefault(key, [])
+                if not any(q is p for q in found):
+                    found.append(p)
+        ties = sorted(k[1] for k in local if k[0] == "tie")
+        gathered: List = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, (self.rank, ties), group=self.group)
+        tie_holders: Dict[str, set] = {}
+        for r, names in gathered:
+            for name in names:
+                tie_holders.setdefault(name, set()).add(r)
+        shared = []
+        for key in sorted(local):
+            if key[0] == "tie":
+                holders = sorted(tie_holders[key[1]])
+            else:
+                holders = sorted(stage_holders.get(int(key[1]), {self.rank}))
+            if len(holders) > 1 or len(local[key]) > 1:
+                shared.append((key, local[key], holders))
+        self._shared = shared
+        return shared
 
     # ----------------------------------------------------------------- the step
 
