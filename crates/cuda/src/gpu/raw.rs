@@ -3,7 +3,9 @@
 //! uses `unsafe`.
 #![allow(unsafe_code)]
 
-use std::sync::Arc;
+use std::panic::catch_unwind;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as cublas_sys};
 use cudarc::driver::{
@@ -11,31 +13,127 @@ use cudarc::driver::{
 };
 use half::bf16;
 
+use crate::detect::{self, Candidate, Lib, LibraryStatus};
 use crate::gpu::GpuError;
 use crate::kernels::{DType, REDUCE_THREADS};
 
-/// Which of the libraries the backend loads at run time can be found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Libraries {
-    pub driver: bool,
-    pub nvrtc: bool,
-    pub cublas: bool,
-    pub nccl: bool,
+/// Looks for every library of [`Lib::ALL`] once per process (see [`crate::detect`]) and
+/// loads each one found, so that cudarc's later open by name gets it; then checks that
+/// cudarc reaches each (by making cudarc load it now) and which files ended up mapped.
+pub(crate) fn libraries() -> &'static [LibraryStatus] {
+    static LIBRARIES: OnceLock<Vec<LibraryStatus>> = OnceLock::new();
+    LIBRARIES.get_or_init(|| {
+        let env = detect::env_dirs(std::env::var_os(detect::LIBS_VAR).as_deref());
+        let mut site_packages: Option<Result<Vec<PathBuf>, String>> = None;
+        let mut python = || {
+            site_packages
+                .get_or_insert_with(detect::python_site_packages)
+                .clone()
+        };
+        Lib::ALL
+            .iter()
+            .map(|&lib| {
+                let mut status = detect::find(lib, &env, &mut python, &mut open_global);
+                if let Some((path, _)) = &status.found {
+                    status.reachable = cudarc_reaches(lib);
+                    let ours = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                    status.also_mapped = detect::mapped_now(lib)
+                        .into_iter()
+                        .filter(|p| *p != ours)
+                        .collect();
+                }
+                status
+            })
+            .collect()
+    })
 }
 
-/// Looks for the libraries without calling into any of them (cudarc panics on the first call
-/// into a library it cannot load, so this comes before anything else).
-pub(crate) fn libraries() -> Libraries {
-    // SAFETY: `is_culib_present` only tries to open the shared library by name and closes it
-    // again; it runs none of the library's code beyond its initialisers.
-    unsafe {
-        Libraries {
-            driver: cudarc::driver::sys::is_culib_present(),
-            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
-            cublas: cudarc::cublas::sys::is_culib_present(),
-            nccl: cudarc::nccl::sys::is_culib_present(),
+/// Loads `candidate` for the whole process with its symbols global (NVRTC's builtins
+/// first, from the same directory), and returns the file loaded.
+fn open_global(lib: Lib, candidate: &Candidate) -> Result<PathBuf, String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    let open = |file: &std::ffi::OsStr| {
+        // SAFETY: loading a CUDA library runs its initialisers, which only set up the
+        // library's own state; the handle is kept for the life of the process (forgotten
+        // below), as cudarc keeps its own, so nothing is unloaded while in use.
+        unsafe { Library::open(Some(file), RTLD_NOW | RTLD_GLOBAL) }
+            .map(std::mem::forget)
+            .map_err(|e| {
+                // libloading's own text is "dlopen failed"; the loader's message is its source.
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+            })
+    };
+    match candidate {
+        Candidate::File(path) => {
+            if let (Some(prefix), Some(dir)) = (lib.companion_prefix(), path.parent()) {
+                for companion in detect::files_with_prefix(dir, prefix) {
+                    // A companion that does not load leaves the library to find its own.
+                    let _ = open(companion.as_os_str());
+                }
+            }
+            open(path.as_os_str())?;
+            Ok(path.clone())
+        }
+        Candidate::Name(name) => {
+            let before = detect::mapped_now(lib);
+            open(std::ffi::OsStr::new(name))?;
+            let after = detect::mapped_now(lib);
+            let new = after.iter().find(|p| !before.contains(p));
+            Ok(new
+                .or(after.first())
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(name)))
         }
     }
+}
+
+/// Whether cudarc finds `lib` by the names it tries; when it does, cudarc loads it now (its
+/// first open, which would otherwise come with the first call).
+fn cudarc_reaches(lib: Lib) -> bool {
+    type Present = unsafe fn() -> bool;
+    type Load = unsafe fn() -> &'static libloading::Library;
+    let (present, load): (Present, Load) = match lib {
+        Lib::Driver => (
+            cudarc::driver::sys::is_culib_present,
+            cudarc::driver::sys::culib,
+        ),
+        Lib::Nvrtc => (
+            cudarc::nvrtc::sys::is_culib_present,
+            cudarc::nvrtc::sys::culib,
+        ),
+        Lib::Cublas => (
+            cudarc::cublas::sys::is_culib_present,
+            cudarc::cublas::sys::culib,
+        ),
+        Lib::Nccl => (
+            cudarc::nccl::sys::is_culib_present,
+            cudarc::nccl::sys::culib,
+        ),
+        // cudarc never opens it; cuBLAS does, through the loader.
+        Lib::CublasLt => return true,
+    };
+    // SAFETY: `is_culib_present` opens libraries by name and closes them again; `culib` opens
+    // the first present one and keeps it, exactly as the first call into the library would.
+    // `culib` panics only when no name resolves, which `is_culib_present` has just excluded;
+    // the catch_unwind makes even that a plain `false`.
+    catch_unwind(|| unsafe {
+        present() && {
+            load();
+            true
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// The CUDA version the driver supports, as (major, minor).
+pub(crate) fn driver_version() -> Result<(i32, i32), GpuError> {
+    let mut version: std::ffi::c_int = 0;
+    // SAFETY: called only after `libraries()` found the driver reachable; cuDriverGetVersion
+    // writes one int through the pointer, which points at a live local.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| GpuError::driver("asking the driver for its version", e))?;
+    Ok((version / 1000, (version % 1000) / 10))
 }
 
 /// Turns off cudarc's per-buffer event tracking for buffers allocated from now on in `ctx`:
@@ -252,36 +350,86 @@ unsafe fn launch(
         .map_err(|e| GpuError::driver("launching a kernel", e))
 }
 
+/// An NVRTC program, destroyed when dropped.
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the program was created by `create_program` and is destroyed only here.
+        // A failure to destroy it leaks a little host memory, which is all it can do.
+        let _ = unsafe { cudarc::nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+/// Compiles `source` with NVRTC straight to a CUBIN for `arch` (`sm_90`), so that the driver
+/// loads machine code and never has to read PTX, whose version a driver older than NVRTC
+/// refuses (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`).
+fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>, GpuError> {
+    use cudarc::nvrtc::{result, sys};
+    let nvrtc = |what: &str, e: result::NvrtcError| {
+        GpuError::Library(format!("NVRTC {what} for {arch} failed: {:?}", e.0))
+    };
+    let src = std::ffi::CString::new(source)
+        .map_err(|_| GpuError::Library("the kernel source holds a NUL byte".into()))?;
+    let program = Program(result::create_program(&src, None).map_err(|e| nvrtc("create", e))?);
+    let options = [format!("--gpu-architecture={arch}")];
+    // SAFETY: `program` is live (destroyed only on drop) and `src` outlives it.
+    let compiled = unsafe { result::compile_program(program.0, &options) };
+    if let Err(e) = compiled {
+        // SAFETY: as above; the log is a NUL-terminated string NVRTC wrote into our buffer.
+        let log = unsafe { result::get_program_log(program.0) }
+            .map(|chars| {
+                let bytes: Vec<u8> = chars
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&b| b != 0)
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        return Err(GpuError::Library(format!(
+            "NVRTC could not compile the kernels for {arch}: {:?}\n{log}",
+            e.0
+        )));
+    }
+    let mut size = 0usize;
+    // SAFETY: `program` was compiled above; NVRTC writes the size through a live local.
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }
+        .result()
+        .map_err(|e| nvrtc("CUBIN size", e))?;
+    if size == 0 {
+        return Err(GpuError::Library(format!(
+            "NVRTC produced no CUBIN for {arch} (the architecture may be virtual)"
+        )));
+    }
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` holds exactly the `size` bytes NVRTC asked for above.
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) }
+        .result()
+        .map_err(|e| nvrtc("CUBIN", e))?;
+    Ok(cubin)
+}
+
 /// The compiled kernels of one context.
 pub(crate) struct Kernels {
     functions: std::collections::HashMap<(crate::kernels::Kernel, DType), CudaFunction>,
 }
 
 impl Kernels {
-    /// Compiles [`crate::kernels::source`] for the device of `ctx` with NVRTC and loads every
-    /// kernel.
+    /// Compiles [`crate::kernels::source`] with NVRTC to a CUBIN for the device of `ctx` and
+    /// loads every kernel.
     pub fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, GpuError> {
         use crate::kernels::Kernel;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| GpuError::driver("reading the compute capability", e))?;
-        // NVRTC takes the architecture as a `&'static str`; a handful of values exist, so
-        // leaking one small string per process is harmless.
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let options = cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(crate::kernels::source(), options).map_err(
-            |e| {
-                GpuError::Library(format!(
-                    "NVRTC could not compile the kernels for {arch}: {e:?}"
-                ))
-            },
-        )?;
+        let arch = format!("sm_{major}{minor}");
+        let cubin = compile_cubin(&crate::kernels::source(), &arch)?;
         let module = ctx
-            .load_module(ptx)
-            .map_err(|e| GpuError::driver("loading the compiled kernels", e))?;
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| {
+                GpuError::driver(&format!("loading the kernels compiled for {arch}"), e)
+            })?;
         let mut functions = std::collections::HashMap::new();
         for dtype in [DType::F32, DType::Bf16] {
             for kernel in Kernel::ALL {
