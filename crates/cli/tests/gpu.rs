@@ -125,3 +125,177 @@ fn gpu_info_names_each_file_of_dualpipe_cuda_libs_that_fails_to_load() {
         );
     }
 }
+
+fn gpu_check_script() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gpu_check.sh")
+}
+
+fn write_executable(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// The row of `check` in the table `gpu_check.sh` prints: its result and note.
+fn row<'a>(stdout: &'a str, check: &str) -> Option<(&'a str, &'a str)> {
+    stdout.lines().find_map(|line| {
+        let rest = line.strip_prefix(check)?.trim_start();
+        let (result, rest) = rest.split_once("  ")?;
+        let note = rest.trim_start().split_once("  ").map_or("", |(_, n)| n);
+        Some((result.trim(), note))
+    })
+}
+
+#[test]
+fn gpu_check_without_a_gpu_checks_nothing_and_exits_with_code_2() {
+    if gpu_present("gpu_check_without_a_gpu") {
+        return;
+    }
+    let bundle = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_dualpipe"),
+        bundle.path().join("dualpipe"),
+    )
+    .unwrap();
+    let out = Command::new("bash")
+        .arg(gpu_check_script())
+        .arg(bundle.path())
+        .env_remove("DUALPIPE_CUDA_LIBS")
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert!(
+        stdout.starts_with("libraries (DUALPIPE_CUDA_LIBS=<unset>):"),
+        "{stdout}"
+    );
+    let (result, note) = row(&stdout, "gpu-info").expect("a gpu-info row");
+    assert_eq!(result, "no GPU", "{stdout}");
+    assert!(note.starts_with("error: no GPU found: "), "{note}");
+    for check in [
+        "gpu-tests",
+        "backend-tests",
+        "unit-tests",
+        "memcheck",
+        "bench-gpu",
+        "torch-runtime",
+    ] {
+        assert_eq!(
+            row(&stdout, check),
+            Some(("skipped", "no GPU")),
+            "{check}: {stdout}"
+        );
+    }
+    assert!(
+        stdout.trim_end().ends_with("no GPU: nothing was checked"),
+        "{stdout}"
+    );
+
+    let missing = Command::new("bash")
+        .arg(gpu_check_script())
+        .arg(bundle.path().join("absent"))
+        .output()
+        .expect("bash runs");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).starts_with("error: no bundle at "),
+        "{missing:?}"
+    );
+}
+
+#[test]
+fn gpu_check_reports_a_failing_check_in_its_table_and_exits_with_code_1() {
+    if gpu_present("gpu_check_reports_a_failing_check") {
+        return;
+    }
+    // A stand-in bundle: its command reports a GPU, one runner of checks fails, one skips.
+    let bundle = tempfile::tempdir().unwrap();
+    let b = bundle.path();
+    write_executable(
+        &b.join("dualpipe"),
+        "#!/bin/sh\ncase \"$1\" in\n  gpu-info) echo 'GPU 0 of 1: Stand-in (compute capability 9.0, 1 GiB)' ;;\n  bench-gpu) printf 'step\\t1.0\\tms\\n' ;;\nesac\n",
+    );
+    write_executable(
+        &b.join("tests/gpu"),
+        "#!/bin/sh\necho 'check copies ... FAILED'\necho 'GPU checks: 0 passed, 1 failed'\nexit 1\n",
+    );
+    write_executable(
+        &b.join("tests/backends"),
+        "#!/bin/sh\necho 'skipped: no GPU (stand-in); 3 GPU checks not run, none counted as passed'\n",
+    );
+    write_executable(
+        &b.join("tests/dualpipe_cuda"),
+        "#!/bin/sh\necho 'test result: ok. 27 passed; 0 failed'\n",
+    );
+    let out = Command::new("bash")
+        .arg(gpu_check_script())
+        .arg(b)
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(
+        row(&stdout, "gpu-info"),
+        Some(("ok", "GPU 0 of 1: Stand-in (compute capability 9.0, 1 GiB)")),
+        "{stdout}"
+    );
+    assert_eq!(
+        row(&stdout, "gpu-tests"),
+        Some(("FAIL", "GPU checks: 0 passed, 1 failed")),
+        "{stdout}"
+    );
+    assert_eq!(row(&stdout, "backend-tests").map(|r| r.0), Some("skipped"));
+    assert_eq!(
+        row(&stdout, "unit-tests"),
+        Some(("ok", "test result: ok. 27 passed; 0 failed"))
+    );
+    assert_eq!(row(&stdout, "bench-gpu").map(|r| r.0), Some("ok"));
+    assert_eq!(
+        row(&stdout, "torch-runtime"),
+        Some(("skipped", "the bundle has no dualpipe_rs wheel"))
+    );
+    assert!(
+        stdout.contains("--- gpu-tests (last 20 lines of "),
+        "{stdout}"
+    );
+    assert!(stdout.contains("check copies ... FAILED"), "{stdout}");
+}
+
+#[test]
+fn gpu_check_stops_within_its_budget_and_fails_what_it_could_not_run() {
+    if gpu_present("gpu_check_stops_within_its_budget") {
+        return;
+    }
+    let bundle = tempfile::tempdir().unwrap();
+    let b = bundle.path();
+    write_executable(
+        &b.join("dualpipe"),
+        "#!/bin/sh\necho 'GPU 0 of 1: Stand-in (compute capability 9.0, 1 GiB)'\n",
+    );
+    write_executable(&b.join("tests/gpu"), "#!/bin/sh\nexec sleep 60\n");
+    let start = std::time::Instant::now();
+    let out = Command::new("bash")
+        .arg(gpu_check_script())
+        .arg(b)
+        .env("DUALPIPE_CHECK_BUDGET", "11")
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        start.elapsed() < std::time::Duration::from_secs(40),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let (result, note) = row(&stdout, "gpu-tests").expect("a gpu-tests row");
+    assert_eq!(result, "FAIL");
+    assert!(note.starts_with("out of time: killed after "), "{note}");
+    assert_eq!(
+        row(&stdout, "backend-tests"),
+        Some((
+            "FAIL",
+            "out of time: not started: 11 s budget spent (DUALPIPE_CHECK_BUDGET)"
+        )),
+        "{stdout}"
+    );
+}
