@@ -131,8 +131,14 @@ else
 fi
 
 # 3. compute-sanitizer memcheck, stream-ordered races included, on the smallest GPU check.
+# On PATH, in a CUDA toolkit, or in an NVIDIA wheel under python3's site-packages.
 sanitizer="$(command -v compute-sanitizer || true)"
-for dir in /usr/local/cuda/bin /usr/local/cuda-*/bin /opt/nvidia/*/compute-sanitizer; do
+site_packages="$(timeout 10 python3 -c 'import site; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null || true)"
+dirs=(/usr/local/cuda/bin /usr/local/cuda-*/bin /opt/nvidia/*/compute-sanitizer)
+while IFS= read -r sp; do
+    [ -n "$sp" ] && dirs+=("$sp"/nvidia/*/compute-sanitizer "$sp"/nvidia/*/bin)
+done <<<"$site_packages"
+for dir in "${dirs[@]}"; do
     if [ -z "$sanitizer" ] && [ -x "$dir/compute-sanitizer" ]; then
         sanitizer="$dir/compute-sanitizer"
     fi

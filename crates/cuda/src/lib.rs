@@ -13,9 +13,10 @@
 //! laid out in [`plan`]; cudarc's per-buffer event tracking is off.
 //!
 //! Nothing here needs CUDA to build: cudarc loads the driver, NVRTC, cuBLAS and NCCL at run
-//! time, and [`probe`] checks for them before anything calls into them, so a machine without a
-//! GPU gets [`CudaError::NoGpu`], never a panic. Without the `cuda` feature every constructor
-//! returns [`CudaError::NotCompiled`].
+//! time, and [`probe`] finds them first ([`detect`]: `DUALPIPE_CUDA_LIBS`, the loader's search
+//! path, PyTorch's NVIDIA wheels) before anything calls into them, so a machine without a GPU
+//! gets [`CudaError::NoGpu`] and a GPU with a library missing [`CudaError::Library`], never a
+//! panic. Without the `cuda` feature every constructor returns [`CudaError::NotCompiled`].
 //!
 //! **Status**: the device code has not yet run on a GPU; see docs/gpu.md.
 
