@@ -155,9 +155,10 @@ pub struct LibraryStatus {
     pub looked: Vec<String>,
     /// Files that exist but could not be loaded, with the loader's message.
     pub failures: Vec<String>,
-    /// Whether cudarc reaches the library by the names it opens (true for a library it never
-    /// opens itself, such as cuBLASLt, once found). cudarc never asks for `libnccl.so.2`, so
-    /// an NCCL found only under that name is found but not reachable.
+    /// Whether the library is reachable where it is called from: cudarc opens the driver,
+    /// NVRTC and cuBLAS by name (and gets the loaded library when its `SONAME` is among the
+    /// names it tries); cuBLASLt (opened by cuBLAS) and NCCL (opened by the backend from the
+    /// path found) are reachable once found.
     pub reachable: bool,
     /// Other files of the same library mapped into the process (two different copies
     /// loaded side by side), when any.
@@ -177,12 +178,7 @@ impl LibraryStatus {
                  library of one of those names on the loader's search path",
                 lib.role(),
                 path.display(),
-                lib.loader_names()
-                    .iter()
-                    .filter(|n| !n.ends_with(".so.2"))
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                lib.loader_names().join(", ")
             )),
             None => {
                 let mut text = format!(
@@ -655,21 +651,18 @@ mod tests {
     }
 
     #[test]
-    fn an_nccl_cudarc_cannot_open_is_found_but_says_so() {
+    fn a_library_cudarc_cannot_open_is_found_but_says_so() {
         let status = LibraryStatus {
-            found: Some((
-                PathBuf::from("/sp/nvidia/nccl/lib/libnccl.so.2"),
-                Source::Python,
-            )),
+            found: Some((PathBuf::from("/sp/lib/libnvrtc.so.13"), Source::Python)),
             reachable: false,
-            ..found(Lib::Nccl)
+            ..found(Lib::Nvrtc)
         };
         assert_eq!(
             status.problem().unwrap(),
-            "NCCL was found at /sp/nvidia/nccl/lib/libnccl.so.2, but cudarc does not reach \
-             it: cudarc opens it only by the names libnccl.so, and that file is known to the \
-             loader by another; put a library of one of those names on the loader's search \
-             path"
+            "NVRTC was found at /sp/lib/libnvrtc.so.13, but cudarc does not reach it: cudarc \
+             opens it only by the names libnvrtc.so, libnvrtc.so.13, libnvrtc.so.12, and that \
+             file is known to the loader by another; put a library of one of those names on \
+             the loader's search path"
         );
         assert_eq!(
             found(Lib::Cublas).to_string(),

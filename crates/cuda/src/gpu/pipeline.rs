@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent};
-use cudarc::nccl::{Comm, Id};
 use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
 use dualpipe_executor::{
     Backward, Cause, Clock, Executor, Feed, Forward, Options, Profile, RankFailure, RankRun, Stage,
@@ -15,7 +14,7 @@ use dualpipe_executor::{
 };
 use dualpipe_schedule::{Lane, ValidSchedule, Work};
 
-use super::raw::{self, Kernels};
+use super::raw::{self, Kernels, NcclComm};
 use super::stage::GpuStage;
 use super::transport::{NcclTransport, PeerTransport, exchange_gradients};
 use super::{GpuError, RankDevice, Tensor};
@@ -619,23 +618,15 @@ impl NcclRank {
         let device = open(env.local_rank as usize)?;
         let blob = crate::rendezvous::exchange(
             env,
-            || match Id::new() {
-                Ok(id) => id.internal().iter().map(|&c| c as u8).collect(),
-                Err(_) => Vec::new(),
-            },
+            || raw::nccl_unique_id().map(Vec::from).unwrap_or_default(),
             rendezvous_timeout,
         )?;
-        let internal: [std::ffi::c_char; 128] = blob
-            .iter()
-            .map(|&b| b as std::ffi::c_char)
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| {
-                CudaError::Device(format!(
-                    "rank 0 could not make an NCCL id (got {} bytes)",
-                    blob.len()
-                ))
-            })?;
+        let id: [u8; 128] = blob.as_slice().try_into().map_err(|_| {
+            CudaError::Device(format!(
+                "rank 0 could not make an NCCL id (got {} bytes)",
+                blob.len()
+            ))
+        })?;
         let executor = Executor::new(schedule, options);
         let dev = RankDevice::new(
             &device.ctx,
@@ -645,18 +636,12 @@ impl NcclRank {
             executor.options().profile,
         )?;
         dev.bind()?;
-        let comm = Comm::from_rank(
+        let comm = NcclComm::init_rank(
             dev.comm.clone(),
             env.rank as usize,
             env.world_size as usize,
-            Id::uninit(internal),
-        )
-        .map_err(|e| {
-            CudaError::Device(format!(
-                "NCCL could not set up rank {} of {}: {:?}",
-                env.rank, env.world_size, e.0
-            ))
-        })?;
+            id,
+        )?;
         let mut stages = Vec::new();
         for &stage in executor.stages_of(env.rank) {
             stages.push((stage, GpuStage::new(&dev, spec, stage)?));

@@ -105,12 +105,9 @@ fn cudarc_reaches(lib: Lib) -> bool {
             cudarc::cublas::sys::is_culib_present,
             cudarc::cublas::sys::culib,
         ),
-        Lib::Nccl => (
-            cudarc::nccl::sys::is_culib_present,
-            cudarc::nccl::sys::culib,
-        ),
-        // cudarc never opens it; cuBLAS does, through the loader.
-        Lib::CublasLt => return true,
+        // cudarc never opens these: cuBLAS opens cuBLASLt through the loader, and NCCL is
+        // opened here by the path found (`nccl_api`).
+        Lib::CublasLt | Lib::Nccl => return true,
     };
     // SAFETY: `is_culib_present` opens libraries by name and closes them again; `culib` opens
     // the first present one and keeps it, exactly as the first call into the library would.
@@ -697,5 +694,269 @@ impl Kernels {
                 &[Arg::Grad(out), Arg::Buf(x), Arg::Int(&count)],
             )
         }
+    }
+}
+
+/// NCCL's unique id, passed by value to `ncclCommInitRank`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NcclUniqueId {
+    internal: [std::ffi::c_char; 128],
+}
+
+/// An NCCL communicator handle (`ncclComm_t`).
+type NcclCommHandle = *mut std::ffi::c_void;
+
+/// The NCCL functions the backend calls, from the file detection found. NCCL is opened here
+/// rather than through cudarc, which asks the loader only for `libnccl.so`, while NCCL's own
+/// name (its `SONAME`, and the file in PyTorch's `nvidia/nccl/lib`) is `libnccl.so.2`.
+struct NcclApi {
+    path: PathBuf,
+    get_unique_id: unsafe extern "C" fn(*mut NcclUniqueId) -> std::ffi::c_int,
+    comm_init_rank: unsafe extern "C" fn(
+        *mut NcclCommHandle,
+        std::ffi::c_int,
+        NcclUniqueId,
+        std::ffi::c_int,
+    ) -> std::ffi::c_int,
+    comm_destroy: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
+    send: unsafe extern "C" fn(
+        *const std::ffi::c_void,
+        usize,
+        std::ffi::c_int,
+        std::ffi::c_int,
+        NcclCommHandle,
+        cudarc::driver::sys::CUstream,
+    ) -> std::ffi::c_int,
+    recv: unsafe extern "C" fn(
+        *mut std::ffi::c_void,
+        usize,
+        std::ffi::c_int,
+        std::ffi::c_int,
+        NcclCommHandle,
+        cudarc::driver::sys::CUstream,
+    ) -> std::ffi::c_int,
+    group_start: unsafe extern "C" fn() -> std::ffi::c_int,
+    group_end: unsafe extern "C" fn() -> std::ffi::c_int,
+    error_string: unsafe extern "C" fn(std::ffi::c_int) -> *const std::ffi::c_char,
+}
+
+/// NCCL's `ncclFloat32` and `ncclBfloat16`.
+const NCCL_FLOAT32: std::ffi::c_int = 7;
+const NCCL_BFLOAT16: std::ffi::c_int = 9;
+
+/// NCCL, opened once per process from the file [`libraries`] found.
+fn nccl_api() -> Result<&'static NcclApi, GpuError> {
+    static API: OnceLock<Result<NcclApi, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let status = libraries()
+            .iter()
+            .find(|s| s.lib == Lib::Nccl)
+            .ok_or("NCCL was not looked for")?;
+        let Some((path, _)) = &status.found else {
+            return Err(status.problem().unwrap_or_default());
+        };
+        use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+        // SAFETY: the file was already loaded by `libraries()` (this only adds a reference);
+        // the handle is leaked below, so the library and every pointer taken from it stay
+        // valid for the life of the process.
+        let library = unsafe { Library::open(Some(path.as_os_str()), RTLD_NOW | RTLD_GLOBAL) }
+            .map_err(|e| format!("opening NCCL at {}: {e}", path.display()))?;
+        let library: &'static Library = Box::leak(Box::new(library));
+        macro_rules! symbol {
+            ($name:literal) => {
+                // SAFETY: the field's type is the function's C signature in nccl.h (NCCL 2.x);
+                // the pointer stays valid because the library is never unloaded.
+                *unsafe { library.get(concat!($name, "\0").as_bytes()) }
+                    .map_err(|e| format!("NCCL at {} lacks {}: {e}", path.display(), $name))?
+            };
+        }
+        Ok(NcclApi {
+            path: path.clone(),
+            get_unique_id: symbol!("ncclGetUniqueId"),
+            comm_init_rank: symbol!("ncclCommInitRank"),
+            comm_destroy: symbol!("ncclCommDestroy"),
+            send: symbol!("ncclSend"),
+            recv: symbol!("ncclRecv"),
+            group_start: symbol!("ncclGroupStart"),
+            group_end: symbol!("ncclGroupEnd"),
+            error_string: symbol!("ncclGetErrorString"),
+        })
+    })
+    .as_ref()
+    .map_err(|e| GpuError::Library(e.clone()))
+}
+
+impl NcclApi {
+    /// `Ok` for `ncclSuccess`, else an error naming the call and NCCL's reason.
+    fn check(&self, what: &str, code: std::ffi::c_int) -> Result<(), GpuError> {
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let text = unsafe {
+            let p = (self.error_string)(code);
+            if p.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        Err(GpuError::Library(format!(
+            "NCCL {what} failed: {text} (ncclResult_t {code}, {})",
+            self.path.display()
+        )))
+    }
+}
+
+/// A fresh NCCL unique id (rank 0 makes it; the rendezvous hands it to the others).
+pub(crate) fn nccl_unique_id() -> Result<[u8; 128], GpuError> {
+    let api = nccl_api()?;
+    let mut id = NcclUniqueId { internal: [0; 128] };
+    // SAFETY: ncclGetUniqueId writes one ncclUniqueId through a pointer to a live local.
+    api.check("get unique id", unsafe { (api.get_unique_id)(&mut id) })?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// Starts a group of NCCL operations (one commit).
+pub(crate) fn nccl_group_start() -> Result<(), GpuError> {
+    let api = nccl_api()?;
+    // SAFETY: no arguments; NCCL keeps the group per thread.
+    api.check("group start", unsafe { (api.group_start)() })
+}
+
+/// Ends the group started by [`nccl_group_start`], launching its operations.
+pub(crate) fn nccl_group_end() -> Result<(), GpuError> {
+    let api = nccl_api()?;
+    // SAFETY: no arguments; called after `nccl_group_start` on the same thread.
+    api.check("group end", unsafe { (api.group_end)() })
+}
+
+/// One rank's NCCL communicator; its operations go to `stream`.
+pub(crate) struct NcclComm {
+    api: &'static NcclApi,
+    comm: NcclCommHandle,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
+// overlap; `NcclComm` is owned by one rank's transport and used through `&self`/`&mut self`
+// from the thread that owns it.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Joins rank `rank` of `world_size` to the communicator of `id`; the context of `stream`
+    /// must be current on this thread. Blocks until every rank has joined.
+    pub fn init_rank(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world_size: usize,
+        id: [u8; 128],
+    ) -> Result<NcclComm, GpuError> {
+        let api = nccl_api()?;
+        let int = |v: usize, what: &str| {
+            std::ffi::c_int::try_from(v)
+                .map_err(|_| GpuError::Library(format!("NCCL {what} {v} does not fit an int")))
+        };
+        let (rank, world_size) = (int(rank, "rank")?, int(world_size, "world size")?);
+        let id = NcclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        let mut comm: NcclCommHandle = std::ptr::null_mut();
+        // SAFETY: ncclCommInitRank writes the new communicator through a pointer to a live
+        // local; the id is passed by value as its C signature says.
+        let code = unsafe { (api.comm_init_rank)(&mut comm, world_size, id, rank) };
+        api.check(&format!("init of rank {rank} of {world_size}"), code)?;
+        Ok(NcclComm { api, comm, stream })
+    }
+
+    /// Queues a send of all of `buf` to `peer` on the communicator's stream.
+    pub fn send(&self, buf: &Buf, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtr;
+        let (ptr, dtype, _sync) = match buf {
+            Buf::F32(s) => {
+                let (p, sync) = s.device_ptr(&self.stream);
+                (p, NCCL_FLOAT32, sync)
+            }
+            Buf::Bf16(s) => {
+                let (p, sync) = s.device_ptr(&self.stream);
+                (p, NCCL_BFLOAT16, sync)
+            }
+        };
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated until
+        // the stream has passed this send (buffers are freed only through the graveyard, after
+        // events on every stream of the rank); `comm` is live until drop.
+        let code = unsafe {
+            (self.api.send)(
+                ptr as *const std::ffi::c_void,
+                buf.len(),
+                dtype,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("send to rank {peer}"), code)
+    }
+
+    /// Queues a send of all of the f32 values `grads` to `peer` (gradients).
+    pub fn send_f32(&self, grads: &CudaSlice<f32>, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _sync) = grads.device_ptr(&self.stream);
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
+        // operation on the stream.
+        let code = unsafe {
+            (self.api.send)(
+                ptr as *const std::ffi::c_void,
+                grads.len(),
+                NCCL_FLOAT32,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("send to rank {peer}"), code)
+    }
+
+    /// Queues a receive from `peer` into all of `buf` on the communicator's stream.
+    pub fn recv(&self, buf: &mut Buf, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtrMut;
+        let len = buf.len();
+        let (ptr, dtype, _sync) = match buf {
+            Buf::F32(s) => {
+                let (p, sync) = s.device_ptr_mut(&self.stream);
+                (p, NCCL_FLOAT32, sync)
+            }
+            Buf::Bf16(s) => {
+                let (p, sync) = s.device_ptr_mut(&self.stream);
+                (p, NCCL_BFLOAT16, sync)
+            }
+        };
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it here.
+        let code = unsafe {
+            (self.api.recv)(
+                ptr as *mut std::ffi::c_void,
+                len,
+                dtype,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("receive from rank {peer}"), code)
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: `comm` came from ncclCommInitRank and is destroyed only here. A failure
+        // leaves the communicator to the process's end, which is all that can be done.
+        let _ = unsafe { (self.api.comm_destroy)(self.comm) };
     }
 }
