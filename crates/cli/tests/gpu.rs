@@ -299,3 +299,76 @@ fn gpu_check_stops_within_its_budget_and_fails_what_it_could_not_run() {
         "{stdout}"
     );
 }
+
+/// The mechanism the search relies on, end to end: a library loaded by its full path from a
+/// directory of DUALPIPE_CUDA_LIBS, or from a wheel's directory under python3's site-packages,
+/// is the one cudarc then gets by name, through its SONAME. The stand-in NVRTC is compiled here
+/// with the C compiler (skipped where there is none).
+#[test]
+fn a_library_of_dualpipe_cuda_libs_is_the_one_cudarc_opens() {
+    if gpu_present("a_library_of_dualpipe_cuda_libs") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("stand_in.c");
+    std::fs::write(&source, "int dualpipe_stand_in(void) { return 1; }\n").unwrap();
+    let library = dir.path().join("lib").join("libnvrtc.so.13");
+    std::fs::create_dir_all(library.parent().unwrap()).unwrap();
+    let compiled = Command::new("cc")
+        .args(["-shared", "-fPIC", "-Wl,-soname,libnvrtc.so.13", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .status();
+    if !compiled.is_ok_and(|s| s.success()) {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped a_library_of_dualpipe_cuda_libs_is_the_one_cudarc_opens: no C compiler"
+        );
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+        .arg("gpu-info")
+        .env("DUALPIPE_CUDA_LIBS", library.parent().unwrap())
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{stdout}");
+    assert_eq!(
+        stdout.lines().nth(2),
+        Some(
+            format!(
+                "  libnvrtc: {} (from DUALPIPE_CUDA_LIBS)",
+                library.display()
+            )
+            .as_str()
+        ),
+        "{stdout}"
+    );
+
+    // The same library where PyTorch's wheels put it, under the site-packages `python3` lists.
+    let site = dir.path().join("site-packages");
+    let wheel = site.join("nvidia/cu13/lib/libnvrtc.so.13");
+    std::fs::create_dir_all(wheel.parent().unwrap()).unwrap();
+    std::fs::copy(&library, &wheel).unwrap();
+    write_executable(
+        &dir.path().join("bin/python3"),
+        &format!("#!/bin/sh\necho '{}'\n", site.display()),
+    );
+    let path = format!(
+        "{}:{}",
+        dir.path().join("bin").display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+        .arg("gpu-info")
+        .env_remove("DUALPIPE_CUDA_LIBS")
+        .env("PATH", path)
+        .output()
+        .expect("the binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expected = format!(
+        "  libnvrtc: {} (from Python site-packages)",
+        wheel.display()
+    );
+    assert_eq!(stdout.lines().nth(2), Some(expected.as_str()), "{stdout}");
+}

@@ -265,9 +265,15 @@ pub fn find(
         lib.loader_names().join(", ")
     ));
     for name in lib.loader_names() {
-        if let Ok(loaded) = open(lib, &Candidate::Name(name)) {
-            status.found = Some((loaded, Source::Loader));
-            return status;
+        match open(lib, &Candidate::Name(name)) {
+            Ok(loaded) => {
+                status.found = Some((loaded, Source::Loader));
+                return status;
+            }
+            // Not there is the usual answer; anything else (a dependency missing, a file of
+            // the wrong kind) is worth telling.
+            Err(e) if e.starts_with(&format!("{name}: cannot open shared object file")) => {}
+            Err(e) => status.failures.push(format!("{name} (by the loader): {e}")),
         }
     }
     if lib.wheel_dirs().is_empty() {
@@ -696,6 +702,11 @@ mod tests {
         }
     }
 
+    /// The loader's answer for a name it does not have.
+    fn absent(name: &str) -> String {
+        format!("{name}: cannot open shared object file: No such file or directory")
+    }
+
     #[test]
     fn the_search_goes_env_then_loader_then_python_wheels() {
         let scratch = Scratch::new("order");
@@ -717,7 +728,7 @@ mod tests {
                 match candidate {
                     Candidate::File(p) if *p == wheel => Ok(p.clone()),
                     Candidate::File(_) => Err("wrong ELF class".into()),
-                    Candidate::Name(_) => Err("not found".into()),
+                    Candidate::Name(name) => Err(absent(name)),
                 }
             },
         );
@@ -739,6 +750,29 @@ mod tests {
         );
         assert_eq!(status.looked.len(), 3, "{:?}", status.looked);
         assert!(status.looked[0].ends_with("env (DUALPIPE_CUDA_LIBS)"));
+
+        // A library the loader has but cannot load is named with the loader's reason.
+        let status = find(
+            Lib::Cublas,
+            &[],
+            &mut || Ok(Vec::new()),
+            &mut |_, candidate| match candidate {
+                Candidate::Name("libcublas.so.13") => Err(
+                    "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+                        .into(),
+                ),
+                Candidate::Name(name) => Err(absent(name)),
+                Candidate::File(_) => Err("no".into()),
+            },
+        );
+        assert_eq!(
+            status.failures,
+            vec![
+                "libcublas.so.13 (by the loader): libcublasLt.so.13: cannot open shared object \
+                 file: No such file or directory"
+                    .to_string()
+            ]
+        );
 
         // Found by the loader: Python is never asked.
         let mut python_asked = false;
@@ -765,7 +799,10 @@ mod tests {
             Lib::Nccl,
             std::slice::from_ref(&env),
             &mut || Err("python3: could not start it".into()),
-            &mut |_, _| Err("no".into()),
+            &mut |_, candidate| match candidate {
+                Candidate::Name(name) => Err(absent(name)),
+                Candidate::File(_) => Err("no".into()),
+            },
         );
         assert_eq!(status.found, None);
         let problem = status.problem().unwrap();
@@ -778,7 +815,10 @@ mod tests {
             Lib::Driver,
             &[],
             &mut || panic!("python must not be asked for the driver"),
-            &mut |_, _| Err("no".into()),
+            &mut |_, candidate| match candidate {
+                Candidate::Name(name) => Err(absent(name)),
+                Candidate::File(_) => Err("no".into()),
+            },
         );
         assert_eq!(status.looked.len(), 1);
     }
