@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use dualpipe_planner::plan;
 
+mod gpu_bundle;
+
 const HELP: &str = "\
 cargo xtask <task>
 
@@ -15,13 +17,18 @@ Tasks:
   mutations [N] [SEED] run N mutations of valid schedules (default 100000) and print how many
                        the validator rejected, accepted (each proven runnable by the
                        brute-force interpreter and simulated under both models) and
-                       panicked on";
+                       panicked on
+  gpu-bundle           build into gpu-bundle/ what a GPU machine without Rust needs for
+                       scripts/gpu_check.sh: the command line and the CUDA tests (release,
+                       stripped), the scripts, and the torch runtime wheel when
+                       python/pyproject.toml exists (maturin from $DUALPIPE_VENV)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("schedules") => schedules(),
         Some("mutations") => mutations(&args[1..]),
+        Some("gpu-bundle") => gpu_bundle::run(&root()),
         None | Some("help" | "--help" | "-h") => {
             println!("{HELP}");
             Ok(())

@@ -20,6 +20,7 @@ Examples:
   dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
   dualpipe bench-gpu
+  dualpipe gpu-info
 
 Exit codes: 0 success, 1 invalid schedule, 2 usage error.";
 
@@ -43,6 +44,7 @@ enum Command {
     Convert(cmd::convert::Args),
     Run(cmd::run::Args),
     BenchGpu(cmd::bench_gpu::Args),
+    GpuInfo(cmd::gpu_info::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +69,7 @@ fn main() -> ExitCode {
         Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::BenchGpu(args) => cmd::bench_gpu::run(args),
+        Command::GpuInfo(args) => cmd::gpu_info::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,10 @@ pub enum CudaError {
     /// No usable GPU: no driver library, no device, or a library the backend needs is missing.
     #[error("no GPU found: {0}")]
     NoGpu(String),
+    /// A GPU is there, but a library the backend needs (NVRTC, cuBLAS) was not found or
+    /// cannot be used; names it and every place it was looked for.
+    #[error("a GPU is present, but {0}")]
+    Library(String),
     /// A CUDA driver, NVRTC, cuBLAS or NCCL call failed; says which and with what code.
     #[error("{0}")]
     Device(String),

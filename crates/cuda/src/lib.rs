@@ -12,10 +12,11 @@
 //! NVRTC ([`kernels`]), in `f32` or bf16. Streams are ordered by the backend's own events, as
 //! laid out in [`plan`]; cudarc's per-buffer event tracking is off.
 //!
-//! Nothing here needs CUDA to build: cudarc loads the driver, NVRTC, cuBLAS and NCCL at run
-//! time, and [`probe`] checks for them before anything calls into them, so a machine without a
-//! GPU gets [`CudaError::NoGpu`], never a panic. Without the `cuda` feature every constructor
-//! returns [`CudaError::NotCompiled`].
+//! Nothing here needs CUDA to build: cudarc loads the driver, NVRTC and cuBLAS at run time,
+//! and the backend itself loads NCCL, and [`probe`] finds them first ([`detect`]: `DUALPIPE_CUDA_LIBS`, the loader's search
+//! path, PyTorch's NVIDIA wheels) before anything calls into them, so a machine without a GPU
+//! gets [`CudaError::NoGpu`] and a GPU with a library missing [`CudaError::Library`], never a
+//! panic. Without the `cuda` feature every constructor returns [`CudaError::NotCompiled`].
 //!
 //! **Status**: the device code has not yet run on a GPU; see docs/gpu.md.
 

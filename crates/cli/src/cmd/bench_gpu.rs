@@ -23,7 +23,8 @@ Examples:
   dualpipe bench-gpu
   dualpipe bench-gpu --steps 50 --device 1
 
-Exit codes: 0 success, 1 a failed step, 2 usage error or no GPU.")]
+Exit codes: 0 success, 1 a failed step or a GPU the backend cannot use, 2 usage error or
+no GPU.")]
 pub struct Args {
     /// The GPU to use.
     #[arg(long, default_value_t = 0)]
@@ -81,7 +82,8 @@ fn pipelined(
     Ok((median(steps), median(dispatch)))
 }
 
-fn gpu_failure(e: dualpipe_cuda::CudaError) -> Failure {
+/// No GPU (or no CUDA support) is a usage error (2); any other GPU failure is 1.
+pub fn gpu_failure(e: dualpipe_cuda::CudaError) -> Failure {
     if e.is_no_gpu() {
         Failure::usage(e.to_string())
     } else {

@@ -3,6 +3,7 @@
 pub mod bench_gpu;
 pub mod compare;
 pub mod convert;
+pub mod gpu_info;
 pub mod inspect;
 pub mod plan;
 pub mod render;

@@ -228,6 +228,13 @@ impl Tensor {
         self.shape[1]
     }
 
+    /// The buffer itself, taken out of the graveyard's care: it is freed when the `Buf` is
+    /// dropped (a parameter, which lives as long as its stage). `None` only for a tensor
+    /// already emptied, which never happens outside `Drop`.
+    pub fn into_buf(mut self) -> Option<Buf> {
+        self.buf.take()
+    }
+
     /// From now on, freed through `dev`'s graveyard (a buffer moving to another rank).
     pub fn rehome(&mut self, dev: &RankDevice) {
         self.home = dev.graveyard.clone();

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent};
-use cudarc::nccl::{Comm, Id};
 use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
 use dualpipe_executor::{
     Backward, Cause, Clock, Executor, Feed, Forward, Options, Profile, RankFailure, RankRun, Stage,
@@ -15,54 +14,84 @@ use dualpipe_executor::{
 };
 use dualpipe_schedule::{Lane, ValidSchedule, Work};
 
-use super::raw::{self, Kernels};
+use super::raw::{self, Kernels, NcclComm};
 use super::stage::GpuStage;
 use super::transport::{NcclTransport, PeerTransport, exchange_gradients};
 use super::{GpuError, RankDevice, Tensor};
 use crate::api::{GpuConfig, GpuInfo, GpuStep};
-use crate::detect::{Libraries, diagnose};
+use crate::detect::{DeviceQueryError, Lib, Report, diagnose};
 use crate::error::CudaError;
 use crate::launch::LaunchEnv;
 
 /// See [`crate::probe`].
 pub(crate) fn probe(ordinal: usize) -> Result<GpuInfo, CudaError> {
-    let found = raw::libraries();
-    let libraries = Libraries {
-        driver: found.driver,
-        nvrtc: found.nvrtc,
-        cublas: found.cublas,
-        nccl: found.nccl,
-    };
+    let libraries = raw::libraries();
     // Belt and braces: cudarc panics when a library it needs cannot be loaded; the checks
-    // above should make that impossible, and a panic here still becomes "no GPU".
+    // above should make that impossible, and a panic here still becomes an error.
     let answer = catch_unwind(|| -> Result<GpuInfo, CudaError> {
         let devices = diagnose(
             libraries,
             || {
                 CudaContext::device_count()
                     .map(|n| n.max(0) as usize)
-                    .map_err(|e| format!("{e:?}"))
+                    .map_err(device_query_error)
             },
             ordinal,
         )?;
         let ctx = CudaContext::new(ordinal)
-            .map_err(|e| CudaError::NoGpu(format!("opening GPU {ordinal}: {e:?}")))?;
+            .map_err(|e| CudaError::Device(format!("opening GPU {ordinal}: {e:?}")))?;
         let device =
             |e| CudaError::Device(format!("reading the properties of GPU {ordinal}: {e:?}"));
+        let nccl = libraries
+            .iter()
+            .any(|s| s.lib == Lib::Nccl && s.problem().is_none());
         Ok(GpuInfo {
             ordinal,
             devices,
             name: ctx.name().map_err(device)?,
             compute_capability: ctx.compute_capability().map_err(device)?,
             memory_bytes: ctx.total_mem().map_err(device)?,
-            nccl: libraries.nccl,
+            nccl,
         })
     });
     answer.unwrap_or_else(|_| {
-        Err(CudaError::NoGpu(
+        Err(CudaError::Device(
             "a CUDA library could not be used (see the message above)".into(),
         ))
     })
+}
+
+/// No device (or a stub driver library) means no GPU; any other driver error is a GPU
+/// machine whose driver does not work.
+fn device_query_error(e: cudarc::driver::DriverError) -> DeviceQueryError {
+    use cudarc::driver::sys::cudaError_enum as E;
+    let text = format!("{e:?}");
+    match e.0 {
+        E::CUDA_ERROR_NO_DEVICE | E::CUDA_ERROR_STUB_LIBRARY => DeviceQueryError::Absent(text),
+        _ => DeviceQueryError::Failed(text),
+    }
+}
+
+/// See [`crate::detect::report`].
+pub(crate) fn report() -> Report {
+    let libraries = raw::libraries().to_vec();
+    let first = probe(0);
+    let driver_version = match &first {
+        Err(CudaError::NoGpu(_)) if libraries.first().is_none_or(|d| d.problem().is_some()) => None,
+        _ => catch_unwind(raw::driver_version).ok().and_then(Result::ok),
+    };
+    let devices = first.and_then(|info| {
+        let mut all = vec![info.clone()];
+        for ordinal in 1..info.devices {
+            all.push(probe(ordinal)?);
+        }
+        Ok(all)
+    });
+    Report {
+        libraries,
+        driver_version,
+        devices,
+    }
 }
 
 /// A context on one GPU with the kernels compiled, stream ordering owned by the backend.
@@ -578,31 +607,26 @@ impl NcclRank {
         let message_shape: [usize; 2] = shape.try_into().map_err(|s: Vec<usize>| {
             CudaError::Usage(format!("messages must be matrices, not of shape {s:?}"))
         })?;
-        if !raw::libraries().nccl {
-            return Err(CudaError::NoGpu(
-                "NCCL (libnccl.so) is not on the library path".into(),
-            ));
+        probe(env.local_rank as usize)?;
+        if let Some(problem) = raw::libraries()
+            .iter()
+            .find(|s| s.lib == Lib::Nccl)
+            .and_then(|s| s.problem())
+        {
+            return Err(CudaError::Library(problem));
         }
         let device = open(env.local_rank as usize)?;
         let blob = crate::rendezvous::exchange(
             env,
-            || match Id::new() {
-                Ok(id) => id.internal().iter().map(|&c| c as u8).collect(),
-                Err(_) => Vec::new(),
-            },
+            || raw::nccl_unique_id().map(Vec::from).unwrap_or_default(),
             rendezvous_timeout,
         )?;
-        let internal: [std::ffi::c_char; 128] = blob
-            .iter()
-            .map(|&b| b as std::ffi::c_char)
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| {
-                CudaError::Device(format!(
-                    "rank 0 could not make an NCCL id (got {} bytes)",
-                    blob.len()
-                ))
-            })?;
+        let id: [u8; 128] = blob.as_slice().try_into().map_err(|_| {
+            CudaError::Device(format!(
+                "rank 0 could not make an NCCL id (got {} bytes)",
+                blob.len()
+            ))
+        })?;
         let executor = Executor::new(schedule, options);
         let dev = RankDevice::new(
             &device.ctx,
@@ -612,18 +636,12 @@ impl NcclRank {
             executor.options().profile,
         )?;
         dev.bind()?;
-        let comm = Comm::from_rank(
+        let comm = NcclComm::init_rank(
             dev.comm.clone(),
             env.rank as usize,
             env.world_size as usize,
-            Id::uninit(internal),
-        )
-        .map_err(|e| {
-            CudaError::Device(format!(
-                "NCCL could not set up rank {} of {}: {:?}",
-                env.rank, env.world_size, e.0
-            ))
-        })?;
+            id,
+        )?;
         let mut stages = Vec::new();
         for &stage in executor.stages_of(env.rank) {
             stages.push((stage, GpuStage::new(&dev, spec, stage)?));

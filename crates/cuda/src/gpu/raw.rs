@@ -3,7 +3,9 @@
 //! uses `unsafe`.
 #![allow(unsafe_code)]
 
-use std::sync::Arc;
+use std::panic::catch_unwind;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys as cublas_sys};
 use cudarc::driver::{
@@ -11,31 +13,124 @@ use cudarc::driver::{
 };
 use half::bf16;
 
+use crate::detect::{self, Candidate, Lib, LibraryStatus};
 use crate::gpu::GpuError;
 use crate::kernels::{DType, REDUCE_THREADS};
 
-/// Which of the libraries the backend loads at run time can be found.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Libraries {
-    pub driver: bool,
-    pub nvrtc: bool,
-    pub cublas: bool,
-    pub nccl: bool,
+/// Looks for every library of [`Lib::ALL`] once per process (see [`crate::detect`]) and
+/// loads each one found, so that cudarc's later open by name gets it; then checks that
+/// cudarc reaches each (by making cudarc load it now) and which files ended up mapped.
+pub(crate) fn libraries() -> &'static [LibraryStatus] {
+    static LIBRARIES: OnceLock<Vec<LibraryStatus>> = OnceLock::new();
+    LIBRARIES.get_or_init(|| {
+        let env = detect::env_dirs(std::env::var_os(detect::LIBS_VAR).as_deref());
+        let mut site_packages: Option<Result<Vec<PathBuf>, String>> = None;
+        let mut python = || {
+            site_packages
+                .get_or_insert_with(detect::python_site_packages)
+                .clone()
+        };
+        Lib::ALL
+            .iter()
+            .map(|&lib| {
+                let mut status = detect::find(lib, &env, &mut python, &mut open_global);
+                if let Some((path, _)) = &status.found {
+                    status.reachable = cudarc_reaches(lib);
+                    let ours = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+                    status.also_mapped = detect::mapped_now(lib)
+                        .into_iter()
+                        .filter(|p| *p != ours)
+                        .collect();
+                }
+                status
+            })
+            .collect()
+    })
 }
 
-/// Looks for the libraries without calling into any of them (cudarc panics on the first call
-/// into a library it cannot load, so this comes before anything else).
-pub(crate) fn libraries() -> Libraries {
-    // SAFETY: `is_culib_present` only tries to open the shared library by name and closes it
-    // again; it runs none of the library's code beyond its initialisers.
-    unsafe {
-        Libraries {
-            driver: cudarc::driver::sys::is_culib_present(),
-            nvrtc: cudarc::nvrtc::sys::is_culib_present(),
-            cublas: cudarc::cublas::sys::is_culib_present(),
-            nccl: cudarc::nccl::sys::is_culib_present(),
+/// Loads `candidate` for the whole process with its symbols global (NVRTC's builtins
+/// first, from the same directory), and returns the file loaded.
+fn open_global(lib: Lib, candidate: &Candidate) -> Result<PathBuf, String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    let open = |file: &std::ffi::OsStr| {
+        // SAFETY: loading a CUDA library runs its initialisers, which only set up the
+        // library's own state; the handle is kept for the life of the process (forgotten
+        // below), as cudarc keeps its own, so nothing is unloaded while in use.
+        unsafe { Library::open(Some(file), RTLD_NOW | RTLD_GLOBAL) }
+            .map(std::mem::forget)
+            .map_err(|e| {
+                // libloading's own text is "dlopen failed"; the loader's message is its source.
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| s.to_string())
+            })
+    };
+    match candidate {
+        Candidate::File(path) => {
+            if let (Some(prefix), Some(dir)) = (lib.companion_prefix(), path.parent()) {
+                for companion in detect::files_with_prefix(dir, prefix) {
+                    // A companion that does not load leaves the library to find its own.
+                    let _ = open(companion.as_os_str());
+                }
+            }
+            open(path.as_os_str())?;
+            Ok(path.clone())
+        }
+        Candidate::Name(name) => {
+            let before = detect::mapped_now(lib);
+            open(std::ffi::OsStr::new(name))?;
+            let after = detect::mapped_now(lib);
+            let new = after.iter().find(|p| !before.contains(p));
+            Ok(new
+                .or(after.first())
+                .cloned()
+                .unwrap_or_else(|| PathBuf::from(name)))
         }
     }
+}
+
+/// Whether cudarc finds `lib` by the names it tries; when it does, cudarc loads it now (its
+/// first open, which would otherwise come with the first call).
+fn cudarc_reaches(lib: Lib) -> bool {
+    type Present = unsafe fn() -> bool;
+    type Load = unsafe fn() -> &'static libloading::Library;
+    let (present, load): (Present, Load) = match lib {
+        Lib::Driver => (
+            cudarc::driver::sys::is_culib_present,
+            cudarc::driver::sys::culib,
+        ),
+        Lib::Nvrtc => (
+            cudarc::nvrtc::sys::is_culib_present,
+            cudarc::nvrtc::sys::culib,
+        ),
+        Lib::Cublas => (
+            cudarc::cublas::sys::is_culib_present,
+            cudarc::cublas::sys::culib,
+        ),
+        // cudarc never opens these: cuBLAS opens cuBLASLt through the loader, and NCCL is
+        // opened here by the path found (`nccl_api`).
+        Lib::CublasLt | Lib::Nccl => return true,
+    };
+    // SAFETY: `is_culib_present` opens libraries by name and closes them again; `culib` opens
+    // the first present one and keeps it, exactly as the first call into the library would.
+    // `culib` panics only when no name resolves, which `is_culib_present` has just excluded;
+    // the catch_unwind makes even that a plain `false`.
+    catch_unwind(|| unsafe {
+        present() && {
+            load();
+            true
+        }
+    })
+    .unwrap_or(false)
+}
+
+/// The CUDA version the driver supports, as (major, minor).
+pub(crate) fn driver_version() -> Result<(i32, i32), GpuError> {
+    let mut version: std::ffi::c_int = 0;
+    // SAFETY: called only after `libraries()` found the driver reachable; cuDriverGetVersion
+    // writes one int through the pointer, which points at a live local.
+    unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .map_err(|e| GpuError::driver("asking the driver for its version", e))?;
+    Ok((version / 1000, (version % 1000) / 10))
 }
 
 /// Turns off cudarc's per-buffer event tracking for buffers allocated from now on in `ctx`:
@@ -252,36 +347,86 @@ unsafe fn launch(
         .map_err(|e| GpuError::driver("launching a kernel", e))
 }
 
+/// An NVRTC program, destroyed when dropped.
+struct Program(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: the program was created by `create_program` and is destroyed only here.
+        // A failure to destroy it leaks a little host memory, which is all it can do.
+        let _ = unsafe { cudarc::nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+/// Compiles `source` with NVRTC straight to a CUBIN for `arch` (`sm_90`), so that the driver
+/// loads machine code and never has to read PTX, whose version a driver older than NVRTC
+/// refuses (`CUDA_ERROR_UNSUPPORTED_PTX_VERSION`).
+fn compile_cubin(source: &str, arch: &str) -> Result<Vec<u8>, GpuError> {
+    use cudarc::nvrtc::{result, sys};
+    let nvrtc = |what: &str, e: result::NvrtcError| {
+        GpuError::Library(format!("NVRTC {what} for {arch} failed: {:?}", e.0))
+    };
+    let src = std::ffi::CString::new(source)
+        .map_err(|_| GpuError::Library("the kernel source holds a NUL byte".into()))?;
+    let program = Program(result::create_program(&src, None).map_err(|e| nvrtc("create", e))?);
+    let options = [format!("--gpu-architecture={arch}")];
+    // SAFETY: `program` is live (destroyed only on drop) and `src` outlives it.
+    let compiled = unsafe { result::compile_program(program.0, &options) };
+    if let Err(e) = compiled {
+        // SAFETY: as above; the log is a NUL-terminated string NVRTC wrote into our buffer.
+        let log = unsafe { result::get_program_log(program.0) }
+            .map(|chars| {
+                let bytes: Vec<u8> = chars
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&b| b != 0)
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            })
+            .unwrap_or_default();
+        return Err(GpuError::Library(format!(
+            "NVRTC could not compile the kernels for {arch}: {:?}\n{log}",
+            e.0
+        )));
+    }
+    let mut size = 0usize;
+    // SAFETY: `program` was compiled above; NVRTC writes the size through a live local.
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }
+        .result()
+        .map_err(|e| nvrtc("CUBIN size", e))?;
+    if size == 0 {
+        return Err(GpuError::Library(format!(
+            "NVRTC produced no CUBIN for {arch} (the architecture may be virtual)"
+        )));
+    }
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` holds exactly the `size` bytes NVRTC asked for above.
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) }
+        .result()
+        .map_err(|e| nvrtc("CUBIN", e))?;
+    Ok(cubin)
+}
+
 /// The compiled kernels of one context.
 pub(crate) struct Kernels {
     functions: std::collections::HashMap<(crate::kernels::Kernel, DType), CudaFunction>,
 }
 
 impl Kernels {
-    /// Compiles [`crate::kernels::source`] for the device of `ctx` with NVRTC and loads every
-    /// kernel.
+    /// Compiles [`crate::kernels::source`] with NVRTC to a CUBIN for the device of `ctx` and
+    /// loads every kernel.
     pub fn compile(ctx: &Arc<CudaContext>) -> Result<Kernels, GpuError> {
         use crate::kernels::Kernel;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| GpuError::driver("reading the compute capability", e))?;
-        // NVRTC takes the architecture as a `&'static str`; a handful of values exist, so
-        // leaking one small string per process is harmless.
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-        let options = cudarc::nvrtc::CompileOptions {
-            arch: Some(arch),
-            ..Default::default()
-        };
-        let ptx = cudarc::nvrtc::compile_ptx_with_opts(crate::kernels::source(), options).map_err(
-            |e| {
-                GpuError::Library(format!(
-                    "NVRTC could not compile the kernels for {arch}: {e:?}"
-                ))
-            },
-        )?;
+        let arch = format!("sm_{major}{minor}");
+        let cubin = compile_cubin(&crate::kernels::source(), &arch)?;
         let module = ctx
-            .load_module(ptx)
-            .map_err(|e| GpuError::driver("loading the compiled kernels", e))?;
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(|e| {
+                GpuError::driver(&format!("loading the kernels compiled for {arch}"), e)
+            })?;
         let mut functions = std::collections::HashMap::new();
         for dtype in [DType::F32, DType::Bf16] {
             for kernel in Kernel::ALL {
@@ -549,5 +694,269 @@ impl Kernels {
                 &[Arg::Grad(out), Arg::Buf(x), Arg::Int(&count)],
             )
         }
+    }
+}
+
+/// NCCL's unique id, passed by value to `ncclCommInitRank`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct NcclUniqueId {
+    internal: [std::ffi::c_char; 128],
+}
+
+/// An NCCL communicator handle (`ncclComm_t`).
+type NcclCommHandle = *mut std::ffi::c_void;
+
+/// The NCCL functions the backend calls, from the file detection found. NCCL is opened here
+/// rather than through cudarc, which asks the loader only for `libnccl.so`, while NCCL's own
+/// name (its `SONAME`, and the file in PyTorch's `nvidia/nccl/lib`) is `libnccl.so.2`.
+struct NcclApi {
+    path: PathBuf,
+    get_unique_id: unsafe extern "C" fn(*mut NcclUniqueId) -> std::ffi::c_int,
+    comm_init_rank: unsafe extern "C" fn(
+        *mut NcclCommHandle,
+        std::ffi::c_int,
+        NcclUniqueId,
+        std::ffi::c_int,
+    ) -> std::ffi::c_int,
+    comm_destroy: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
+    send: unsafe extern "C" fn(
+        *const std::ffi::c_void,
+        usize,
+        std::ffi::c_int,
+        std::ffi::c_int,
+        NcclCommHandle,
+        cudarc::driver::sys::CUstream,
+    ) -> std::ffi::c_int,
+    recv: unsafe extern "C" fn(
+        *mut std::ffi::c_void,
+        usize,
+        std::ffi::c_int,
+        std::ffi::c_int,
+        NcclCommHandle,
+        cudarc::driver::sys::CUstream,
+    ) -> std::ffi::c_int,
+    group_start: unsafe extern "C" fn() -> std::ffi::c_int,
+    group_end: unsafe extern "C" fn() -> std::ffi::c_int,
+    error_string: unsafe extern "C" fn(std::ffi::c_int) -> *const std::ffi::c_char,
+}
+
+/// NCCL's `ncclFloat32` and `ncclBfloat16`.
+const NCCL_FLOAT32: std::ffi::c_int = 7;
+const NCCL_BFLOAT16: std::ffi::c_int = 9;
+
+/// NCCL, opened once per process from the file [`libraries`] found.
+fn nccl_api() -> Result<&'static NcclApi, GpuError> {
+    static API: OnceLock<Result<NcclApi, String>> = OnceLock::new();
+    API.get_or_init(|| {
+        let status = libraries()
+            .iter()
+            .find(|s| s.lib == Lib::Nccl)
+            .ok_or("NCCL was not looked for")?;
+        let Some((path, _)) = &status.found else {
+            return Err(status.problem().unwrap_or_default());
+        };
+        use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+        // SAFETY: the file was already loaded by `libraries()` (this only adds a reference);
+        // the handle is leaked below, so the library and every pointer taken from it stay
+        // valid for the life of the process.
+        let library = unsafe { Library::open(Some(path.as_os_str()), RTLD_NOW | RTLD_GLOBAL) }
+            .map_err(|e| format!("opening NCCL at {}: {e}", path.display()))?;
+        let library: &'static Library = Box::leak(Box::new(library));
+        macro_rules! symbol {
+            ($name:literal) => {
+                // SAFETY: the field's type is the function's C signature in nccl.h (NCCL 2.x);
+                // the pointer stays valid because the library is never unloaded.
+                *unsafe { library.get(concat!($name, "\0").as_bytes()) }
+                    .map_err(|e| format!("NCCL at {} lacks {}: {e}", path.display(), $name))?
+            };
+        }
+        Ok(NcclApi {
+            path: path.clone(),
+            get_unique_id: symbol!("ncclGetUniqueId"),
+            comm_init_rank: symbol!("ncclCommInitRank"),
+            comm_destroy: symbol!("ncclCommDestroy"),
+            send: symbol!("ncclSend"),
+            recv: symbol!("ncclRecv"),
+            group_start: symbol!("ncclGroupStart"),
+            group_end: symbol!("ncclGroupEnd"),
+            error_string: symbol!("ncclGetErrorString"),
+        })
+    })
+    .as_ref()
+    .map_err(|e| GpuError::Library(e.clone()))
+}
+
+impl NcclApi {
+    /// `Ok` for `ncclSuccess`, else an error naming the call and NCCL's reason.
+    fn check(&self, what: &str, code: std::ffi::c_int) -> Result<(), GpuError> {
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: ncclGetErrorString returns a static NUL-terminated string for any code.
+        let text = unsafe {
+            let p = (self.error_string)(code);
+            if p.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        Err(GpuError::Library(format!(
+            "NCCL {what} failed: {text} (ncclResult_t {code}, {})",
+            self.path.display()
+        )))
+    }
+}
+
+/// A fresh NCCL unique id (rank 0 makes it; the rendezvous hands it to the others).
+pub(crate) fn nccl_unique_id() -> Result<[u8; 128], GpuError> {
+    let api = nccl_api()?;
+    let mut id = NcclUniqueId { internal: [0; 128] };
+    // SAFETY: ncclGetUniqueId writes one ncclUniqueId through a pointer to a live local.
+    api.check("get unique id", unsafe { (api.get_unique_id)(&mut id) })?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+/// Starts a group of NCCL operations (one commit).
+pub(crate) fn nccl_group_start() -> Result<(), GpuError> {
+    let api = nccl_api()?;
+    // SAFETY: no arguments; NCCL keeps the group per thread.
+    api.check("group start", unsafe { (api.group_start)() })
+}
+
+/// Ends the group started by [`nccl_group_start`], launching its operations.
+pub(crate) fn nccl_group_end() -> Result<(), GpuError> {
+    let api = nccl_api()?;
+    // SAFETY: no arguments; called after `nccl_group_start` on the same thread.
+    api.check("group end", unsafe { (api.group_end)() })
+}
+
+/// One rank's NCCL communicator; its operations go to `stream`.
+pub(crate) struct NcclComm {
+    api: &'static NcclApi,
+    comm: NcclCommHandle,
+    stream: Arc<CudaStream>,
+}
+
+// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
+// overlap; `NcclComm` is owned by one rank's transport and used through `&self`/`&mut self`
+// from the thread that owns it.
+unsafe impl Send for NcclComm {}
+
+impl NcclComm {
+    /// Joins rank `rank` of `world_size` to the communicator of `id`; the context of `stream`
+    /// must be current on this thread. Blocks until every rank has joined.
+    pub fn init_rank(
+        stream: Arc<CudaStream>,
+        rank: usize,
+        world_size: usize,
+        id: [u8; 128],
+    ) -> Result<NcclComm, GpuError> {
+        let api = nccl_api()?;
+        let int = |v: usize, what: &str| {
+            std::ffi::c_int::try_from(v)
+                .map_err(|_| GpuError::Library(format!("NCCL {what} {v} does not fit an int")))
+        };
+        let (rank, world_size) = (int(rank, "rank")?, int(world_size, "world size")?);
+        let id = NcclUniqueId {
+            internal: id.map(|b| b as std::ffi::c_char),
+        };
+        let mut comm: NcclCommHandle = std::ptr::null_mut();
+        // SAFETY: ncclCommInitRank writes the new communicator through a pointer to a live
+        // local; the id is passed by value as its C signature says.
+        let code = unsafe { (api.comm_init_rank)(&mut comm, world_size, id, rank) };
+        api.check(&format!("init of rank {rank} of {world_size}"), code)?;
+        Ok(NcclComm { api, comm, stream })
+    }
+
+    /// Queues a send of all of `buf` to `peer` on the communicator's stream.
+    pub fn send(&self, buf: &Buf, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtr;
+        let (ptr, dtype, _sync) = match buf {
+            Buf::F32(s) => {
+                let (p, sync) = s.device_ptr(&self.stream);
+                (p, NCCL_FLOAT32, sync)
+            }
+            Buf::Bf16(s) => {
+                let (p, sync) = s.device_ptr(&self.stream);
+                (p, NCCL_BFLOAT16, sync)
+            }
+        };
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated until
+        // the stream has passed this send (buffers are freed only through the graveyard, after
+        // events on every stream of the rank); `comm` is live until drop.
+        let code = unsafe {
+            (self.api.send)(
+                ptr as *const std::ffi::c_void,
+                buf.len(),
+                dtype,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("send to rank {peer}"), code)
+    }
+
+    /// Queues a send of all of the f32 values `grads` to `peer` (gradients).
+    pub fn send_f32(&self, grads: &CudaSlice<f32>, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtr;
+        let (ptr, _sync) = grads.device_ptr(&self.stream);
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
+        // operation on the stream.
+        let code = unsafe {
+            (self.api.send)(
+                ptr as *const std::ffi::c_void,
+                grads.len(),
+                NCCL_FLOAT32,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("send to rank {peer}"), code)
+    }
+
+    /// Queues a receive from `peer` into all of `buf` on the communicator's stream.
+    pub fn recv(&self, buf: &mut Buf, peer: u32) -> Result<(), GpuError> {
+        use cudarc::driver::DevicePtrMut;
+        let len = buf.len();
+        let (ptr, dtype, _sync) = match buf {
+            Buf::F32(s) => {
+                let (p, sync) = s.device_ptr_mut(&self.stream);
+                (p, NCCL_FLOAT32, sync)
+            }
+            Buf::Bf16(s) => {
+                let (p, sync) = s.device_ptr_mut(&self.stream);
+                (p, NCCL_BFLOAT16, sync)
+            }
+        };
+        let peer = std::ffi::c_int::try_from(peer)
+            .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
+        // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it here.
+        let code = unsafe {
+            (self.api.recv)(
+                ptr as *mut std::ffi::c_void,
+                len,
+                dtype,
+                peer,
+                self.comm,
+                self.stream.cu_stream(),
+            )
+        };
+        self.api.check(&format!("receive from rank {peer}"), code)
+    }
+}
+
+impl Drop for NcclComm {
+    fn drop(&mut self) {
+        // SAFETY: `comm` came from ncclCommInitRank and is destroyed only here. A failure
+        // leaves the communicator to the process's end, which is all that can be done.
+        let _ = unsafe { (self.api.comm_destroy)(self.comm) };
     }
 }

@@ -67,8 +67,12 @@ impl GpuStage {
             (&p.b2, h),
         ] {
             debug_assert_eq!(values.len(), len);
-            let mut tensor = dev.upload(values, [1, len])?;
-            params.push(tensor_into_buf(&mut tensor));
+            let param = dev.upload(values, [1, len])?.into_buf().ok_or_else(|| {
+                GpuError::Shape(format!(
+                    "stage {index}: an uploaded parameter has no buffer"
+                ))
+            })?;
+            params.push(param);
             grads.push(
                 dev.main
                     .alloc_zeros::<f32>(len)
@@ -340,16 +344,6 @@ impl GpuStage {
             .column_sums_add(lane.stream, &mut self.grads[1], da.buf(), r, 4 * h)?;
         Ok(())
     }
-}
-
-fn tensor_into_buf(tensor: &mut Tensor) -> Buf {
-    // Parameters live as long as the stage; they leave the graveyard's care. A zero-length
-    // placeholder takes their place in the tensor, which is then dropped.
-    let placeholder = match tensor.buf() {
-        Buf::F32(s) => Buf::F32(s.stream().null().expect("a zero-length allocation")),
-        Buf::Bf16(s) => Buf::Bf16(s.stream().null().expect("a zero-length allocation")),
-    };
-    std::mem::replace(tensor.buf_mut(), placeholder)
 }
 
 fn stage_error(e: GpuError) -> StageError {

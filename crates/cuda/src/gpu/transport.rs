@@ -14,11 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cudarc::driver::CudaEvent;
-use cudarc::nccl::{Comm, group_end, group_start};
 use dualpipe_executor::{CommError, CommErrorKind, InProcess, InProcessTicket, Transport};
 use dualpipe_schedule::ExecutionModel;
 
-use super::raw::{self, Buf};
+use super::raw::{self, Buf, NcclComm};
 use super::{GpuError, RankDevice, Tensor};
 
 pub(crate) use crate::api::CommMode;
@@ -206,7 +205,7 @@ enum Queued {
 /// One process's end of an NCCL run.
 pub(crate) struct NcclTransport {
     dev: Arc<RankDevice>,
-    comm: Comm,
+    comm: NcclComm,
     model: ExecutionModel,
     message_shape: [usize; 2],
     queued: Vec<Queued>,
@@ -218,7 +217,7 @@ pub(crate) struct NcclTransport {
 impl NcclTransport {
     pub fn new(
         dev: Arc<RankDevice>,
-        comm: Comm,
+        comm: NcclComm,
         model: ExecutionModel,
         message_shape: [usize; 2],
     ) -> Self {
@@ -235,16 +234,8 @@ impl NcclTransport {
     }
 
     /// The communicator (for the gradient exchange between stage copies).
-    pub fn comm(&self) -> &Comm {
+    pub fn comm(&self) -> &NcclComm {
         &self.comm
-    }
-
-    fn nccl(what: &str, e: cudarc::nccl::result::NcclError) -> CommError {
-        // NcclError prints only its name; the code says what happened.
-        CommError::new(CommErrorKind::Backend(format!(
-            "NCCL {what} failed: {:?}",
-            e.0
-        )))
     }
 }
 
@@ -289,29 +280,25 @@ impl Transport for NcclTransport {
         };
         let mut received = Vec::new();
         let mut sent = Vec::new();
-        group_start().map_err(|e| Self::nccl("group start", e))?;
+        raw::nccl_group_start().map_err(backend)?;
         for (op, q) in queued.into_iter().enumerate() {
             match q {
                 Queued::Send { peer, tensor } => {
-                    match tensor.buf() {
-                        Buf::F32(s) => self.comm.send(s, peer as i32),
-                        Buf::Bf16(s) => self.comm.send(s, peer as i32),
-                    }
-                    .map_err(|e| Self::nccl("send", e).at_op(op))?;
+                    self.comm
+                        .send(tensor.buf(), peer)
+                        .map_err(|e| backend(e).at_op(op))?;
                     sent.push(tensor);
                 }
                 Queued::Recv { peer, ticket } => {
                     let mut tensor = dev.alloc(&dev.comm, self.message_shape).map_err(backend)?;
-                    match tensor.buf_mut() {
-                        Buf::F32(s) => self.comm.recv(s, peer as i32).map(|_| ()),
-                        Buf::Bf16(s) => self.comm.recv(s, peer as i32).map(|_| ()),
-                    }
-                    .map_err(|e| Self::nccl("recv", e).at_op(op))?;
+                    self.comm
+                        .recv(tensor.buf_mut(), peer)
+                        .map_err(|e| backend(e).at_op(op))?;
                     received.push((ticket, tensor));
                 }
             }
         }
-        group_end().map_err(|e| Self::nccl("group end", e))?;
+        raw::nccl_group_end().map_err(backend)?;
         let done = dev.record(&dev.comm).map_err(backend)?;
         if let Some(start) = start {
             let end = dev.event(true).map_err(backend)?;
@@ -360,14 +347,11 @@ impl Transport for NcclTransport {
 /// in the same order.
 pub(crate) fn exchange_gradients(
     dev: &RankDevice,
-    comm: &Comm,
+    comm: &NcclComm,
     peer: u32,
     grads: &mut [cudarc::driver::CudaSlice<f32>; 4],
 ) -> Result<(), GpuError> {
     dev.bind()?;
-    let nccl = |what: &str, e: cudarc::nccl::result::NcclError| {
-        GpuError::Library(format!("NCCL {what} failed: {:?}", e.0))
-    };
     // The gradients are written on main; comm must see them.
     let ready = dev.record(&dev.main)?;
     dev.comm
@@ -377,14 +361,12 @@ pub(crate) fn exchange_gradients(
     for g in grads.iter() {
         theirs.push(raw::alloc(&dev.comm, crate::kernels::DType::F32, g.len())?);
     }
-    group_start().map_err(|e| nccl("group start", e))?;
+    raw::nccl_group_start()?;
     for (mine, other) in grads.iter().zip(theirs.iter_mut()) {
-        comm.send(mine, peer as i32).map_err(|e| nccl("send", e))?;
-        if let Buf::F32(other) = other {
-            comm.recv(other, peer as i32).map_err(|e| nccl("recv", e))?;
-        }
+        comm.send_f32(mine, peer)?;
+        comm.recv(other, peer)?;
     }
-    group_end().map_err(|e| nccl("group end", e))?;
+    raw::nccl_group_end()?;
     let done = dev.record(&dev.comm)?;
     dev.main
         .wait(&done)

@@ -1,7 +1,8 @@
 //! The runner of the checks only a GPU can answer (test targets with `harness = false`).
 //!
-//! Without a usable GPU it prints `skipped: no GPU (why)` and the number of checks not run, and
-//! counts none of them as passed. With one, it runs every check (or those whose name contains
+//! Without a GPU (no driver, no device) it prints `skipped: no GPU (why)` and the number of
+//! checks not run, and counts none of them as passed. A GPU the backend cannot use (a library
+//! missing, a driver that fails) is a failure: it prints why and exits with 1. With one, it runs every check (or those whose name contains
 //! the first non-flag argument, as `cargo test NAME` passes it), prints one line per check, and
 //! exits with 1 if any failed.
 
@@ -14,19 +15,29 @@ pub struct Check {
     pub run: Box<dyn Fn()>,
 }
 
-/// Runs `checks` if `gpu` says a GPU is usable (`Err` carries why not).
-pub fn run(checks: Vec<Check>, gpu: Result<(), String>) -> ExitCode {
+/// Whether the checks can run: `Ok`, or the error of `probe` or of opening the backend.
+pub fn run(checks: Vec<Check>, gpu: Result<(), dualpipe_cuda::CudaError>) -> ExitCode {
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let selected: Vec<Check> = checks
         .into_iter()
         .filter(|c| filter.as_deref().is_none_or(|f| c.name.contains(f)))
         .collect();
-    if let Err(why) = gpu {
-        println!(
-            "skipped: no GPU ({why}); {} GPU checks not run, none counted as passed",
-            selected.len()
-        );
-        return ExitCode::SUCCESS;
+    match gpu {
+        Ok(()) => {}
+        Err(why) if why.is_no_gpu() => {
+            println!(
+                "skipped: no GPU ({why}); {} GPU checks not run, none counted as passed",
+                selected.len()
+            );
+            return ExitCode::SUCCESS;
+        }
+        Err(why) => {
+            println!(
+                "error: the GPU checks cannot run: {why}; {} GPU checks failed",
+                selected.len()
+            );
+            return ExitCode::FAILURE;
+        }
     }
     let mut failed = Vec::new();
     for check in &selected {
