@@ -177,7 +177,7 @@ else
     record bench-gpu FAIL "$secs" "exit $rc: $(last_line "$logs/bench-gpu.log")"
 fi
 
-# 5. The torch runtime's benchmark, from the wheel in the bundle.
+# 5. The torch runtime (dualpipe_rs.torch) on the GPU, from the wheel in the bundle.
 wheel="$(ls "$bundle"/wheels/dualpipe_rs-*.whl 2>/dev/null | head -n 1)"
 if [ -z "$wheel" ]; then
     record torch-runtime skipped 0 "the bundle has no dualpipe_rs wheel"
@@ -185,10 +185,8 @@ else
     site="$logs/site"
     if ! python3 -m pip install --quiet --no-deps --target "$site" "$wheel" >"$logs/torch-runtime-install.log" 2>&1; then
         record torch-runtime FAIL 0 "pip could not install $(basename "$wheel")"
-    elif ! PYTHONPATH="$site" python3 -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("dualpipe_rs.bench") is None)' 2>/dev/null; then
-        record torch-runtime skipped 0 "the wheel has no dualpipe_rs.bench module"
     else
-        step torch-runtime 300 env PYTHONPATH="$site" python3 -m dualpipe_rs.bench
+        step torch-runtime 300 env PYTHONPATH="$site" python3 "$bundle/scripts/torch_gpu_check.py"
         if [ "$rc" = 0 ]; then
             record torch-runtime ok "$secs" "$(last_line "$logs/torch-runtime.log")"
             echo

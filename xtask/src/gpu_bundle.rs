@@ -4,7 +4,7 @@
 //! - `dualpipe`: the command line, release, stripped;
 //! - `tests/gpu`, `tests/backends`, `tests/dualpipe_cuda`: the CUDA crate's test binaries
 //!   (the GPU checks, the executor's backend tests on the GPU, the crate's unit tests);
-//! - `scripts/`: `gpu_check.sh`, `gpu_bench.sh`, `gpu_bench_torch.py`;
+//! - `scripts/`: `gpu_check.sh`, `gpu_bench.sh`, `gpu_bench_torch.py`, `torch_gpu_check.py`;
 //! - `wheels/`: the torch runtime's wheel (Python package `dualpipe_rs`), when
 //!   `python/pyproject.toml` exists and maturin is installed in the virtual environment
 //!   `$DUALPIPE_VENV` (default `~/.cache/dualpipe/venv`).
@@ -18,7 +18,12 @@ use std::process::Command;
 const LIMIT_BYTES: u64 = 48 << 20;
 
 /// The scripts the check runs, copied from `scripts/`.
-const SCRIPTS: [&str; 3] = ["gpu_check.sh", "gpu_bench.sh", "gpu_bench_torch.py"];
+const SCRIPTS: [&str; 4] = [
+    "gpu_check.sh",
+    "gpu_bench.sh",
+    "gpu_bench_torch.py",
+    "torch_gpu_check.py",
+];
 
 pub fn run(root: &Path) -> Result<(), String> {
     let out = root.join("gpu-bundle");
