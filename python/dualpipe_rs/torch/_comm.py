@@ -102,11 +102,13 @@ def decode_meta(meta: torch.Tensor) -> List[TensorMeta]:
 
 def wait(works, timeout: Optional[float]) -> None:
     """Wait for ``works``; raises ``RuntimeError`` from torch on a timeout or a dead peer."""
-    for work in works:
-        if timeout is None:
+    if timeout is None:
+        for work in works:
             work.wait()
-        else:
-            work.wait(timeout=timedelta(seconds=timeout))
+        return
+    limit = timedelta(seconds=timeout)
+    for work in works:
+        work.wait(timeout=limit)
 
 
 def post(ops: List[dist.P2POp]):

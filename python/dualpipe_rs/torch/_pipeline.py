@@ -238,6 +238,12 @@ class Pipeline(nn.Module):
         if inference_schedule is not None:
             self._check_inference(inference_schedule)
         self._device = self._pick_device()
+        self._nccl = dist.get_backend(self.group) == "nccl"
+        self._fixed_meta = None
+        if shapes is not None:
+            if dtype is None:
+                dtype = next((p.dtype for m in self.module for p in m.parameters()), torch.float32)
+            self._fixed_meta = [(tuple(s), dtype) for s in shapes]
         self._id = next(_ids)
         self._steps = 0
         self._shared = None
@@ -680,13 +686,8 @@ class Pipeline(nn.Module):
 
     def _expected(self, prog, stage, mb):
         """The (shape, dtype) list the receiver of (stage, mb)'s activations expects."""
-        if self._fixed_shapes is not None:
-            dtype = self._fixed_dtype
-            if dtype is None:
-                dtype = next(
-                    (p.dtype for m in self.module for p in m.parameters()), torch.float32
-                )
-            return [(s, dtype) for s in self._fixed_shapes]
+        if self._fixed_meta is not None:
+            return self._fixed_meta
         meta = self._meta[prog.key].get((stage, mb))
         return None if meta is None else list(meta)
 
@@ -794,7 +795,7 @@ class Pipeline(nn.Module):
         prof = self.profile
         t0 = prof._now() if prof is not None else None
         try:
-            _comm.wait(works, self.timeout if dist.get_backend(self.group) != "nccl" else None)
+            _comm.wait(works, None if self._nccl else self.timeout)
         except RuntimeError as exc:
             index = min(index, len(prog.ops) - 1)
             ops = ""
