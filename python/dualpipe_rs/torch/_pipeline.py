@@ -53,6 +53,11 @@ def _as_list(out) -> List[torch.Tensor]:
     return list(out)
 
 
+def _leaf_grads(inputs: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
+    """The gradients a backward left in the stage's input buffers (leaves it created)."""
+    return [t.grad if t.requires_grad and t.is_leaf else None for t in inputs]
+
+
 def _grad_dtype(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
@@ -607,7 +612,7 @@ class Pipeline(nn.Module):
                 loss.detach_()
             elif outs:
                 run_backward(outs, grads)
-            in_grads = [t.grad if t.requires_grad else None for t in inputs]
+            in_grads = _leaf_grads(inputs) if stage > 0 else []
         else:
             if loss is not None:
                 outs, grads = [loss], [None]
@@ -656,7 +661,7 @@ class Pipeline(nn.Module):
         inputs1 = st.inputs.pop((bs, bm))
         outs0, loss0 = hook(module0, inputs0, criterion0, labels0, module1, loss1, outs1, grads1)
         self._after_forward(prog, st, fs, fm, inputs0, _as_list(outs0), loss0)
-        in_grads = [t.grad if t.requires_grad else None for t in inputs1]
+        in_grads = _leaf_grads(inputs1) if bs > 0 else []
         self._input_grads(prog, st, bs, bm, inputs1, in_grads)
 
     # communication ----------------------------------------------------------------
