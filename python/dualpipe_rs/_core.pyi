@@ -9,8 +9,9 @@ __version__: str
 """The version of the Rust crates this module was built from."""
 
 Costs = Union[None, Mapping[str, Any], str, "os.PathLike[str]"]
-"""A cost model: ``None`` (the defaults ``f=1,b=2,w=1,fb=f+b,comm=0``), a dict in the cost-file
-schema of docs/simulate.md (``{"f": 1.0, "b": 2.0, "stages": [{"stage": 0, "f": 1.4}]}``), a
+"""A cost model, per stage: ``None`` (the defaults ``f=1,b=2,w=1,fb=f+b,comm=0``), a dict in the
+cost-file schema of docs/costs.md (``{"unit": "ms", "f": 1.0, "b": 2.0, "stages": [{"stage": 0,
+"f": 1.4}]}``), a
 ``str`` holding assignments (``"f=1,b=2,w=1,fb=3,comm=0"``: it contains ``=`` and no path
 separator) or else the path of a cost file, or an ``os.PathLike`` path of a cost file."""
 
@@ -119,7 +120,9 @@ class Schedule:
         """Simulates one step: exactly the document ``dualpipe simulate --json`` prints, as a dict.
 
         Keys: ``schedule``, ``num_ranks``, ``num_stages``, ``num_microbatches``, ``model``,
-        ``costs`` (the cost model in words), ``makespan`` (the step time), ``bubble_share``
+        ``costs`` (the cost model in words), ``unit`` (the costs' time unit, in which every
+        time is given; ``""`` for abstract units), ``costs_per`` (``"stage"``), ``makespan``
+        (the step time), ``bubble_share``
         (idle over ranks x makespan), ``ranks`` (per rank ``{"rank", "busy", "idle", "end",
         "peak_activations", "peak_pending_w"}``) and, with ``timeline``, ``instructions`` (per
         rank, per instruction ``{"index", "instruction", "start", "end"}``, as ``--timeline``).
@@ -132,8 +135,8 @@ class Schedule:
         """
     def render(self, format: Literal["text", "svg", "chrome"], costs: Costs = None, model: Model = "blocking") -> str:
         """The simulated timeline drawn as ``dualpipe render --format FORMAT`` does: a
-        time-scaled text grid, an SVG picture, or a Chrome trace (JSON; one time unit written
-        as one millisecond).
+        time-scaled text grid, an SVG picture, or a Chrome trace (JSON; in real time when the
+        costs name their ``unit``, else one abstract time unit written as one millisecond).
 
         Raises:
             ValueError: an unknown format, a bad cost model or model name.

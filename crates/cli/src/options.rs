@@ -27,14 +27,15 @@ impl From<Model> for ExecutionModel {
 /// `--cost`, `--costs` and `--model`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct CostOptions {
-    /// Uniform costs as name=value pairs: f (forward), b (full backward), w (weight gradient; a
-    /// backward with deferred weights costs b - w), fb (overlapped pair; default f + b), comm
-    /// (latency of every message), bytes (per message) and bandwidth (bytes per time unit).
-    /// Defaults: f=1,b=2,w=1,fb=f+b,comm=0.
+    /// Costs of one stage for one micro-batch, the same on every stage, as name=value pairs:
+    /// f (forward), b (full backward), w (weight gradient; a backward with deferred weights
+    /// costs b - w), fb (overlapped pair; default f + b), comm (latency of every message),
+    /// bytes (per message) and bandwidth (bytes per time unit). In the cost file's unit, else
+    /// abstract units. Defaults: f=1,b=2,w=1,fb=f+b,comm=0.
     #[arg(long, value_name = "LIST")]
     pub cost: Option<String>,
-    /// JSON cost file with uniform values and per-stage overrides (see docs/simulate.md);
-    /// --cost applies on top of it.
+    /// JSON cost file: costs per stage, with its time unit and per-stage overrides (see
+    /// docs/costs.md); --cost applies on top of it.
     #[arg(long, value_name = "FILE")]
     pub costs: Option<PathBuf>,
     /// Execution model.
@@ -93,6 +94,20 @@ pub fn run(
         dualpipe_schedule::SimulateError::Costs(e) => Failure::usage(format!("{name}: {e}")),
         stalled => Failure::invalid(format!("{name}: {stalled}")),
     })
+}
+
+/// How the costs of a table are given, for its header: `costs per stage in ms: f=1,...`.
+pub fn costs_header(costs: &Costs) -> String {
+    format!("costs per stage in {}: {costs}", costs.unit_label())
+}
+
+/// ` ms` after a time in a named unit; nothing for abstract units.
+pub fn unit_suffix(costs: &Costs) -> String {
+    if costs.unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", costs.unit)
+    }
 }
 
 /// A time for people: integers without a fraction, others with up to three decimals.

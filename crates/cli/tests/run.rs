@@ -204,3 +204,76 @@ fn divergence_is_reported_as_divergence() {
     assert!(stderr.contains("try a smaller --lr (now 50)"), "{stderr}");
     assert!(!stderr.contains("differs"), "{stderr}");
 }
+
+#[test]
+fn measured_costs_are_written_as_a_cost_file_that_simulate_reads_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("zb.json");
+    let costs = dir.path().join("measured.json");
+    let (schedule_arg, costs_arg) = (schedule.to_str().unwrap(), costs.to_str().unwrap());
+    let planned = dualpipe(&[
+        "plan",
+        "-s",
+        "zb1p",
+        "-n",
+        "2",
+        "-c",
+        "4",
+        "-o",
+        schedule_arg,
+    ]);
+    assert!(planned.status.success());
+
+    let out = run_small(&[schedule_arg, "--costs-out", costs_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("(per stage, in ms; read it with simulate --costs)"),
+        "{stdout}"
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&costs).unwrap()).unwrap();
+    assert_eq!(written["unit"], "ms");
+    // 4 rows x 16 wide f32 activations; Linear(16, 64) and Linear(64, 16) per stage.
+    assert_eq!(written["bytes"], 4.0 * 4.0 * 16.0);
+    assert_eq!(
+        written["param_bytes"],
+        4.0 * (2.0 * 16.0 * 64.0 + 64.0 + 16.0)
+    );
+    let stages = written["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 2, "{written}");
+    for (stage, entry) in stages.iter().enumerate() {
+        assert_eq!(entry["stage"], stage);
+        for kind in ["f", "b", "w"] {
+            assert!(entry[kind].as_f64().unwrap() > 0.0, "{written}");
+        }
+    }
+
+    // simulate reads it back, in ms, and finds the bubble run printed.
+    let simulated = dualpipe(&["simulate", schedule_arg, "--costs", costs_arg, "--json"]);
+    assert!(simulated.status.success(), "{}", text(&simulated.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&simulated.stdout).unwrap();
+    assert_eq!(report["unit"], "ms");
+    let bubble = format!(
+        "simulated: {:.1}% with the measured mean costs per stage",
+        100.0 * report["bubble_share"].as_f64().unwrap()
+    );
+    assert!(stdout.contains(&bubble), "{bubble}\n{stdout}");
+
+    // Never overwritten without --force, and refused before running.
+    std::fs::write(&costs, "mine").unwrap();
+    let out = run_small(&[schedule_arg, "--costs-out", costs_arg]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("already exists; pass --force"));
+    assert!(out.stdout.is_empty(), "refused before running");
+    assert_eq!(std::fs::read_to_string(&costs).unwrap(), "mine");
+    let out = run_small(&[schedule_arg, "--costs-out", costs_arg, "--force"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_ne!(std::fs::read_to_string(&costs).unwrap(), "mine");
+
+    let both = dir.path().join("both.json");
+    let both = both.to_str().unwrap();
+    let out = run_small(&[schedule_arg, "--costs-out", both, "--trace", both]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--trace and --costs-out both name"));
+}

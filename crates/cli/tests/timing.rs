@@ -357,7 +357,7 @@ fn compare_lines_up_every_family() {
 }
 
 #[test]
-fn compare_refuses_per_stage_costs() {
+fn compare_skips_families_that_per_stage_costs_do_not_describe() {
     let dir = tempfile::tempdir().unwrap();
     let costs = dir.path().join("costs.json");
     std::fs::write(&costs, r#"{"stages": [{"stage": 0, "f": 3}]}"#).unwrap();
@@ -373,7 +373,7 @@ fn compare_refuses_per_stage_costs() {
         ],
         "",
         2,
-        "uniform costs only",
+        "no schedule family fits the costs for 2 ranks and 4 micro-batches",
     );
     fails(&["compare", "-n", "2"], "", 2, "--microbatches");
 }

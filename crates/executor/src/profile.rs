@@ -3,7 +3,8 @@
 //! Chrome trace (the same layout as the simulator's).
 
 use dualpipe_schedule::{
-    Costs, Instruction, Lane, Schedule, Span, StageCosts, ValidSchedule, chrome_trace,
+    Costs, Instruction, Lane, Schedule, Span, StageCosts, StageOverride, ValidSchedule,
+    chrome_trace,
 };
 
 /// A backend's clock. The interpreter takes a mark before and after every compute and commit
@@ -68,28 +69,36 @@ pub struct MeasuredCosts {
 }
 
 impl MeasuredCosts {
+    /// Forward, full backward, weight gradient and FB, each where it was measured or can be
+    /// derived from the others (a full backward as its input part plus its weight part, and
+    /// back; the weight part at most the full backward).
+    fn resolved(&self) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
+        let b = self
+            .backward
+            .or_else(|| Some(self.backward_input? + self.weight?));
+        let w = self
+            .weight
+            .or_else(|| Some(b? - self.backward_input?))
+            .map(|w| w.clamp(0.0, b.unwrap_or(f64::INFINITY).max(0.0)));
+        (self.forward, b, w, self.forward_backward)
+    }
+
     /// The simulator's cost model with these costs, in microseconds, uniform over stages and
     /// with free messages: what the schedule alone would cost at the measured compute speed.
     /// A kind the schedule does not use is derived from the others where it can be (a full
-    /// backward as its input part plus its weight part, and back).
+    /// backward as its input part plus its weight part, and back), else 0.
     pub fn to_costs(&self) -> Costs {
-        let f = self.forward.unwrap_or(0.0);
-        let b = self
-            .backward
-            .or_else(|| Some(self.backward_input? + self.weight?))
-            .unwrap_or(0.0);
-        let w = self
-            .weight
-            .or_else(|| Some(b - self.backward_input?))
-            .unwrap_or(0.0)
-            .clamp(0.0, b);
+        let (f, b, w, fb) = self.resolved();
+        let b = b.unwrap_or(0.0);
         Costs {
             uniform: StageCosts {
-                f,
+                f: f.unwrap_or(0.0),
                 b,
-                w,
-                fb: self.forward_backward,
+                w: w.unwrap_or(0.0).min(b),
+                fb,
                 bytes: 0.0,
+                param_bytes: 0.0,
+                activation_bytes: 0.0,
             },
             ..Costs::default()
         }
@@ -155,17 +164,74 @@ impl Profile {
 
     /// Mean duration of each kind of compute.
     pub fn mean_costs(&self, schedule: &Schedule) -> MeasuredCosts {
+        self.means(schedule, None)
+    }
+
+    /// Mean duration of each kind of compute on every stage, indexed by stage; an FB counts
+    /// for the stage of its forward half (as the cost file's `fb`).
+    pub fn mean_stage_costs(&self, schedule: &Schedule) -> Vec<MeasuredCosts> {
+        (0..schedule.num_stages)
+            .map(|stage| self.means(schedule, Some(stage)))
+            .collect()
+    }
+
+    /// The measured costs as a cost model in milliseconds (unit `"ms"`, rounded to the
+    /// nanosecond): the means over all stages as the uniform costs, and each stage's own means
+    /// as its override (a kind a stage did not run keeps the uniform value). Messages are free
+    /// and no sizes are set: the caller knows its model's bytes.
+    pub fn measured_costs_ms(&self, schedule: &Schedule) -> Costs {
+        let to_ms = |us: f64| (us * 1e3).round() / 1e6;
+        let ms = |v: Option<f64>| v.map(to_ms);
+        let mut costs = self.mean_costs(schedule).to_costs();
+        let u = &mut costs.uniform;
+        (u.f, u.b, u.w, u.fb) = (to_ms(u.f), to_ms(u.b), to_ms(u.w), ms(u.fb));
+        costs.unit = "ms".into();
+        for (stage, measured) in self.mean_stage_costs(schedule).iter().enumerate() {
+            let (f, b, w, fb) = measured.resolved();
+            let changes = StageOverride {
+                f: ms(f),
+                b: ms(b),
+                w: ms(w),
+                fb: ms(fb),
+                ..StageOverride::default()
+            };
+            if changes != StageOverride::default() {
+                costs.stages.insert(stage as u32, changes);
+            }
+        }
+        // A stage's own W (or B) next to the other's uniform value could break w <= b.
+        for stage in 0..schedule.num_stages {
+            let c = costs.stage(stage);
+            if c.w > c.b
+                && let Some(o) = costs.stages.get_mut(&stage)
+            {
+                o.w = Some(c.b);
+            }
+        }
+        costs
+    }
+
+    fn means(&self, schedule: &Schedule, stage: Option<u32>) -> MeasuredCosts {
         let mut sums = [(0.0f64, 0u32); 5];
         for (rank, timings) in self.ranks.iter().enumerate() {
             for t in timings {
-                let kind = match schedule.ranks[rank][t.index] {
-                    Instruction::Forward(_) => 0,
-                    Instruction::Backward { defer_w: false, .. } => 1,
-                    Instruction::Backward { defer_w: true, .. } => 2,
-                    Instruction::Weight(_) => 3,
-                    Instruction::ForwardBackward { .. } => 4,
+                let (kind, at) = match schedule.ranks[rank][t.index] {
+                    Instruction::Forward(work) => (0, work.stage),
+                    Instruction::Backward {
+                        work,
+                        defer_w: false,
+                    } => (1, work.stage),
+                    Instruction::Backward {
+                        work,
+                        defer_w: true,
+                    } => (2, work.stage),
+                    Instruction::Weight(work) => (3, work.stage),
+                    Instruction::ForwardBackward { f, .. } => (4, f.stage),
                     _ => continue,
                 };
+                if stage.is_some_and(|s| s != at) {
+                    continue;
+                }
                 sums[kind].0 += t.end_us - t.ready_us;
                 sums[kind].1 += 1;
             }
@@ -265,5 +331,50 @@ mod tests {
         assert_eq!((c.b, c.w), (2.5, 0.0));
         full.to_costs().check().unwrap();
         split.to_costs().check().unwrap();
+    }
+
+    #[test]
+    fn measured_costs_per_stage_in_milliseconds() {
+        use dualpipe_planner::{Family, PlanRequest, plan};
+        // ZB-H1 on 2 ranks: F, deferred B and W on both stages. Stage s takes
+        // (s + 1) ms per F, 2 (s + 1) ms per deferred B and (s + 1) ms per W.
+        let schedule = plan(&PlanRequest::new(Family::Zb1p, 2, 2)).unwrap();
+        let mut profile = Profile::default();
+        for list in &schedule.ranks {
+            let mut clock = 0.0;
+            let mut timings = Vec::new();
+            for (index, instruction) in list.iter().enumerate() {
+                let (scale, stage) = match instruction {
+                    Instruction::Forward(w) => (1.0, w.stage),
+                    Instruction::Backward { work, .. } => (2.0, work.stage),
+                    Instruction::Weight(w) => (1.0, w.stage),
+                    _ => continue,
+                };
+                let end = clock + scale * 1e3 * f64::from(stage + 1);
+                timings.push(Timing {
+                    index,
+                    start_us: clock,
+                    ready_us: clock,
+                    end_us: end,
+                    waited_on: None,
+                });
+                clock = end;
+            }
+            profile.ranks.push(timings);
+        }
+        let costs = profile.measured_costs_ms(&schedule);
+        assert_eq!(costs.unit, "ms");
+        let u = costs.uniform;
+        assert_eq!((u.f, u.b, u.w), (1.5, 4.5, 1.5));
+        for stage in 0..2 {
+            let c = costs.stage(stage);
+            let k = f64::from(stage + 1);
+            assert_eq!((c.f, c.b, c.w, c.fb), (k, 3.0 * k, k, None));
+        }
+        costs.check().unwrap();
+        assert_eq!(
+            dualpipe_schedule::Costs::from_json(&costs.to_json()).unwrap(),
+            costs
+        );
     }
 }

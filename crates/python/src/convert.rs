@@ -134,21 +134,35 @@ pub fn check_cost_shape(value: &Value) -> Result<(), String> {
         return Err("costs: expected a dict of cost fields".into());
     };
     for (key, v) in fields {
-        if key == "stages" {
+        if key == "unit" {
+            if !v.is_string() {
+                return Err(format!("costs: `unit` must be a str, got {}", kind_of(v)));
+            }
+        } else if key == "stages" || key == "layers" {
             let Value::Array(entries) = v else {
                 return Err(format!(
-                    "costs: `stages` must be a list of dicts, got {}",
+                    "costs: `{key}` must be a list of dicts, got {}",
                     kind_of(v)
                 ));
             };
             for (i, entry) in entries.iter().enumerate() {
                 let Value::Object(entry) = entry else {
                     return Err(format!(
-                        "costs: stages[{i}] must be a dict, got {}",
+                        "costs: {key}[{i}] must be a dict, got {}",
                         kind_of(entry)
                     ));
                 };
-                check_numbers(&format!("stages[{i}]."), entry)?;
+                let mut numbers = entry.clone();
+                if key == "layers"
+                    && let Some(name) = numbers.remove("name")
+                    && !name.is_string()
+                {
+                    return Err(format!(
+                        "costs: `{key}[{i}].name` must be a str, got {}",
+                        kind_of(&name)
+                    ));
+                }
+                check_numbers(&format!("{key}[{i}]."), &numbers)?;
             }
         } else {
             check_numbers("", &Map::from_iter([(key.clone(), v.clone())]))?;
@@ -266,6 +280,24 @@ mod tests {
             check_cost_shape(&json!({"stages": [{"stage": 0, "w": null}]})).unwrap_err(),
             "costs: `stages[0].w` must be a number, got None"
         );
+        assert_eq!(
+            check_cost_shape(&json!({"unit": 1})).unwrap_err(),
+            "costs: `unit` must be a str, got a number"
+        );
+        assert_eq!(
+            check_cost_shape(&json!({"layers": [{"name": 3, "f": 1}]})).unwrap_err(),
+            "costs: `layers[0].name` must be a str, got a number"
+        );
+        assert_eq!(
+            check_cost_shape(&json!({"layers": [{"name": "a", "f": "1"}]})).unwrap_err(),
+            "costs: `layers[0].f` must be a number, got a str"
+        );
+        check_cost_shape(
+            &json!({"unit": "ms", "f": 1, "stages": [{"stage": 0, "param_bytes": 8}],
+            "layers": [{"name": "embed", "f": 1, "b": 2, "w": 1}]}),
+        )
+        .unwrap();
+        assert_eq!(check_cost_shape(&json!({"unit": "ms", "f": 1})), Ok(()));
         assert!(
             check_cost_shape(&json!({"stages": 3}))
                 .unwrap_err()

@@ -28,7 +28,9 @@ mod torch;
 mod trace;
 mod validate;
 
-pub use costs::{CostError, Costs, StageCosts, StageOverride};
+pub use costs::{
+    CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS, unit_us,
+};
 pub use format::{
     FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
     parse_program,

@@ -55,14 +55,20 @@ pub fn timeline_text(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}: {} ranks, {} stages, {} micro-batches; {} model; step time {}; {} columns per time unit",
+        "{}: {} ranks, {} stages, {} micro-batches; {} model; step time {}{}; {} columns per {}",
         schedule.schedule,
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
         sim.model,
         number(sim.makespan),
-        number(scale)
+        unit_suffix(&sim.unit),
+        number(scale),
+        if sim.unit.is_empty() {
+            "time unit"
+        } else {
+            &sim.unit
+        }
     );
     // The time axis: a tick label every `step` units, spaced at least 6 columns apart and
     // wider than the longest label.
@@ -231,6 +237,15 @@ fn nice_step(min: f64) -> f64 {
         .unwrap_or(10.0 * power)
 }
 
+/// ` ms` after a time in a named unit; nothing for abstract units.
+fn unit_suffix(unit: &str) -> String {
+    if unit.is_empty() {
+        String::new()
+    } else {
+        format!(" {unit}")
+    }
+}
+
 fn number(value: f64) -> String {
     if value != 0.0 && !(1e-3..1e9).contains(&value.abs()) {
         let text = format!("{value:.3e}");
@@ -277,13 +292,14 @@ pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
     let idle: f64 = sim.ranks.iter().map(|r| r.idle).sum();
     let _ = writeln!(
         out,
-        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">{}: {} ranks, {} stages, {} micro-batches, {} model, step time {}, bubble {:.1}%</text>"#,
+        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">{}: {} ranks, {} stages, {} micro-batches, {} model, step time {}{}, bubble {:.1}%</text>"#,
         escape(&schedule.schedule),
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
         sim.model,
         number(sim.makespan),
+        escape(&unit_suffix(&sim.unit)),
         100.0 * idle / (span * rows)
     );
     // Time axis with grid lines, at least 40 pixels apart.

@@ -70,6 +70,8 @@ pub struct Simulation {
     pub ranks: Vec<RankSummary>,
     /// Per rank, per instruction: when it ran.
     pub times: Vec<Vec<Interval>>,
+    /// The time unit of every time above: the cost model's (`""` for abstract units).
+    pub unit: String,
 }
 
 impl Simulation {
@@ -108,29 +110,33 @@ impl Simulation {
     }
 }
 
-/// Microseconds per simulated time unit in Chrome traces: one unit reads as one millisecond.
+/// Microseconds per abstract time unit in Chrome traces: one unit reads as one millisecond.
 pub const TRACE_UNIT_US: f64 = 1000.0;
 
 impl Simulation {
     /// The simulation of `valid` as the JSON document `dualpipe simulate --json` prints:
-    /// `{"schedule", "num_ranks", "num_stages", "num_microbatches", "model", "costs",
-    /// "makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", "end",
+    /// `{"schedule", "num_ranks", "num_stages", "num_microbatches", "model", "costs", "unit",
+    /// "costs_per", "makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", "end",
     /// "peak_activations", "peak_pending_w"}, ...]}`, with `"instructions"` (per rank, per
     /// instruction: `{"index", "instruction", "start", "end"}`) added when `timeline` is set.
+    /// `unit` is the cost model's time unit (`""` for abstract units), in which every time is
+    /// given; `costs_per` is `"stage"`: the costs are those of one stage.
     /// Times are rounded to 1e-9 so that float noise does not show; the text is pretty-printed
     /// and ends with a newline.
     ///
     /// `valid` must be the schedule simulated and `costs` the cost model it ran with.
     pub fn to_json(&self, valid: &ValidSchedule, costs: &Costs, timeline: bool) -> String {
         let schedule = valid.schedule();
-        let costs = costs.to_string();
+        let costs_text = costs.to_string();
         let report = JsonReport {
             schedule: &schedule.schedule,
             num_ranks: schedule.num_ranks,
             num_stages: schedule.num_stages,
             num_microbatches: schedule.num_microbatches,
             model: self.model.to_string(),
-            costs: &costs,
+            costs: &costs_text,
+            unit: &self.unit,
+            costs_per: "stage",
             makespan: round(self.makespan),
             bubble_share: round(self.bubble_share()),
             ranks: self
@@ -173,13 +179,15 @@ impl Simulation {
         text
     }
 
-    /// The simulated timeline of `valid` as a Chrome trace ([`crate::chrome_trace`]), one time
-    /// unit written as [`TRACE_UNIT_US`] microseconds.
+    /// The simulated timeline of `valid` as a Chrome trace ([`crate::chrome_trace`]), in real
+    /// time when the costs named their unit, else one abstract time unit written as
+    /// [`TRACE_UNIT_US`] microseconds.
     pub fn chrome_trace(&self, valid: &ValidSchedule) -> String {
+        let unit_us = crate::costs::unit_us(&self.unit).unwrap_or(TRACE_UNIT_US);
         crate::trace::chrome_trace(
             valid.schedule(),
             valid.links(),
-            &self.spans(valid.schedule(), TRACE_UNIT_US),
+            &self.spans(valid.schedule(), unit_us),
         )
     }
 }
@@ -197,6 +205,8 @@ struct JsonReport<'a> {
     num_microbatches: u32,
     model: String,
     costs: &'a str,
+    unit: &'a str,
+    costs_per: &'static str,
     makespan: f64,
     bubble_share: f64,
     ranks: Vec<JsonRank>,
@@ -461,7 +471,9 @@ pub fn simulate(
     costs.check_stages(topology.num_stages())?;
     let batches = Batches::new(valid, costs, topology);
     let compute = ComputeCosts::new(costs, topology.num_stages());
-    Run::new(schedule, topology, &batches, &compute, model).run()
+    let mut simulation = Run::new(schedule, topology, &batches, &compute, model).run()?;
+    simulation.unit.clone_from(&costs.unit);
+    Ok(simulation)
 }
 
 struct Run<'a> {
@@ -591,6 +603,7 @@ impl<'a> Run<'a> {
             makespan,
             ranks,
             times: self.times,
+            unit: String::new(),
         })
     }
 

@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use dualpipe_planner::{Family, PlanRequest, check, plan};
-use dualpipe_schedule::{ValidSchedule, rank_stats};
+use dualpipe_schedule::{Costs, ValidSchedule, rank_stats};
 use serde::Serialize;
 
 use crate::io::{Failure, write_stdout};
@@ -13,15 +13,23 @@ use crate::options::{self, CostOptions, time};
 /// time, bubble share, peak activations, parameters held per rank and messages per step.
 #[derive(clap::Args)]
 #[command(after_help = "\
-The costs (--cost, --costs) are those of one N-th of the model, i.e. one stage of 1F1B. A family
-that cuts the model into S stages runs each of them at N/S of that (DualPipeV's 2N stages cost
-half as much each), so every family does the same work. Activation memory and parameters per rank
-are counted in the same unit: one N-th of the model. Per-stage overrides in a cost file name the
-stages of one family and are refused here.
+Costs come one of two ways:
+  --model-cost LIST   whole-model costs for one micro-batch (the default). f, b, w and fb are
+                      divided over each family's S stages, so every family does the same work;
+                      comm (and bytes, bandwidth) stay per message. The default is
+                      f=N,b=2N,w=N: one N-th of the model costs F=1, B=2, W=1 (the DualPipe
+                      README's units for a stage of 1F1B or DualPipe); DualPipeV's 2N stages
+                      then cost F=0.5 each.
+  --cost, --costs     costs per stage, applied to every family as given, as in simulate. A cost
+                      file with per-stage entries describes (highest stage + 1) stages; families
+                      with another number of stages are skipped with a note.
+Activation memory and parameters per rank are counted in N-ths of the model in both cases.
 
 Examples:
   dualpipe compare --ranks 8 --microbatches 20
-  dualpipe compare -n 4 -c 16 --cost f=1,b=2,w=1,fb=2.5,comm=0.1 --model async
+  dualpipe compare -n 4 -c 16 --model-cost f=4,b=8,w=4,fb=10,comm=0.1 --model async
+  dualpipe compare -n 4 -c 8 --cost f=1,b=2,w=1
+  dualpipe compare -n 8 -c 20 --costs measured.json
   dualpipe compare -n 4 -c 8 --json")]
 pub struct Args {
     /// Number of ranks N.
@@ -33,6 +41,11 @@ pub struct Args {
     /// Stages per rank for interleaved-1f1b.
     #[arg(long, short = 'v', default_value_t = 2)]
     chunks_per_rank: u32,
+    /// Whole-model costs for one micro-batch as name=value pairs (f, b, w, fb, comm, bytes,
+    /// bandwidth as in --cost); f, b, w and fb are divided over each family's stages. Default:
+    /// f=N,b=2N,w=N,fb=f+b,comm=0.
+    #[arg(long, value_name = "LIST", conflicts_with_all = ["cost", "costs"])]
+    model_cost: Option<String>,
     #[command(flatten)]
     options: CostOptions,
     /// Print JSON: one object per family that accepts (N, C), and the families that do not.
@@ -45,6 +58,8 @@ pub struct Args {
 struct Row {
     family: String,
     stages: u32,
+    /// The costs of one of its stages, as simulated.
+    stage_costs: String,
     step_time: f64,
     bubble_share: f64,
     /// Most live activations on one rank, in the family's own stages.
@@ -71,21 +86,64 @@ struct Comparison {
     microbatches: u32,
     model: String,
     costs: String,
+    /// Time unit of the costs and times (`""`: abstract units).
+    unit: String,
+    /// `"model"`: whole-model costs divided over each family's stages; `"stage"`: costs per
+    /// stage, as given.
+    costs_per: &'static str,
     families: Vec<Row>,
     not_applicable: Vec<Skipped>,
 }
 
+/// The costs of the comparison: whole-model, divided over each family's stages, or per stage.
+enum Basis {
+    Model(Costs),
+    Stage(Costs),
+}
+
+impl Basis {
+    fn new(args: &Args) -> Result<Basis, Failure> {
+        if args.options.cost.is_some() || args.options.costs.is_some() {
+            return Ok(Basis::Stage(args.options.costs()?));
+        }
+        // One N-th of the model at the README's units, unless told otherwise.
+        let mut model = Costs::default().scale_compute(f64::from(args.ranks));
+        if let Some(list) = &args.model_cost {
+            model
+                .apply_assignments(list)
+                .map_err(|e| Failure::usage(format!("--model-cost: {e}")))?;
+        }
+        Ok(Basis::Model(model))
+    }
+
+    fn costs(&self) -> &Costs {
+        match self {
+            Basis::Model(costs) | Basis::Stage(costs) => costs,
+        }
+    }
+
+    /// The costs of one stage of a family with `stages` stages, or why they do not fit it.
+    fn for_stages(&self, stages: u32) -> Result<Costs, String> {
+        match self {
+            Basis::Model(model) => Ok(model.per_stage_of_model(stages)),
+            Basis::Stage(costs) => match costs.described_stages() {
+                Some(described) if described != stages => Err(format!(
+                    "the per-stage costs describe {described} stages (entries up to stage {}), this family has {stages}",
+                    described - 1
+                )),
+                _ => Ok(costs.clone()),
+            },
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<(), Failure> {
     let (n, c) = (args.ranks, args.microbatches);
-    let costs = args.options.costs()?;
-    if !costs.stages.is_empty() {
-        return Err(Failure::usage(
-            "compare takes uniform costs only: per-stage overrides name the stages of one family",
-        ));
-    }
+    let basis = Basis::new(&args)?;
     let model = args.options.model();
     let mut rows = Vec::new();
     let mut skipped = Vec::new();
+    let mut costs_skipped = false;
     for family in Family::ALL {
         let mut request = PlanRequest::new(family, n, c);
         if family == Family::Interleaved1F1B {
@@ -105,13 +163,19 @@ pub fn run(args: Args) -> Result<(), Failure> {
             ))
         })?;
         let stages = valid.topology().num_stages();
+        let costs = match basis.for_stages(stages) {
+            Ok(costs) => costs,
+            Err(reason) => {
+                costs_skipped = true;
+                skipped.push(Skipped {
+                    family: family.to_string(),
+                    reason,
+                });
+                continue;
+            }
+        };
         let per_stage = f64::from(n) / f64::from(stages);
-        let sim = options::run(
-            &valid,
-            &costs.scale_compute(per_stage),
-            model,
-            family.name(),
-        )?;
+        let sim = options::run(&valid, &costs, model, family.name())?;
         let peak = sim
             .ranks
             .iter()
@@ -127,6 +191,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         rows.push(Row {
             family: family.to_string(),
             stages,
+            stage_costs: costs.to_string(),
             step_time: sim.makespan,
             bubble_share: sim.bubble_share(),
             peak_activations: peak,
@@ -144,8 +209,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
             .iter()
             .map(|s| format!("  {}: {}", s.family, s.reason))
             .collect();
+        let what = if costs_skipped {
+            "no schedule family fits the costs for"
+        } else {
+            "no schedule family accepts"
+        };
         return Err(Failure::usage(format!(
-            "no schedule family accepts {n} ranks and {c} micro-batches:\n{}",
+            "{what} {n} ranks and {c} micro-batches:\n{}",
             reasons.join("\n")
         )));
     }
@@ -153,7 +223,12 @@ pub fn run(args: Args) -> Result<(), Failure> {
         ranks: n,
         microbatches: c,
         model: model.to_string(),
-        costs: costs.to_string(),
+        costs: basis.costs().to_string(),
+        unit: basis.costs().unit.clone(),
+        costs_per: match basis {
+            Basis::Model(_) => "model",
+            Basis::Stage(_) => "stage",
+        },
         families: rows,
         not_applicable: skipped,
     };
@@ -169,10 +244,25 @@ pub fn run(args: Args) -> Result<(), Failure> {
 
 fn table(comparison: &Comparison) -> String {
     let mut out = String::new();
+    let unit = if comparison.unit.is_empty() {
+        "abstract units"
+    } else {
+        &comparison.unit
+    };
+    let costs = match comparison.costs_per {
+        "model" => format!(
+            "whole-model costs per micro-batch in {unit}: {} (f, b, w, fb divided over each family's stages; comm per message)",
+            comparison.costs
+        ),
+        _ => format!(
+            "costs per stage in {unit}: {} (every family as given)",
+            comparison.costs
+        ),
+    };
     let _ = writeln!(
         out,
-        "{} ranks, {} micro-batches; {} model; costs {} per N-th of the model\n",
-        comparison.ranks, comparison.microbatches, comparison.model, comparison.costs
+        "{} ranks, {} micro-batches; {} model; {costs}\n",
+        comparison.ranks, comparison.microbatches, comparison.model
     );
     let _ = writeln!(
         out,

@@ -10,7 +10,7 @@ use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, Mismatch, ReferenceRun, com
 use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_executor::{CpuPipeline, Options, Profile};
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::{ExecutionModel, ValidSchedule, simulate};
+use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::io::{Failure, check_output, load_schedule, source_name, write_output, write_stdout};
@@ -26,6 +26,11 @@ Examples:
   dualpipe run --schedule dualpipe --ranks 8 --microbatches 20 --steps 5 --trace trace.json
   dualpipe run schedules/dualpipev-4x10.json --hidden 256 --model async
   dualpipe plan -s zb1p -n 4 -c 8 | dualpipe run -
+  dualpipe run -s dualpipe -n 4 -c 8 --costs-out measured.json
+  dualpipe simulate schedules/dualpipe-4x8.json --costs measured.json
+
+The simulated bubble uses the last step's measured mean costs per stage (ms), with free messages.
+--costs-out writes them as a cost file (docs/costs.md) that simulate --costs reads back.
 
 Exit codes: 0 success, 1 invalid schedule or failed step, 2 usage error.")]
 pub struct Args {
@@ -73,7 +78,11 @@ pub struct Args {
     /// Write the last step's measured timeline as a Chrome trace (Perfetto, chrome://tracing).
     #[arg(long)]
     trace: Option<PathBuf>,
-    /// Overwrite the trace file if it exists.
+    /// Write the last step's measured mean costs per stage as a cost file (unit "ms", with the
+    /// model's message, parameter and activation bytes), for simulate --costs.
+    #[arg(long, value_name = "FILE")]
+    costs_out: Option<PathBuf>,
+    /// Overwrite the trace and cost files if they exist.
     #[arg(long)]
     force: bool,
 }
@@ -98,6 +107,16 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let (source, schedule) = schedule(&args)?;
     check_sizes(&args, &schedule)?;
     check_output(args.trace.as_deref(), args.force)?;
+    check_output(args.costs_out.as_deref(), args.force)?;
+    if let (Some(trace), Some(costs)) = (&args.trace, &args.costs_out)
+        && trace == costs
+        && trace.as_os_str() != "-"
+    {
+        return Err(Failure::usage(format!(
+            "--trace and --costs-out both name {}; give two files",
+            trace.display()
+        )));
+    }
     let doc = schedule.schedule();
     let training = !doc.forward_only;
     let lr = args
@@ -253,7 +272,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     }
 
     let profile = profile.unwrap_or_default();
-    let mut out = summary(&schedule, &profile, args.model);
+    let measured = measured_costs(&schedule, &profile, &spec, training);
+    let mut out = summary(&schedule, &profile, &measured, args.model);
     let _ = writeln!(
         out,
         "reference (single process): losses bitwise equal in {steps} of {steps} steps; {}; {:.1} ms per step against {:.1} ms pipelined",
@@ -276,7 +296,41 @@ pub fn run(args: Args) -> Result<(), Failure> {
             path.display()
         );
     }
+    if let Some(path) = &args.costs_out {
+        write_output(Some(path), &measured.to_json(), args.force)?;
+        if path.as_os_str() != "-" {
+            let _ = writeln!(
+                out,
+                "costs: {} (per stage, in ms; read it with simulate --costs)",
+                path.display()
+            );
+        }
+    }
     write_stdout(&out)
+}
+
+/// The last step's measured mean costs per stage in milliseconds, with the reference model's
+/// sizes in bytes (f32): the activation between stages, the parameters of a stage, and what a
+/// stage keeps per micro-batch between its forward and its backward (its input and two
+/// `4h`-wide buffers, and the loss gradient at the last stage).
+fn measured_costs(
+    schedule: &ValidSchedule,
+    profile: &Profile,
+    spec: &ModelSpec,
+    training: bool,
+) -> Costs {
+    let doc = schedule.schedule();
+    let mut costs = profile.measured_costs_ms(doc);
+    let floats = |n: usize| 4.0 * n as f64;
+    let (rows, h) = (spec.rows, spec.hidden);
+    costs.uniform.bytes = floats(rows * h);
+    costs.uniform.param_bytes = floats(spec.parameters_per_stage());
+    if training {
+        costs.uniform.activation_bytes = floats(9 * rows * h);
+        let last = doc.num_stages.saturating_sub(1);
+        costs.stages.entry(last).or_default().activation_bytes = Some(floats(10 * rows * h));
+    }
+    costs
 }
 
 /// The schedule to run, from a file or planned from the options, with a name for messages.
@@ -374,7 +428,12 @@ fn median(values: &[f64]) -> f64 {
 }
 
 /// The per-rank table of the last step and the measured bubble.
-fn summary(schedule: &ValidSchedule, profile: &Profile, model: ExecutionModel) -> String {
+fn summary(
+    schedule: &ValidSchedule,
+    profile: &Profile,
+    measured: &Costs,
+    model: ExecutionModel,
+) -> String {
     let doc = schedule.schedule();
     let mut out = String::new();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
@@ -402,20 +461,20 @@ fn summary(schedule: &ValidSchedule, profile: &Profile, model: ExecutionModel) -
         profile.makespan_us() / 1e3
     );
     // The schedule's own bubble at the measured speed: the simulator with the mean measured
-    // costs and free messages, under the same execution model.
-    let measured = profile.mean_costs(doc);
+    // costs per stage and free messages, under the same execution model.
+    let means = profile.mean_costs(doc);
     let ms = |us: Option<f64>| us.map_or("-".to_string(), |us| format!("{:.2}", us / 1e3));
-    match simulate(schedule, &measured.to_costs(), model) {
+    match simulate(schedule, measured, model) {
         Ok(simulation) => {
             let _ = writeln!(
                 out,
-                "simulated: {:.1}% with the measured mean costs (ms: F {}, B {}, B defer_w {}, W {}, FB {}; messages free)",
+                "simulated: {:.1}% with the measured mean costs per stage (ms, mean over stages: F {}, B {}, B defer_w {}, W {}, FB {}; messages free)",
                 100.0 * simulation.bubble_share(),
-                ms(measured.forward),
-                ms(measured.backward),
-                ms(measured.backward_input),
-                ms(measured.weight),
-                ms(measured.forward_backward),
+                ms(means.forward),
+                ms(means.backward),
+                ms(means.backward_input),
+                ms(means.weight),
+                ms(means.forward_backward),
             );
         }
         Err(e) => {

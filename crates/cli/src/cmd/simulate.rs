@@ -3,8 +3,8 @@
 use std::fmt::Write as _;
 
 use crate::io::{Failure, source_name, write_stdout};
-use crate::options::{CostOptions, simulate_file, time};
-use dualpipe_schedule::{Simulation, ValidSchedule};
+use crate::options::{CostOptions, costs_header, simulate_file, time, unit_suffix};
+use dualpipe_schedule::{Costs, Simulation, ValidSchedule};
 
 /// Simulate one step of a schedule: per rank busy and idle time, peak live activations and
 /// peak pending weight gradients, and the step time (makespan).
@@ -12,7 +12,8 @@ use dualpipe_schedule::{Simulation, ValidSchedule};
 #[command(after_help = "\
 Idle is the step time minus the rank's compute time: the pipeline bubble. An activation is live
 from the start of its forward to the end of its backward (or of its W when the backward defers
-it). Costs are in any time unit you like; see docs/simulate.md for the cost file.
+it). Costs are those of one stage for one micro-batch, in the cost file's unit (\"unit\": \"ms\")
+or abstract units; every time printed is in that unit. See docs/costs.md for the cost file.
 
 Examples:
   dualpipe simulate schedules/dualpipev-4x10.json
@@ -24,7 +25,8 @@ pub struct Args {
     file: String,
     #[command(flatten)]
     options: CostOptions,
-    /// Print JSON: {"makespan", "bubble_share", "ranks": [{"rank", "busy", "idle", ...}], ...}.
+    /// Print JSON: {"unit", "costs_per", "makespan", "bubble_share", "ranks": [{"rank", "busy",
+    /// "idle", ...}], ...}.
     #[arg(long)]
     json: bool,
     /// Also list when every instruction starts and ends.
@@ -38,7 +40,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let text = if args.json {
         sim.to_json(&valid, &costs, args.timeline)
     } else {
-        table(name, &valid, &costs.to_string(), &sim, args.timeline)
+        table(name, &valid, &costs, &sim, args.timeline)
     };
     write_stdout(&text)
 }
@@ -46,7 +48,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
 fn table(
     name: &str,
     valid: &ValidSchedule,
-    costs: &str,
+    costs: &Costs,
     sim: &Simulation,
     timeline: bool,
 ) -> String {
@@ -54,18 +56,20 @@ fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{name}: {} schedule, {} ranks, {} stages, {} micro-batches; {} model; costs {costs}",
+        "{name}: {} schedule, {} ranks, {} stages, {} micro-batches; {} model; {}",
         schedule.schedule,
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
-        sim.model
+        sim.model,
+        costs_header(costs)
     );
     let idle: f64 = sim.ranks.iter().map(|r| r.idle).sum();
     let _ = writeln!(
         out,
-        "step time {}, bubble {:.1}% ({} of {} rank-time idle)\n",
+        "step time {}{}, bubble {:.1}% ({} of {} rank-time idle)\n",
         time(sim.makespan),
+        unit_suffix(costs),
         100.0 * sim.bubble_share(),
         time(idle),
         time(sim.makespan * sim.ranks.len() as f64)
