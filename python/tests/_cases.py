@@ -429,7 +429,7 @@ def profile_case(rank: int, trace_path: str, costs_path: str):
     summary = pipe.profile.summary()
     pipe.profile.chrome_trace(trace_path)
     costs = pipe.profile.costs(costs_path)
-    assert {"f", "b", "stages"} <= set(costs), costs
+    assert {"f", "b", "stages"} <= set(costs) and costs["unit"] == "ms", costs
     assert len(costs["stages"]) == schedule.num_stages, costs
     sim = schedule.simulate(costs=costs)
     assert sim["makespan"] > 0

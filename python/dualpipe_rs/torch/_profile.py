@@ -210,7 +210,7 @@ class Profile:
 
 def _uniform(stages: List[Dict[str, Any]]) -> Dict[str, Any]:
     """A cost file: uniform values from the first stage's, per-stage entries for all."""
-    doc: Dict[str, Any] = {}
+    doc: Dict[str, Any] = {"unit": "ms"}
     if stages:
         first = stages[0]
         for key in ("f", "b", "w", "fb"):
