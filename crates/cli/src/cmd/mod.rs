@@ -4,6 +4,7 @@ pub mod bench_gpu;
 pub mod compare;
 pub mod convert;
 pub mod inspect;
+pub mod partition;
 pub mod plan;
 pub mod render;
 pub mod run;
