@@ -8,6 +8,7 @@ Every operation runs in the Rust core (``dualpipe_rs._core``); this package only
     schedule.instruction_text(0)[:3]       # ['F s0 m0', 'send act s0 m0 -> r1', 'commit']
     schedule.simulate(costs="f=1,b=2,w=1,fb=3")["makespan"]   # 66.0
     dualpipe_rs.load("schedules/dualpipe-8x20.json")
+    dualpipe_rs.partition(layers, family="dualpipev", ranks=4, microbatches=16)["ranges"]
 
 A schedule that does not parse or breaks a rule raises :class:`ScheduleError` (a
 ``ValueError``) saying where (rank, instruction index, instruction) and which rule.
@@ -21,9 +22,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._core import Schedule, ScheduleError, __version__, families, load, plan
+from ._core import Schedule, ScheduleError, __version__, families, load, partition, plan
 
-__all__ = ["Schedule", "ScheduleError", "__version__", "families", "load", "plan"]
+__all__ = ["Schedule", "ScheduleError", "__version__", "families", "load", "partition", "plan"]
 
 
 def __getattr__(name: str) -> Any:

@@ -185,5 +185,43 @@ def load(path: Union[str, "os.PathLike[str]"]) -> Schedule:
             starts with the path, as ``dualpipe validate`` prints it.
     """
 
+def partition(
+    layers: Union[Sequence[Mapping[str, Any]], str, "os.PathLike[str]"],
+    schedule: Optional[Schedule] = None,
+    *,
+    family: Optional[str] = None,
+    ranks: Optional[int] = None,
+    microbatches: Optional[int] = None,
+    chunks_per_rank: Optional[int] = None,
+    memory_cap: Optional[float] = None,
+    max_evaluations: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Cuts a model's layers into contiguous stages that minimise the simulated step time of a
+    schedule: exactly the document ``dualpipe partition --json`` prints, as a dict.
+
+    Args:
+        layers: one dict per layer in model order, ``{"name": "embed", "f": 1.0, "b": 2.0,
+            "w": 1.0, "param_bytes": 4096, "activation_bytes": 1024}`` (``f`` and ``b``
+            required, the rest optional; unknown keys are errors), or the path of a layers file
+            (``{"unit": "ms", "layers": [...]}``, docs/partition.md).
+        schedule: the schedule to partition for; else ``family``, ``ranks`` and
+            ``microbatches`` (and ``chunks_per_rank`` for ``interleaved-1f1b``) plan one.
+        memory_cap: most bytes any rank may hold (parameters plus peak activations).
+        max_evaluations: most simulations the refinement may run (default 256; 0 keeps the
+            bottleneck optimum).
+
+    Returns:
+        ``{"objective", "ranges" ([[start, end], ...] half-open per stage), "stages"
+        ([{"stage", "ranks", "layers", "f", "b", "w", "param_bytes", "activation_bytes"}]),
+        "predicted_step", "bottleneck", "rank_load", "peak_memory", "equal_cut_step",
+        "bottleneck_optimum", "equal_cut", ...}``.
+
+    Raises:
+        ValueError: bad layers (the message names the layer index and field), fewer layers than
+            stages, a memory cap no cut meets, or schedule arguments the planner refuses.
+        TypeError: ``layers`` is neither a list of dicts nor a path.
+        OSError: the layers file cannot be read.
+    """
+
 def _schedule_from_json(text: str) -> Schedule:
     """:meth:`Schedule.from_json` as a module function (used when unpickling)."""

@@ -17,6 +17,7 @@ Examples:
   dualpipe simulate v.json --cost f=1,b=2,w=1,fb=3 --model async
   dualpipe render v.json --format svg -o v.svg
   dualpipe compare --ranks 8 --microbatches 20
+  dualpipe partition --layers layers.json --schedule dualpipev --ranks 4 --microbatches 16
   dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
   dualpipe bench-gpu
@@ -41,6 +42,7 @@ enum Command {
     Simulate(cmd::simulate::Args),
     Render(cmd::render::Args),
     Compare(cmd::compare::Args),
+    Partition(cmd::partition::Args),
     Convert(cmd::convert::Args),
     Run(cmd::run::Args),
     BenchGpu(cmd::bench_gpu::Args),
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Simulate(args) => cmd::simulate::run(args),
         Command::Render(args) => cmd::render::run(args),
         Command::Compare(args) => cmd::compare::run(args),
+        Command::Partition(args) => cmd::partition::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::BenchGpu(args) => cmd::bench_gpu::run(args),

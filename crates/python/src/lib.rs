@@ -7,10 +7,13 @@
 //! `ValueError`) carrying where and which rule, an unreadable file `OSError`, a bad argument
 //! `ValueError`. Nothing here panics on any input.
 //!
+//! [`dualpipe_partition`] cuts layers into stages (`partition`).
+//!
 //! The pure half ([`convert`]) is tested with `cargo test`; the Python half with pytest
 //! (`python/tests/test_core.py`).
 
 pub mod convert;
+mod partition;
 mod schedule;
 
 use std::path::PathBuf;
@@ -283,6 +286,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan, m)?)?;
     m.add_function(wrap_pyfunction!(families, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
+    m.add_function(wrap_pyfunction!(partition::partition, m)?)?;
     m.add_function(wrap_pyfunction!(schedule::_schedule_from_json, m)?)?;
     Ok(())
 }

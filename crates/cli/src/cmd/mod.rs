@@ -5,6 +5,7 @@ pub mod compare;
 pub mod convert;
 pub mod gpu_info;
 pub mod inspect;
+pub mod partition;
 pub mod plan;
 pub mod render;
 pub mod run;
