@@ -271,6 +271,8 @@ impl<'a> Model<'a> {
                     w: Some(sum(|l| l.w)),
                     fb: None,
                     bytes: None,
+                    param_bytes: Some(sum(|l| l.param_bytes)),
+                    activation_bytes: Some(sum(|l| l.activation_bytes)),
                 },
             );
         }
