@@ -482,7 +482,7 @@ pub fn partition_model(model: &Model<'_>, options: &Options) -> Result<Partition
     };
     let bottleneck_optimum = model.bottleneck(&bottleneck_cut);
     let bottleneck_step = model.step(&bottleneck_cut)?;
-    let (cut, predicted_step, evaluations) = refine(
+    let (mut cut, mut predicted_step, mut evaluations) = refine(
         model,
         cap,
         &bottleneck_cut,
@@ -490,6 +490,26 @@ pub fn partition_model(model: &Model<'_>, options: &Options) -> Result<Partition
         options.max_evaluations,
     )?;
     let equal_cut = model.equal_cut();
+    let equal_cut_step = model.step(&equal_cut)?;
+    // The least loaded rank does not always give the shortest step: when the equal-layer cut
+    // simulates faster, refine from it as well and keep the better of the two.
+    if options.max_evaluations > 0
+        && equal_cut_step < predicted_step
+        && model.within_cap(&equal_cut, cap)
+    {
+        let (other, step, used) = refine(
+            model,
+            cap,
+            &equal_cut,
+            equal_cut_step,
+            options.max_evaluations,
+        )?;
+        evaluations += used;
+        if step < predicted_step {
+            cut = other;
+            predicted_step = step;
+        }
+    }
     Ok(Partition {
         objective: if options.max_evaluations > 0 {
             Objective::Step
@@ -503,7 +523,7 @@ pub fn partition_model(model: &Model<'_>, options: &Options) -> Result<Partition
         bottleneck_optimum,
         bottleneck_step,
         exact,
-        equal_cut_step: model.step(&equal_cut)?,
+        equal_cut_step,
         equal_cut_bottleneck: model.bottleneck(&equal_cut),
         equal_cut,
         bottleneck_cut,

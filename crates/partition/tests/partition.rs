@@ -169,7 +169,7 @@ fn the_bottleneck_optimum_is_the_brute_force_optimum() {
 }
 
 #[test]
-fn the_refined_cut_never_simulates_slower_than_the_bottleneck_optimum() {
+fn the_refined_cut_never_simulates_slower_than_the_bottleneck_optimum_or_the_equal_cut() {
     let mut rng = Lcg(11);
     for (family, n, c) in MIRRORED
         .into_iter()
@@ -184,6 +184,8 @@ fn the_refined_cut_never_simulates_slower_than_the_bottleneck_optimum() {
             model.check_cut(&result.cut).unwrap();
             assert_eq!(result.objective, Objective::Step);
             assert!(result.predicted_step <= result.bottleneck_step);
+            // Nor slower than the equal-layer cut (no cap here, so it is always allowed).
+            assert!(result.predicted_step <= result.equal_cut_step);
             assert_eq!(result.predicted_step, model.step(&result.cut).unwrap());
             assert_eq!(
                 result.bottleneck_step,
