@@ -101,7 +101,8 @@ struct Placed {
     to: u32,
 }
 
-/// Lowers per-rank compute orders (F, B, W, FB only) into a schedule.
+/// Lowers per-rank compute orders (F, B, W, FB only) into a schedule, with the messages placed
+/// for the default costs ([`Costs::default`]; [`lower_for`] takes others).
 ///
 /// ```
 /// use dualpipe_planner::lower::{lower, Header};
@@ -123,10 +124,11 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
     lower_for(header, order, &Costs::default())
 }
 
-/// Like [`lower`], placing the messages for `costs`: under those costs (at any message time
-/// the costs give), the blocking execution of the result follows the as-soon-as-possible
-/// timeline of the compute order wherever the two ranks of each message are ever both between
-/// computes while it is in flight.
+/// Like [`lower`], with the messages placed for `costs` (see the module documentation): when
+/// the two ranks of every message are both between computes at some time while it is in
+/// flight, the blocking execution of the result under those costs, messages free, follows the
+/// as-soon-as-possible run of the compute order. Costs that fail [`Costs::check`] or override
+/// a stage the schedule does not have are [`LowerError::Invalid`].
 pub fn lower_for(
     header: Header,
     order: Vec<Vec<Instruction>>,
