@@ -155,7 +155,7 @@ class Schedule:
     def __hash__(self) -> int: ...
     def __reduce__(self) -> Any: ...
 
-def plan(name: str, ranks: int, microbatches: int, chunks_per_rank: Optional[int] = None, forward_only: bool = False) -> Schedule:
+def plan(name: str, ranks: int, microbatches: int, chunks_per_rank: Optional[int] = None, forward_only: bool = False, costs: Costs = None) -> Schedule:
     """Plans one step of a schedule family, validated.
 
     Args:
@@ -165,10 +165,15 @@ def plan(name: str, ranks: int, microbatches: int, chunks_per_rank: Optional[int
         microbatches: the number of micro-batches C per step.
         chunks_per_rank: stages per rank V, for ``interleaved-1f1b`` only (default 2).
         forward_only: plan an inference step (forwards only).
+        costs: the costs to place the messages of the lowered families (``1f1b``, ``gpipe``,
+            ``zb1p``, ``zbv``, ``interleaved-1f1b``) for, in any form :meth:`Schedule.simulate`
+            takes; None for the defaults. The compute order does not depend on them.
 
     Raises:
-        ValueError: an unknown family, or parameters the family does not accept; the message is
-            the planner's, as ``dualpipe plan`` prints it.
+        ValueError: an unknown family, parameters the family does not accept, or costs that
+            are invalid or name stages the schedule does not have; the message is the
+            planner's, as ``dualpipe plan`` prints it.
+        TypeError: ``costs`` of another type.
     """
 
 def families() -> List[Dict[str, str]]:

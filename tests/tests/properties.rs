@@ -192,3 +192,50 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Lowered for any costs, every classic family validates and runs to the end under both
+    /// models, and the async step is never longer than the blocking one.
+    #[test]
+    fn classic_families_lowered_for_any_costs_validate(
+        n in 1u32..=6,
+        c in 1u32..=16,
+        v in 1u32..=3,
+        f in 0.0f64..4.0,
+        b in 0.0f64..6.0,
+        w_share in 0.0f64..=1.0,
+        heavy in 1.0f64..4.0,
+        comm in 0.0f64..1.0,
+    ) {
+        use dualpipe_schedule::{Costs, ExecutionModel, StageOverride, ValidSchedule, simulate};
+        for family in [Family::OneFOneB, Family::GPipe, Family::Zb1p, Family::Zbv, Family::Interleaved1F1B] {
+            let mut request = PlanRequest::new(family, n, c);
+            if family == Family::Interleaved1F1B {
+                request = request.chunks_per_rank(v);
+            }
+            if dualpipe_planner::check(&request).is_err() {
+                continue;
+            }
+            let stages = plan(&request).unwrap().num_stages;
+            let mut costs = Costs::default();
+            costs.uniform.f = f;
+            costs.uniform.b = b;
+            costs.uniform.w = b * w_share;
+            costs.latency = comm;
+            costs.stages.insert(stages - 1, StageOverride {
+                f: Some(f * heavy),
+                b: Some(b * heavy),
+                w: Some(b * w_share * heavy),
+                ..StageOverride::default()
+            });
+            let schedule = dualpipe_planner::plan_for(&request, &costs)
+                .unwrap_or_else(|e| panic!("{request:?}: {e}"));
+            let valid = ValidSchedule::new(schedule).unwrap_or_else(|e| panic!("{request:?} {costs:?}: {e}"));
+            let blocking = simulate(&valid, &costs, ExecutionModel::Blocking).unwrap().makespan;
+            let overlapped = simulate(&valid, &costs, ExecutionModel::Async).unwrap().makespan;
+            prop_assert!(overlapped <= blocking + 1e-9, "{:?}", request);
+        }
+    }
+}

@@ -313,3 +313,55 @@ fn outputs_go_where_asked_and_nowhere_else() {
     assert_clean_error(&out, 1, "--from torch-csv");
     assert!(!text(&out.stderr).contains("RawSchedule"));
 }
+
+#[test]
+fn plan_places_messages_for_the_costs_given() {
+    let planned = |extra: &[&str]| {
+        let mut args = vec!["plan", "-s", "zbv", "-n", "4", "-c", "32"];
+        args.extend_from_slice(extra);
+        let out = dualpipe(&args, None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let makespan = |schedule: &str, model: &str| {
+        let out = dualpipe(
+            &[
+                "simulate",
+                "-",
+                "--cost",
+                "f=1,b=1,w=0.5",
+                "--model",
+                model,
+                "--json",
+            ],
+            Some(schedule),
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["makespan"].as_f64().unwrap()
+    };
+    let default = planned(&[]);
+    let lowered = planned(&["--cost", "f=1,b=1,w=0.5"]);
+    assert_ne!(default, lowered);
+    assert!(makespan(&default, "blocking") > makespan(&default, "async"));
+    assert_eq!(makespan(&lowered, "blocking"), makespan(&lowered, "async"));
+    // Costs that name a stage the schedule does not have are refused.
+    let file = std::env::temp_dir().join(format!("plan-costs-{}.json", std::process::id()));
+    std::fs::write(&file, r#"{"stages": [{"stage": 5, "f": 2}]}"#).unwrap();
+    let out = dualpipe(
+        &[
+            "plan",
+            "-s",
+            "1f1b",
+            "-n",
+            "2",
+            "-c",
+            "4",
+            "--costs",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    std::fs::remove_file(&file).ok();
+    assert_clean_error(&out, 2, "stage 5");
+}

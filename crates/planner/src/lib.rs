@@ -23,7 +23,7 @@ pub mod lower;
 use std::fmt;
 use std::str::FromStr;
 
-use dualpipe_schedule::{Format, Pipeline, Schedule};
+use dualpipe_schedule::{Costs, Format, Pipeline, Schedule};
 
 /// A schedule family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -187,14 +187,48 @@ pub enum PlanError {
     /// A generator produced a compute order that does not lower: a bug in the planner.
     #[error("internal planner error, please report it: {0}")]
     Internal(String),
+    /// The costs to place the messages for do not fit the family's stages or are invalid.
+    #[error("costs to plan for: {0}")]
+    Costs(String),
     /// The request has more (stage, micro-batch) pairs than [`MAX_STAGE_PASSES`].
     #[error("{0}")]
     TooLarge(String),
 }
 
-/// Plans one step. Pure: no I/O.
+/// Plans one step, placing the messages of the lowered families for the default costs
+/// ([`Costs::default`]). Pure: no I/O.
 pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
+    plan_for(request, &Costs::default())
+}
+
+/// Plans one step, placing the messages of the lowered families (`1f1b`, `gpipe`, `zb1p`,
+/// `zbv`, `interleaved-1f1b`) for `costs` ([`lower::lower_for`]): the compute order does not
+/// depend on the costs, only where sends, receives and commits go. `dualpipe` and `dualpipev`
+/// carry the reference's messages whatever the costs. Pure: no I/O.
+///
+/// ```
+/// use dualpipe_planner::{plan_for, Family, PlanRequest};
+/// use dualpipe_schedule::Costs;
+/// let mut costs = Costs::default();
+/// costs.apply_assignments("f=1,b=1,w=0.5").unwrap();
+/// let schedule = plan_for(&PlanRequest::new(Family::Zbv, 4, 8), &costs).unwrap();
+/// dualpipe_schedule::validate(&schedule).unwrap();
+/// ```
+///
+/// Costs with per-stage overrides must name stages of the planned family; costs that do not
+/// fit are an error ([`PlanError::Costs`]).
+pub fn plan_for(request: &PlanRequest, costs: &Costs) -> Result<Schedule, PlanError> {
     check(request)?;
+    costs
+        .check()
+        .and_then(|()| {
+            costs.check_stages(stages(
+                request.family,
+                request.ranks,
+                request.chunks_per_rank.unwrap_or(1),
+            ))
+        })
+        .map_err(|e| PlanError::Costs(e.to_string()))?;
     let PlanRequest {
         family,
         ranks: n,
@@ -233,7 +267,8 @@ pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
                 forward_only,
                 pipelines: pipelines(family, n, c, v),
             };
-            lower::lower(header, order).map_err(|e| PlanError::Internal(e.to_string()))?
+            lower::lower_for(header, order, costs)
+                .map_err(|e| PlanError::Internal(e.to_string()))?
         }
     };
     Ok(schedule)

@@ -195,9 +195,10 @@ fn count(name: &str, value: &Bound<'_, PyAny>) -> PyResult<u32> {
 ///
 /// `name` is one of `families()`; `chunks_per_rank` applies to `interleaved-1f1b` only
 /// (default 2). A family that does not accept the parameters raises `ValueError` with the
-/// planner's message, the one `dualpipe plan` prints.
+/// planner's message, the one `dualpipe plan` prints. `costs` (as for `Schedule.simulate`; None
+/// for the defaults) are the costs the messages of the lowered families are placed for.
 #[pyfunction]
-#[pyo3(signature = (name, ranks, microbatches, chunks_per_rank = None, forward_only = false))]
+#[pyo3(signature = (name, ranks, microbatches, chunks_per_rank = None, forward_only = false, costs = None))]
 fn plan(
     py: Python<'_>,
     name: &str,
@@ -205,7 +206,9 @@ fn plan(
     microbatches: &Bound<'_, PyAny>,
     chunks_per_rank: Option<&Bound<'_, PyAny>>,
     forward_only: bool,
+    costs: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<PySchedule> {
+    let costs = schedule::costs_argument(py, costs)?;
     let family: Family = name
         .parse()
         .map_err(|e: dualpipe_planner::PlanError| PyValueError::new_err(e.to_string()))?;
@@ -223,7 +226,8 @@ fn plan(
     if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
         request.chunks_per_rank = Some(2);
     }
-    let planned = py.detach(|| dualpipe_planner::plan(&request).map(ValidSchedule::new));
+    let planned =
+        py.detach(|| dualpipe_planner::plan_for(&request, &costs).map(ValidSchedule::new));
     match planned {
         Err(e) => Err(PyValueError::new_err(e.to_string())),
         Ok(Err(errors)) => Err(validation_error(

@@ -70,7 +70,7 @@ impl PySchedule {
 
 /// The cost model of a `costs` argument: None, a dict (the cost-file schema), a str holding
 /// assignments (`f=1,b=2`) or a path, or an `os.PathLike`.
-fn costs_argument(py: Python<'_>, costs: Option<&Bound<'_, PyAny>>) -> PyResult<Costs> {
+pub(crate) fn costs_argument(py: Python<'_>, costs: Option<&Bound<'_, PyAny>>) -> PyResult<Costs> {
     let Some(costs) = costs.filter(|c| !c.is_none()) else {
         return Ok(Costs::default());
     };

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use dualpipe_planner::{Family, PlanRequest, check, plan};
+use dualpipe_planner::{Family, PlanRequest, check, plan, plan_for};
 use dualpipe_schedule::{Costs, ValidSchedule, rank_stats};
 use serde::Serialize;
 
@@ -174,6 +174,15 @@ pub fn run(args: Args) -> Result<(), Failure> {
                 continue;
             }
         };
+        // Place the messages for the costs the families are compared under.
+        let valid = ValidSchedule::new(
+            plan_for(&request, &costs).map_err(|e| Failure::usage(e.to_string()))?,
+        )
+        .map_err(|e| {
+            Failure::invalid(format!(
+                "internal planner error, please report it: {family} is invalid: {e}"
+            ))
+        })?;
         let per_stage = f64::from(n) / f64::from(stages);
         let sim = options::run(&valid, &costs, model, family.name())?;
         let peak = sim

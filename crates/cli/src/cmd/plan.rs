@@ -2,10 +2,11 @@
 
 use std::path::PathBuf;
 
-use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_planner::{Family, PlanRequest, plan_for};
 use dualpipe_schedule::validate;
 
 use crate::io::{Failure, check_output, write_output};
+use crate::options::{CostOptions, Model};
 
 /// Generate a schedule and write it as format-v1 JSON.
 #[derive(clap::Args)]
@@ -15,6 +16,7 @@ Examples:
   dualpipe plan --schedule dualpipev --ranks 4 --microbatches 10 -o dualpipev-4x10.json
   dualpipe plan --schedule interleaved-1f1b --ranks 4 --microbatches 8 --chunks-per-rank 2
   dualpipe plan --schedule zb1p --ranks 4 --microbatches 8 --forward-only
+  dualpipe plan --schedule zbv --ranks 4 --microbatches 8 --cost f=1,b=1,w=0.5
 
 Schedules and what they need:
   dualpipe          N even >= 2, C even >= 2N
@@ -35,6 +37,15 @@ pub struct Args {
     /// Stages per rank, for interleaved-1f1b (default 2).
     #[arg(long, short = 'v')]
     chunks_per_rank: Option<u32>,
+    /// Place the messages for these uniform costs (name=value pairs as for `simulate`); the
+    /// compute order does not change. dualpipe and dualpipev carry the reference's messages
+    /// whatever the costs.
+    #[arg(long, value_name = "LIST")]
+    cost: Option<String>,
+    /// Place the messages for the costs of this JSON cost file (see docs/simulate.md); --cost
+    /// applies on top of it.
+    #[arg(long, value_name = "FILE")]
+    costs: Option<PathBuf>,
     /// Plan an inference step: forwards only.
     #[arg(long)]
     forward_only: bool,
@@ -61,7 +72,13 @@ pub fn run(args: Args) -> Result<(), Failure> {
     {
         request.chunks_per_rank = Some(2);
     }
-    let schedule = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
+    let costs = CostOptions {
+        cost: args.cost,
+        costs: args.costs,
+        model: Model::Blocking,
+    }
+    .costs()?;
+    let schedule = plan_for(&request, &costs).map_err(|e| Failure::usage(e.to_string()))?;
     if let Err(errors) = validate(&schedule) {
         return Err(Failure::invalid(format!(
             "internal planner error, please report it: the planned schedule is invalid: {errors}"
