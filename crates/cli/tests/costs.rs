@@ -271,10 +271,15 @@ fn compare_takes_per_stage_costs_and_skips_layouts_they_do_not_describe() {
         skipped[0]["reason"],
         "the per-stage costs describe 4 stages (entries up to stage 3), this family has 8"
     );
-    // The same file through simulate gives the same 1F1B step.
+    // The same file through simulate gives the same 1F1B step, on the schedule planned (its
+    // messages placed) for those costs, as compare plans it.
+    let lowered = ok(
+        &["plan", "-s", "1f1b", "-n", "4", "-c", "8", "--costs", &four],
+        "",
+    );
     let simulated = json(&ok(
         &["simulate", "-", "--costs", &four, "--json"],
-        &planned("1f1b", 4, 8),
+        &lowered,
     ));
     assert_eq!(row(&report, "1f1b")["step_time"], simulated["makespan"]);
     let table = ok(&["compare", "-n", "4", "-c", "8", "--costs", &four], "");

@@ -109,7 +109,15 @@ pub(crate) fn partition<'py>(
                     "planning a schedule needs family, ranks and microbatches",
                 ));
             };
-            planned = crate::plan(py, family, ranks, microbatches, chunks_per_rank, false)?;
+            planned = crate::plan(
+                py,
+                family,
+                ranks,
+                microbatches,
+                chunks_per_rank,
+                false,
+                None,
+            )?;
             planned.valid()
         }
         (None, None) => {
