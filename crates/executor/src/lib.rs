@@ -45,6 +45,7 @@
 
 pub mod conformance;
 mod cpu;
+mod driver;
 mod error;
 mod interpret;
 pub mod model;
@@ -53,7 +54,8 @@ mod program;
 mod stage;
 mod transport;
 
-pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, StepOutput, run_on_threads};
+pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, run_on_threads};
+pub use driver::{Host, Kept, RankParts, StepOutput, drive};
 pub use error::{Cause, RankFailure, StepError};
 pub use interpret::{Executor, Feed, Options, RankRun, Stages};
 pub use profile::{Clock, MeasuredCosts, Profile, RankSummary, Timing};

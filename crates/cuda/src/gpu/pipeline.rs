@@ -2,15 +2,15 @@
 //! virtual ranks on one GPU ([`CudaPipeline`]), one process per GPU over NCCL ([`NcclRank`]),
 //! and the single-stream reference ([`GpuSequential`]).
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::catch_unwind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent};
 use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
 use dualpipe_executor::{
-    Backward, Cause, Clock, Executor, Feed, Forward, Options, Profile, RankFailure, RankRun, Stage,
-    Stages, StepError,
+    Backward, Cause, Clock, Executor, Forward, Host, Options, RankFailure, RankParts, Stage,
+    Stages, StepError, drive,
 };
 use dualpipe_schedule::{Lane, ValidSchedule, Work};
 
@@ -191,88 +191,67 @@ fn failure(rank: u32, e: impl std::fmt::Display) -> StepError {
     )
 }
 
-/// Runs every rank's list on its own host thread, each with its device's clock.
-fn run_ranks(
-    executor: &Executor,
-    ranks: &mut [Stages<GpuStage>],
-    transports: Vec<PeerTransport>,
-    feeds: Vec<Feed<Tensor>>,
-    clocks: Vec<Option<EventClock>>,
-) -> Result<Vec<RankRun<Tensor, Tensor>>, StepError> {
-    let results: Vec<Result<RankRun<Tensor, Tensor>, RankFailure>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .iter_mut()
-            .zip(transports)
-            .zip(feeds)
-            .zip(clocks)
-            .enumerate()
-            .map(|(rank, (((stages, mut transport), feed), mut clock))| {
-                let rank = rank as u32;
-                scope.spawn(move || {
-                    let run = catch_unwind(AssertUnwindSafe(|| {
-                        executor.run_rank(rank, stages, &mut transport, feed, clock.as_mut())
-                    }));
-                    run.unwrap_or_else(|_| {
-                        let failure = RankFailure::on_rank(
-                            rank,
-                            Cause::Panic("the executor panicked; please report it".into()),
-                        );
-                        dualpipe_executor::Transport::abort(&mut transport, &failure.to_string());
-                        Err(failure)
-                    })
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(rank, h)| {
-                h.join().unwrap_or_else(|_| {
-                    Err(RankFailure::on_rank(
-                        rank as u32,
-                        Cause::Panic("the rank's thread panicked".into()),
-                    ))
-                })
-            })
-            .collect()
-    });
-    StepError::gather(results)
-}
-
 fn instructions(schedule: &ValidSchedule, ranks: impl Iterator<Item = u32>) -> usize {
     ranks
         .map(|r| schedule.schedule().ranks[r as usize].len())
         .sum()
 }
 
-/// Losses, outputs and timings of a step, on the host.
-type Collected = (
-    Vec<Option<f32>>,
-    Vec<Option<Vec<f32>>>,
-    Vec<Vec<dualpipe_executor::Timing>>,
-);
+/// Brings a step's losses and outputs from the devices of the ranks run here to the host,
+/// after waiting for every one of their streams.
+struct DeviceHost {
+    /// The ranks run here with their devices.
+    devs: Vec<(u32, Arc<RankDevice>)>,
+    /// When issuing began.
+    started: Instant,
+    /// Host time spent issuing, set when every rank's list has been issued.
+    dispatch_us: f64,
+    /// Host time from the start of issuing to the end of the devices' work.
+    step_us: f64,
+}
 
-/// Host copies of losses (and outputs) of the runs.
-fn collect(
-    devs: &[Arc<RankDevice>],
-    ranks: &[u32],
-    runs: Vec<RankRun<Tensor, Tensor>>,
-    microbatches: usize,
-) -> Result<Collected, GpuError> {
-    let mut losses = vec![None; microbatches];
-    let mut outputs = vec![None; microbatches];
-    let mut timings = Vec::new();
-    for (&rank, run) in ranks.iter().zip(runs) {
-        let dev = &devs[rank as usize];
-        for (mb, loss) in run.losses {
-            losses[mb as usize] = dev.download(loss.buf())?.first().copied();
-        }
-        for (mb, output) in run.outputs {
-            outputs[mb as usize] = Some(dev.download(output.buf())?);
-        }
-        timings.push(run.timings);
+impl DeviceHost {
+    fn device(&self, rank: u32) -> Result<&RankDevice, RankFailure> {
+        self.devs
+            .iter()
+            .find(|(r, _)| *r == rank)
+            .map(|(_, dev)| dev.as_ref())
+            .ok_or_else(|| {
+                RankFailure::on_rank(rank, Cause::Contract(format!("no device for rank {rank}")))
+            })
     }
-    Ok((losses, outputs, timings))
+}
+
+fn device_failure(rank: u32, e: impl std::fmt::Display) -> RankFailure {
+    RankFailure::on_rank(rank, Cause::Contract(e.to_string()))
+}
+
+impl Host<GpuStage> for DeviceHost {
+    type Buffer = Vec<f32>;
+    type Loss = f32;
+
+    fn settle(&mut self) -> Result<(), RankFailure> {
+        self.dispatch_us = self.started.elapsed().as_secs_f64() * 1e6;
+        for (rank, dev) in &self.devs {
+            dev.synchronize().map_err(|e| device_failure(*rank, e))?;
+        }
+        self.step_us = self.started.elapsed().as_secs_f64() * 1e6;
+        Ok(())
+    }
+
+    fn loss(&mut self, rank: u32, loss: Tensor) -> Result<Option<f32>, RankFailure> {
+        let values = self
+            .device(rank)?
+            .download(loss.buf())
+            .map_err(|e| device_failure(rank, e))?;
+        Ok(values.first().copied())
+    }
+
+    fn output(&mut self, rank: u32, output: Tensor) -> Result<Vec<f32>, RankFailure> {
+        self.device(rank)?
+            .download(output.buf())
+            .map_err(|e| device_failure(rank, e))
+    }
 }
 
 /// The reference model under a schedule on one GPU, every rank a virtual rank: one context,
@@ -284,7 +263,6 @@ pub struct CudaPipeline {
     device: Device,
     devs: Vec<Arc<RankDevice>>,
     ranks: Vec<Stages<GpuStage>>,
-    num_stages: u32,
 }
 
 impl CudaPipeline {
@@ -321,7 +299,6 @@ impl CudaPipeline {
             .synchronize()
             .map_err(|e| CudaError::Device(format!("setting up: {e:?}")))?;
         Ok(CudaPipeline {
-            num_stages: executor.schedule().schedule().num_stages,
             executor,
             config,
             device,
@@ -377,7 +354,7 @@ impl CudaPipeline {
         origin
             .record(&self.devs[0].main)
             .map_err(|e| failure(0, format!("{e:?}")))?;
-        let clocks = self
+        let clocks: Vec<Option<EventClock>> = self
             .devs
             .iter()
             .map(|dev| {
@@ -397,48 +374,36 @@ impl CudaPipeline {
         let options = self.executor.options();
         let transports =
             PeerTransport::network(&self.devs, self.config.comm, options.model, options.timeout);
-        let started = Instant::now();
-        let runs = run_ranks(&self.executor, &mut self.ranks, transports, feeds, clocks);
-        let dispatch_us = started.elapsed().as_secs_f64() * 1e6;
-        for (rank, dev) in self.devs.iter().enumerate() {
-            dev.synchronize().map_err(|e| failure(rank as u32, e))?;
-        }
-        let step_us = started.elapsed().as_secs_f64() * 1e6;
-        let runs = runs?;
-        if !doc.forward_only {
-            self.sum_copies().map_err(|e| failure(0, e))?;
-        }
-        let all: Vec<u32> = (0..doc.num_ranks).collect();
-        let (losses, outputs, timings) =
-            collect(&self.devs, &all, runs, doc.num_microbatches as usize)
-                .map_err(|e| failure(0, e))?;
+        let mut host = DeviceHost {
+            devs: (0..doc.num_ranks).zip(self.devs.iter().cloned()).collect(),
+            started: Instant::now(),
+            dispatch_us: 0.0,
+            step_us: 0.0,
+        };
+        let parts = self
+            .ranks
+            .iter_mut()
+            .zip(transports)
+            .zip(feeds)
+            .zip(clocks)
+            .enumerate()
+            .map(|(rank, (((stages, transport), feed), clock))| RankParts {
+                rank: rank as u32,
+                stages,
+                transport,
+                feed,
+                clock,
+            })
+            .collect();
+        let step = drive(&self.executor, parts, &mut host)?;
         Ok(GpuStep {
-            losses,
-            outputs,
-            profile: profile.then_some(Profile { ranks: timings }),
-            dispatch_us,
-            step_us,
-            instructions: instructions(&schedule, all.into_iter()),
+            losses: step.losses,
+            outputs: step.outputs,
+            profile: step.profile,
+            dispatch_us: host.dispatch_us,
+            step_us: host.step_us,
+            instructions: instructions(&schedule, 0..doc.num_ranks),
         })
-    }
-
-    fn sum_copies(&mut self) -> Result<(), GpuError> {
-        for stage in 0..self.num_stages {
-            let holders: Vec<usize> = (0..self.ranks.len())
-                .filter(|&r| self.ranks[r].get(stage).is_some())
-                .collect();
-            if holders.len() < 2 {
-                continue;
-            }
-            let (low, high) = self.ranks.split_at_mut(holders[1]);
-            let first = low[holders[0]].get_mut(stage).expect("held");
-            let second = high[0].get_mut(stage).expect("held");
-            first.add_gradients_of(second)?;
-            self.devs[holders[0]].synchronize()?;
-            second.copy_gradients_of(first)?;
-            self.devs[holders[1]].synchronize()?;
-        }
-        Ok(())
     }
 
     /// The gradients of stage `stage` (its first copy), on the host.
@@ -689,7 +654,7 @@ impl NcclRank {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
-        let mut clock = if profile {
+        let clock = if profile {
             let origin = Arc::new(self.dev.event(true).map_err(|e| failure(rank, e))?);
             origin
                 .record(&self.dev.main)
@@ -707,33 +672,31 @@ impl NcclRank {
             .executor
             .split_feed(&mut inputs, &mut targets)
             .swap_remove(rank as usize);
-        let started = Instant::now();
-        let run = self.executor.run_rank(
+        let mut host = DeviceHost {
+            devs: vec![(rank, self.dev.clone())],
+            started: Instant::now(),
+            dispatch_us: 0.0,
+            step_us: 0.0,
+        };
+        let parts = vec![RankParts {
             rank,
-            &mut self.stages,
-            &mut self.transport,
+            stages: &mut self.stages,
+            transport: &mut self.transport,
             feed,
-            clock.as_mut(),
-        );
-        let dispatch_us = started.elapsed().as_secs_f64() * 1e6;
-        self.dev.synchronize().map_err(|e| failure(rank, e))?;
-        let step_us = started.elapsed().as_secs_f64() * 1e6;
-        let run = run.map_err(|f| StepError::new(vec![f], Vec::new()))?;
+            clock,
+        }];
+        // The copies of a stage live in different processes: the driver sums none of them
+        // here, and each pair exchanges its gradients over NCCL after the step.
+        let step = drive(&self.executor, parts, &mut host)?;
         if !doc.forward_only {
             self.sum_copies().map_err(|e| failure(rank, e))?;
         }
-        let devs = vec![self.dev.clone(); rank as usize + 1];
-        let (losses, outputs, timings) =
-            collect(&devs, &[rank], vec![run], doc.num_microbatches as usize)
-                .map_err(|e| failure(rank, e))?;
-        let mut ranks = vec![Vec::new(); doc.num_ranks as usize];
-        ranks[rank as usize] = timings.into_iter().next().unwrap_or_default();
         Ok(GpuStep {
-            losses,
-            outputs,
-            profile: profile.then_some(Profile { ranks }),
-            dispatch_us,
-            step_us,
+            losses: step.losses,
+            outputs: step.outputs,
+            profile: step.profile,
+            dispatch_us: host.dispatch_us,
+            step_us: host.step_us,
             instructions: instructions(&schedule, std::iter::once(rank)),
         })
     }

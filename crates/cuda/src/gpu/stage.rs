@@ -454,11 +454,16 @@ impl Stage for GpuStage {
         let Some((first, rest)) = copies.split_first_mut() else {
             return Ok(());
         };
+        // Each copy's gradients live on its own rank's streams: the sum is complete on the
+        // first copy's device before any other copy reads it, and each copy is complete
+        // before the next step.
         for other in rest.iter() {
             first.add_gradients_of(other).map_err(stage_error)?;
         }
+        first.dev.synchronize().map_err(stage_error)?;
         for other in rest.iter_mut() {
             other.copy_gradients_of(first).map_err(stage_error)?;
+            other.dev.synchronize().map_err(stage_error)?;
         }
         Ok(())
     }
