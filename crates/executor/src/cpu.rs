@@ -379,7 +379,8 @@ impl<B> Transport for InProcess<B> {
 /// with the interpreter, connected by the in-process transport.
 ///
 /// ```
-/// use dualpipe_executor::{CpuPipeline, Options, model::{ModelSpec, ReferenceStage, Batch}};
+/// use dualpipe_executor::{CpuPipeline, Options};
+/// use dualpipe_reference::model::{Batch, ModelSpec, ReferenceStage};
 /// use dualpipe_planner::{plan, Family, PlanRequest};
 /// use dualpipe_schedule::ValidSchedule;
 ///

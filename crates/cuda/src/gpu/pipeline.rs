@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaEvent};
-use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
 use dualpipe_executor::{
     Backward, Cause, Clock, Executor, Forward, Host, Options, RankFailure, RankParts, Stage,
     Stages, StepError, drive,
 };
+use dualpipe_reference::Backend;
+use dualpipe_reference::conformance::{ReferenceBackend, ReferenceRun};
+use dualpipe_reference::model::{Batch, ModelSpec, Parameters};
 use dualpipe_schedule::{Lane, ValidSchedule, Work};
 
 use super::raw::{self, Kernels, NcclComm};
@@ -314,20 +316,32 @@ impl CudaPipeline {
             .name()
             .unwrap_or_else(|_| "unknown GPU".into())
     }
+}
+
+impl Backend for CudaPipeline {
+    type Error = CudaError;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn ranks(&self) -> Vec<u32> {
+        (0..self.executor.schedule().schedule().num_ranks).collect()
+    }
 
     /// The prepared schedule and options.
-    pub fn executor(&self) -> &Executor {
+    fn executor(&self) -> &Executor {
         &self.executor
     }
 
     /// One step over `batch`. After a training step the copies of every stage held by two
     /// ranks hold the sum of their gradients.
-    pub fn step(&mut self, batch: &Batch) -> Result<GpuStep, StepError> {
+    fn step(&mut self, batch: &Batch) -> Result<GpuStep, StepError> {
         let schedule = self.executor.schedule().clone();
         let doc = schedule.schedule();
         let topology = schedule.topology();
         let last = doc.num_stages - 1;
-        let shape = |m: &dualpipe_executor::model::Matrix| [m.rows(), m.cols()];
+        let shape = |m: &dualpipe_reference::model::Matrix| [m.rows(), m.cols()];
         let mut inputs = Vec::new();
         let mut targets = Vec::new();
         for (mb, (x, t)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
@@ -407,17 +421,16 @@ impl CudaPipeline {
     }
 
     /// The gradients of stage `stage` (its first copy), on the host.
-    pub fn gradients(&self, stage: u32) -> Result<Parameters, CudaError> {
-        let copy = self
-            .ranks
+    fn gradients(&self, stage: u32) -> Result<Option<Parameters>, CudaError> {
+        self.ranks
             .iter()
             .find_map(|s| s.get(stage))
-            .ok_or_else(|| CudaError::Usage(format!("no stage {stage}")))?;
-        Ok(copy.gradients()?)
+            .map(|copy| copy.gradients().map_err(CudaError::from))
+            .transpose()
     }
 
     /// Saved activations or pending weight gradients left on any stage.
-    pub fn leftover(&self) -> usize {
+    fn leftover(&self) -> usize {
         self.ranks
             .iter()
             .flat_map(|s| s.iter().map(|(_, st)| st.pending()))
@@ -425,7 +438,7 @@ impl CudaPipeline {
     }
 
     /// Plain gradient descent on every stage copy; clears the gradients.
-    pub fn sgd(&mut self, lr: f32) -> Result<(), CudaError> {
+    fn sgd(&mut self, lr: f32) -> Result<(), CudaError> {
         for stages in &mut self.ranks {
             for (_, stage) in stages.iter_mut() {
                 stage.sgd(lr)?;
@@ -525,7 +538,11 @@ impl GpuSequential {
 
     /// The gradients of stage `stage`, on the host.
     pub fn gradients(&self, stage: u32) -> Result<Parameters, CudaError> {
-        Ok(self.stages[stage as usize].gradients()?)
+        let copy = self
+            .stages
+            .get(stage as usize)
+            .ok_or_else(|| CudaError::Usage(format!("no stage {stage}")))?;
+        Ok(copy.gradients()?)
     }
 
     /// Saved activations or pending weight gradients left on any stage.
@@ -627,9 +644,57 @@ impl NcclRank {
         self.env.rank
     }
 
+    /// DualPipe keeps two copies of each stage on ranks s and N-1-s: each pair exchanges and
+    /// adds gradients, stage by stage in ascending order on both sides.
+    fn sum_copies(&mut self) -> Result<(), GpuError> {
+        let schedule = self.executor.schedule();
+        let topology = schedule.topology();
+        for stage in self.stages.indices().collect::<Vec<_>>() {
+            let holders: Vec<u32> = (0..topology.num_pipelines())
+                .map(|p| topology.route(p)[stage as usize])
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let Some(&peer) = holders.iter().find(|&&r| r != self.env.rank) else {
+                continue;
+            };
+            let Some(copy) = self.stages.get_mut(stage) else {
+                continue;
+            };
+            exchange_gradients(
+                &self.dev,
+                self.transport.comm(),
+                peer,
+                copy.gradient_buffers_mut(),
+            )?;
+        }
+        self.dev.synchronize()
+    }
+
+    /// The stages this rank holds.
+    pub fn stages(&self) -> Vec<u32> {
+        self.stages.indices().collect()
+    }
+}
+
+impl Backend for NcclRank {
+    type Error = CudaError;
+
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn executor(&self) -> &Executor {
+        &self.executor
+    }
+
+    fn ranks(&self) -> Vec<u32> {
+        vec![self.env.rank]
+    }
+
     /// One step over `batch` (every process passes the same batch; each takes what its rank
     /// needs). Returns the losses this rank computed.
-    pub fn step(&mut self, batch: &Batch) -> Result<GpuStep, StepError> {
+    fn step(&mut self, batch: &Batch) -> Result<GpuStep, StepError> {
         let rank = self.env.rank;
         let schedule = self.executor.schedule().clone();
         let doc = schedule.schedule();
@@ -639,7 +704,7 @@ impl NcclRank {
         let mut targets = Vec::new();
         for (mb, (x, t)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
             let mb = mb as u32;
-            let upload = |m: &dualpipe_executor::model::Matrix, stage: u32| {
+            let upload = |m: &dualpipe_reference::model::Matrix, stage: u32| {
                 (topology.rank_of(Work::new(stage, mb)) == rank)
                     .then(|| self.dev.upload(m.data(), [m.rows(), m.cols()]))
                     .transpose()
@@ -701,46 +766,20 @@ impl NcclRank {
         })
     }
 
-    /// DualPipe keeps two copies of each stage on ranks s and N-1-s: each pair exchanges and
-    /// adds gradients, stage by stage in ascending order on both sides.
-    fn sum_copies(&mut self) -> Result<(), GpuError> {
-        let schedule = self.executor.schedule();
-        let topology = schedule.topology();
-        for stage in self.stages.indices().collect::<Vec<_>>() {
-            let holders: Vec<u32> = (0..topology.num_pipelines())
-                .map(|p| topology.route(p)[stage as usize])
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            let Some(&peer) = holders.iter().find(|&&r| r != self.env.rank) else {
-                continue;
-            };
-            let copy = self.stages.get_mut(stage).expect("held");
-            exchange_gradients(
-                &self.dev,
-                self.transport.comm(),
-                peer,
-                copy.gradient_buffers_mut(),
-            )?;
-        }
-        self.dev.synchronize()
-    }
-
     /// The gradients of stage `stage` if this rank holds it, on the host.
-    pub fn gradients(&self, stage: u32) -> Result<Option<Parameters>, CudaError> {
+    fn gradients(&self, stage: u32) -> Result<Option<Parameters>, CudaError> {
         self.stages
             .get(stage)
             .map(|s| s.gradients().map_err(CudaError::from))
             .transpose()
     }
 
-    /// The stages this rank holds.
-    pub fn stages(&self) -> Vec<u32> {
-        self.stages.indices().collect()
+    fn leftover(&self) -> usize {
+        self.stages.iter().map(|(_, stage)| stage.pending()).sum()
     }
 
     /// Plain gradient descent on this rank's stages; clears the gradients.
-    pub fn sgd(&mut self, lr: f32) -> Result<(), CudaError> {
+    fn sgd(&mut self, lr: f32) -> Result<(), CudaError> {
         for (_, stage) in self.stages.iter_mut() {
             stage.sgd(lr)?;
         }
@@ -748,7 +787,7 @@ impl NcclRank {
     }
 }
 
-/// The GPU backend as a [`ReferenceBackend`](dualpipe_executor::conformance::ReferenceBackend):
+/// The GPU backend as a [`ReferenceBackend`]:
 /// the shared test bodies run on it unchanged.
 pub struct CudaReference {
     config: GpuConfig,
@@ -762,7 +801,7 @@ impl CudaReference {
     }
 }
 
-impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
+impl ReferenceBackend for CudaReference {
     fn name(&self) -> &'static str {
         "cuda"
     }
@@ -773,25 +812,11 @@ impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
         spec: &ModelSpec,
         batch: &Batch,
         options: Options,
-    ) -> Result<dualpipe_executor::conformance::ReferenceRun, StepError> {
-        let training = !schedule.schedule().forward_only;
+    ) -> Result<ReferenceRun, StepError> {
         let mut pipeline =
             CudaPipeline::new(schedule, options, spec, self.config).map_err(|e| failure(0, e))?;
         let step = pipeline.step(batch)?;
-        let gradients = if training {
-            (0..spec.stages)
-                .map(|s| pipeline.gradients(s))
-                .collect::<Result<_, _>>()
-                .map_err(|e| failure(0, e))?
-        } else {
-            Vec::new()
-        };
-        Ok(dualpipe_executor::conformance::ReferenceRun {
-            losses: step.losses,
-            outputs: step.outputs,
-            gradients,
-            leftover: pipeline.leftover(),
-        })
+        pipeline.reference_run(step).map_err(|e| failure(0, e))
     }
 
     fn sequential(
@@ -799,7 +824,7 @@ impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
         spec: &ModelSpec,
         batch: &Batch,
         training: bool,
-    ) -> Result<dualpipe_executor::conformance::ReferenceRun, dualpipe_executor::StageError> {
+    ) -> Result<ReferenceRun, dualpipe_executor::StageError> {
         let mut model = GpuSequential::new(spec, self.config)?;
         let step = model.step(batch, training)?;
         let gradients = if training {
@@ -809,7 +834,7 @@ impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
         } else {
             Vec::new()
         };
-        Ok(dualpipe_executor::conformance::ReferenceRun {
+        Ok(ReferenceRun {
             losses: step.losses,
             outputs: step.outputs,
             gradients,

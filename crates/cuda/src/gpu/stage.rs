@@ -1,6 +1,6 @@
 //! The reference model's stage on the GPU: `Linear(h, 4h) -> GELU -> Linear(4h, h)`, mean
 //! squared error at the last stage, the same math and the same order of operations as the CPU
-//! model (`dualpipe_executor::model`), with matrix products on cuBLAS and the rest in the NVRTC
+//! model (`dualpipe_reference::model`), with matrix products on cuBLAS and the rest in the NVRTC
 //! kernels. Parameters start as the CPU model's (the same seed), so both can be compared.
 //! Weight gradients accumulate in `f32` whatever the model's type.
 
@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream};
-use dualpipe_executor::model::{ModelSpec, Parameters, ReferenceStage};
 use dualpipe_executor::{Backward, Forward, Forwarded, Overlapped, Stage, StageError};
+use dualpipe_reference::model::{ModelSpec, Parameters, ReferenceStage};
 
 use super::raw::{Buf, Mat};
 use super::{GpuError, RankDevice, Tensor};
