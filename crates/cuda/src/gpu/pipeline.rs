@@ -1,31 +1,20 @@
 //! Virtual ranks on one GPU: [`CudaPipeline`].
 
-use std::panic::catch_unwind;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaEvent};
-use dualpipe_executor::{
-    Backward, Cause, Clock, Executor, Forward, Host, Options, RankFailure, RankParts, Stage,
-    Stages, StepError, drive,
-};
+use dualpipe_executor::{Executor, Options, RankParts, Stages, StepError, drive};
 use dualpipe_reference::Backend;
-use dualpipe_reference::conformance::{ReferenceBackend, ReferenceRun};
 use dualpipe_reference::model::{Batch, ModelSpec, Parameters};
-use dualpipe_schedule::{Lane, ValidSchedule, Work};
+use dualpipe_schedule::{ValidSchedule, Work};
 
-use super::clock::{EventClock, Mark};
-use super::device::{Device, open, probe};
-use super::host::{DeviceHost, device_failure, failure, instructions};
-use super::pipeline::CudaPipeline;
-use super::raw::{self, Kernels, NcclComm};
+use super::RankDevice;
+use super::clock::EventClock;
+use super::device::{Device, open};
+use super::host::{DeviceHost, failure, instructions};
 use super::stage::GpuStage;
-use super::transport::{NcclTransport, PeerTransport, exchange_gradients};
-use super::{GpuError, RankDevice, Tensor};
-use crate::api::{GpuConfig, GpuInfo, GpuStep};
-use crate::detect::{DeviceQueryError, Lib, Report, diagnose};
+use super::transport::PeerTransport;
+use crate::api::{GpuConfig, GpuStep};
 use crate::error::CudaError;
-use crate::launch::LaunchEnv;
 
 /// The reference model under a schedule on one GPU, every rank a virtual rank: one context,
 /// three streams per rank, one host thread per rank, sends as device-to-device copies ordered
