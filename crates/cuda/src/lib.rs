@@ -27,7 +27,6 @@ pub mod kernels;
 pub mod launch;
 pub mod plan;
 pub mod rendezvous;
-pub mod timeline;
 
 #[cfg(not(feature = "cuda"))]
 mod dummy;

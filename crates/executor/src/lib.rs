@@ -59,6 +59,6 @@ pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, run_on_threads
 pub use driver::{Host, Kept, RankParts, StepOutput, drive};
 pub use error::{Cause, RankFailure, StepError};
 pub use interpret::{Executor, Feed, Options, RankRun, Stages};
-pub use profile::{Clock, MeasuredCosts, Profile, RankSummary, Timing};
+pub use profile::{Clock, MeasuredCosts, Overlap, Profile, RankSummary, Timing};
 pub use stage::{Backward, Forward, Forwarded, Overlapped, Payload, Stage, StageError};
 pub use transport::{CommError, CommErrorKind, Transport};
