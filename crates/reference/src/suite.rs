@@ -1,10 +1,10 @@
 //! Test bodies shared by every backend: each runs the reference model under many schedules
 //! and holds the result to a single-process run on the same backend, and panics with the
-//! configuration and what differs when they disagree (they are test bodies). [`backend_tests!`]
-//! makes one test per body and backend, in the manner of candle's `test_device!`;
-//! [`backend_checks!`] makes the same bodies a list of named checks for runners without the
-//! test harness. The CPU variants live in `crates/reference/tests/backends.rs`, the CUDA
-//! variants in `crates/cuda/tests/backends.rs`.
+//! configuration and what differs when they disagree (they are test bodies).
+//! [`backend_tests!`](crate::backend_tests) makes one test per body and backend, in the manner
+//! of candle's `test_device!`; [`backend_checks!`](crate::backend_checks) makes the same bodies
+//! a list of named checks for runners without the test harness. The CPU variants live in
+//! `crates/reference/tests/backends.rs`, the CUDA variants in `crates/cuda/tests/backends.rs`.
 
 use std::time::Duration;
 
