@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one go, for a GPU machine without a Rust toolchain. Runs from the bundle
 # `cargo xtask gpu-bundle` builds (docs/gpu.md): the library report, the GPU checks, the
-# executor's backend tests of every family on the GPU, a compute-sanitizer memcheck pass on a
+# shared backend tests of every family on the GPU, a compute-sanitizer memcheck pass on a
 # small case (where the tool is installed and runs), and the benchmark against torch's
 # ScheduleDualPipeV (and the torch runtime's benchmark when the bundle has its wheel).
 # Prints one table. About 5 minutes on an H100 or H200.
@@ -120,7 +120,7 @@ case "$rc" in
 *) record gpu-info FAIL "$secs" "exit $rc: $(last_line "$logs/gpu-info.log")" ;;
 esac
 
-# 2. The GPU checks and the executor's backend tests of every family on the GPU.
+# 2. The GPU checks and the shared backend tests of every family on the GPU.
 gpu_checks gpu-tests 180 "$bundle/tests/gpu"
 gpu_checks backend-tests 240 "$bundle/tests/backends"
 step unit-tests 120 "$bundle/tests/dualpipe_cuda"

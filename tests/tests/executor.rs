@@ -2,8 +2,8 @@
 //! single-process run, bit for bit, and gradients within the reference's bound.
 
 use dualpipe_executor::Options;
-use dualpipe_executor::conformance::{CpuReference, ReferenceBackend, compare};
-use dualpipe_executor::model::{Batch, ModelSpec};
+use dualpipe_reference::conformance::{CpuReference, ReferenceBackend, compare};
+use dualpipe_reference::model::{Batch, ModelSpec};
 use dualpipe_schedule::{ExecutionModel, Schedule, ValidSchedule};
 
 fn golden(name: &str) -> ValidSchedule {

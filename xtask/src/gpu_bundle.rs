@@ -3,7 +3,7 @@
 //!
 //! - `dualpipe`: the command line, release, stripped;
 //! - `tests/gpu`, `tests/backends`, `tests/dualpipe_cuda`: the CUDA crate's test binaries
-//!   (the GPU checks, the executor's backend tests on the GPU, the crate's unit tests);
+//!   (the GPU checks, the shared backend tests on the GPU, the crate's unit tests);
 //! - `scripts/`: `gpu_check.sh`, `gpu_bench.sh`, `gpu_bench_torch.py`, `torch_gpu_check.py`;
 //! - `wheels/`: the torch runtime's wheel (Python package `dualpipe_rs`), when
 //!   `python/pyproject.toml` exists and maturin is installed in the virtual environment

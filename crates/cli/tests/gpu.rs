@@ -1,10 +1,12 @@
 //! The GPU subcommands without a GPU: a clear message and exit code 2, never a panic; what
-//! `gpu-info` reports of the libraries it looked for.
+//! `gpu-info` reports of the libraries it looked for. Built without the `cuda` feature, the
+//! same subcommands say that the build has no CUDA support, with the same exit code.
 
 use std::io::Write;
 use std::process::Command;
 
 #[test]
+#[cfg(feature = "cuda")]
 fn bench_gpu_without_a_gpu_exits_with_code_2_skipped_with_gpu() {
     if let Ok(info) = dualpipe_cuda::probe(0) {
         let _ = writeln!(
@@ -39,6 +41,7 @@ fn gpu_present(test: &str) -> bool {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn gpu_info_without_a_gpu_lists_every_place_looked_and_exits_with_code_2() {
     if gpu_present("gpu_info_without_a_gpu") {
         return;
@@ -73,6 +76,7 @@ fn gpu_info_without_a_gpu_lists_every_place_looked_and_exits_with_code_2() {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn gpu_info_names_each_file_of_dualpipe_cuda_libs_that_fails_to_load() {
     if gpu_present("gpu_info_names_each_file") {
         return;
@@ -148,6 +152,7 @@ fn row<'a>(stdout: &'a str, check: &str) -> Option<(&'a str, &'a str)> {
 }
 
 #[test]
+#[cfg(feature = "cuda")]
 fn gpu_check_without_a_gpu_checks_nothing_and_exits_with_code_2() {
     if gpu_present("gpu_check_without_a_gpu") {
         return;
@@ -305,6 +310,7 @@ fn gpu_check_stops_within_its_budget_and_fails_what_it_could_not_run() {
 /// is the one cudarc then gets by name, through its SONAME. The stand-in NVRTC is compiled here
 /// with the C compiler (skipped where there is none).
 #[test]
+#[cfg(feature = "cuda")]
 fn a_library_of_dualpipe_cuda_libs_is_the_one_cudarc_opens() {
     if gpu_present("a_library_of_dualpipe_cuda_libs") {
         return;
@@ -371,4 +377,49 @@ fn a_library_of_dualpipe_cuda_libs_is_the_one_cudarc_opens() {
         wheel.display()
     );
     assert_eq!(stdout.lines().nth(2), Some(expected.as_str()), "{stdout}");
+}
+
+/// Built without the `cuda` feature: the GPU subcommands refuse with the stand-in's message
+/// and exit code 2, look for no library, and never panic.
+#[cfg(not(feature = "cuda"))]
+mod without_cuda {
+    use std::process::Command;
+
+    const NOT_COMPILED: &str = "error: this build has no CUDA support";
+
+    #[test]
+    fn bench_gpu_says_the_build_has_no_cuda_support_and_exits_with_code_2() {
+        let out = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+            .args(["bench-gpu", "--steps", "1"])
+            .output()
+            .expect("the binary runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.starts_with(NOT_COMPILED), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+
+    #[test]
+    fn gpu_info_looks_for_no_library_and_exits_with_code_2() {
+        let out = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+            .arg("gpu-info")
+            .env_remove("DUALPIPE_CUDA_LIBS")
+            .output()
+            .expect("the binary runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+        assert!(stderr.starts_with(NOT_COMPILED), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        let lines: Vec<&str> = stdout.lines().collect();
+        assert_eq!(
+            lines[..2],
+            [
+                "libraries (DUALPIPE_CUDA_LIBS=<unset>):",
+                "  none looked for (built without CUDA support)"
+            ],
+            "{stdout}"
+        );
+    }
 }

@@ -1,6 +1,6 @@
 //! Plain types of the public API, the same with or without the `cuda` feature.
 
-use dualpipe_executor::Profile;
+use dualpipe_reference::HostStep;
 
 pub use crate::kernels::DType;
 
@@ -72,19 +72,5 @@ impl std::fmt::Display for GpuInfo {
     }
 }
 
-/// What one step on the GPU returns, on the host.
-#[derive(Clone, Debug, Default)]
-pub struct GpuStep {
-    /// The loss of each micro-batch (`None` where this process did not compute it).
-    pub losses: Vec<Option<f32>>,
-    /// The model output of each micro-batch, when outputs were kept.
-    pub outputs: Vec<Option<Vec<f32>>>,
-    /// The timeline from CUDA events, when profiling.
-    pub profile: Option<Profile>,
-    /// Host time spent issuing the step's work (before waiting for the GPU), microseconds.
-    pub dispatch_us: f64,
-    /// Host time from the start of issuing to the end of the GPU's work, microseconds.
-    pub step_us: f64,
-    /// Instructions issued (computes, sends, receives and commits of every rank run here).
-    pub instructions: usize,
-}
+/// What one step on the GPU returns, on the host: the [`HostStep`] of every backend.
+pub type GpuStep = HostStep;

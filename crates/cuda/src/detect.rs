@@ -504,36 +504,6 @@ pub struct Report {
     pub devices: Result<Vec<GpuInfo>, CudaError>,
 }
 
-/// Looks for the libraries (once per process) and the GPUs; never panics.
-pub fn report() -> Report {
-    #[cfg(feature = "cuda")]
-    {
-        crate::gpu::pipeline::report()
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        Report {
-            libraries: Vec::new(),
-            driver_version: None,
-            devices: Err(CudaError::NotCompiled),
-        }
-    }
-}
-
-/// Looks for GPU `ordinal` and the libraries the backend loads; never panics, and calls into
-/// no library before knowing it exists.
-pub fn probe(ordinal: usize) -> Result<GpuInfo, CudaError> {
-    #[cfg(feature = "cuda")]
-    {
-        crate::gpu::pipeline::probe(ordinal)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = ordinal;
-        Err(CudaError::NotCompiled)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -889,33 +859,5 @@ mod tests {
             output_within(echo, Duration::from_secs(5)).unwrap(),
             "/a/site-packages\n"
         );
-    }
-
-    /// On any machine: probing answers instead of panicking, and without a driver it says so.
-    #[test]
-    fn probing_never_panics() {
-        match probe(0) {
-            Ok(info) => println!("found {info}"),
-            Err(error) => println!("no usable GPU here: {error}"),
-        }
-        let report = report();
-        #[cfg(feature = "cuda")]
-        {
-            assert_eq!(report.libraries.len(), Lib::ALL.len());
-            let driver = &report.libraries[0];
-            if driver.found.is_none() {
-                let error = probe(0).unwrap_err();
-                assert!(error.is_no_gpu(), "{error}");
-                assert!(
-                    error
-                        .to_string()
-                        .starts_with("no GPU found: the CUDA driver (libcuda.so) was not found"),
-                    "{error}"
-                );
-                assert!(report.devices.is_err());
-            }
-        }
-        #[cfg(not(feature = "cuda"))]
-        assert_eq!(report.devices.unwrap_err(), CudaError::NotCompiled);
     }
 }

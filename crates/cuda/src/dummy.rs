@@ -1,10 +1,14 @@
 //! The stand-in built without the `cuda` feature: the same API, every constructor returning
-//! [`CudaError::NotCompiled`], so callers compile the same either way.
+//! [`CudaError::NotCompiled`], so callers compile the same either way. The pipelines
+//! implement the same [`Backend`] trait as the real ones, so the compiler checks that part of
+//! the interface; the constructors and the few inherent methods mirror the `cuda` build's.
 
 use std::time::Duration;
 
-use dualpipe_executor::model::{Batch, ModelSpec, Parameters};
-use dualpipe_executor::{Executor, Options, StepError};
+use dualpipe_executor::{Executor, Options, StageError, StepError};
+use dualpipe_reference::Backend;
+use dualpipe_reference::conformance::{ReferenceBackend, ReferenceRun};
+use dualpipe_reference::model::{Batch, ModelSpec, Parameters};
 use dualpipe_schedule::ValidSchedule;
 
 use crate::api::{GpuConfig, GpuStep};
@@ -28,24 +32,30 @@ impl CudaPipeline {
     pub fn device_name(&self) -> String {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn executor(&self) -> &Executor {
+}
+
+impl Backend for CudaPipeline {
+    type Error = CudaError;
+
+    fn name(&self) -> &'static str {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
+    fn executor(&self) -> &Executor {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn gradients(&self, _: u32) -> Result<Parameters, CudaError> {
+    fn ranks(&self) -> Vec<u32> {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn leftover(&self) -> usize {
+    fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
+    fn gradients(&self, _: u32) -> Result<Option<Parameters>, CudaError> {
+        match *self {}
+    }
+    fn leftover(&self) -> usize {
+        match *self {}
+    }
+    fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
         match *self {}
     }
 }
@@ -92,19 +102,33 @@ impl NcclRank {
         match *self {}
     }
     /// Unreachable: no value exists.
-    pub fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
-        match *self {}
-    }
-    /// Unreachable: no value exists.
-    pub fn gradients(&self, _: u32) -> Result<Option<Parameters>, CudaError> {
-        match *self {}
-    }
-    /// Unreachable: no value exists.
     pub fn stages(&self) -> Vec<u32> {
         match *self {}
     }
-    /// Unreachable: no value exists.
-    pub fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
+}
+
+impl Backend for NcclRank {
+    type Error = CudaError;
+
+    fn name(&self) -> &'static str {
+        match *self {}
+    }
+    fn executor(&self) -> &Executor {
+        match *self {}
+    }
+    fn ranks(&self) -> Vec<u32> {
+        match *self {}
+    }
+    fn step(&mut self, _: &Batch) -> Result<GpuStep, StepError> {
+        match *self {}
+    }
+    fn gradients(&self, _: u32) -> Result<Option<Parameters>, CudaError> {
+        match *self {}
+    }
+    fn leftover(&self) -> usize {
+        match *self {}
+    }
+    fn sgd(&mut self, _: f32) -> Result<(), CudaError> {
         match *self {}
     }
 }
@@ -119,7 +143,7 @@ impl CudaReference {
     }
 }
 
-impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
+impl ReferenceBackend for CudaReference {
     fn name(&self) -> &'static str {
         match *self {}
     }
@@ -129,7 +153,7 @@ impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
         _: &ModelSpec,
         _: &Batch,
         _: Options,
-    ) -> Result<dualpipe_executor::conformance::ReferenceRun, StepError> {
+    ) -> Result<ReferenceRun, StepError> {
         match *self {}
     }
     fn sequential(
@@ -137,7 +161,7 @@ impl dualpipe_executor::conformance::ReferenceBackend for CudaReference {
         _: &ModelSpec,
         _: &Batch,
         _: bool,
-    ) -> Result<dualpipe_executor::conformance::ReferenceRun, dualpipe_executor::StageError> {
+    ) -> Result<ReferenceRun, StageError> {
         match *self {}
     }
 }

@@ -27,7 +27,6 @@ pub mod kernels;
 pub mod launch;
 pub mod plan;
 pub mod rendezvous;
-pub mod timeline;
 
 #[cfg(not(feature = "cuda"))]
 mod dummy;
@@ -35,11 +34,81 @@ mod dummy;
 mod gpu;
 
 pub use api::{CommMode, DType, GpuConfig, GpuInfo, GpuStep};
-pub use detect::probe;
 pub use error::CudaError;
 pub use launch::{LaunchEnv, LaunchError};
 
 #[cfg(not(feature = "cuda"))]
 pub use dummy::{CudaPipeline, CudaReference, GpuSequential, NcclRank};
 #[cfg(feature = "cuda")]
-pub use gpu::pipeline::{CudaPipeline, CudaReference, GpuSequential, NcclRank};
+pub use gpu::{
+    nccl::NcclRank,
+    pipeline::CudaPipeline,
+    sequential::{CudaReference, GpuSequential},
+};
+
+/// Looks for GPU `ordinal` and the libraries the backend loads ([`detect`]); never panics,
+/// and calls into no library before knowing it exists. Without the `cuda` feature,
+/// [`CudaError::NotCompiled`].
+pub fn probe(ordinal: usize) -> Result<GpuInfo, CudaError> {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::device::probe(ordinal)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(CudaError::NotCompiled)
+    }
+}
+
+/// What `dualpipe gpu-info` shows: looks for the libraries (once per process) and the GPUs;
+/// never panics. Without the `cuda` feature, no library and [`CudaError::NotCompiled`].
+pub fn report() -> detect::Report {
+    #[cfg(feature = "cuda")]
+    {
+        gpu::device::report()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        detect::Report {
+            libraries: Vec::new(),
+            driver_version: None,
+            devices: Err(CudaError::NotCompiled),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(feature = "cuda")]
+    use detect::Lib;
+
+    /// On any machine: probing answers instead of panicking, and without a driver it says so.
+    #[test]
+    fn probing_never_panics() {
+        match probe(0) {
+            Ok(info) => println!("found {info}"),
+            Err(error) => println!("no usable GPU here: {error}"),
+        }
+        let report = report();
+        #[cfg(feature = "cuda")]
+        {
+            assert_eq!(report.libraries.len(), Lib::ALL.len());
+            let driver = &report.libraries[0];
+            if driver.found.is_none() {
+                let error = probe(0).unwrap_err();
+                assert!(error.is_no_gpu(), "{error}");
+                assert!(
+                    error
+                        .to_string()
+                        .starts_with("no GPU found: the CUDA driver (libcuda.so) was not found"),
+                    "{error}"
+                );
+                assert!(report.devices.is_err());
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!(report.devices.unwrap_err(), CudaError::NotCompiled);
+    }
+}

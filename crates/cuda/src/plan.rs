@@ -1,7 +1,11 @@
 //! The stream and event plan of one step: for every rank, which stream each instruction's work
-//! goes to, which events are recorded and which waits order the streams. The CUDA backend
-//! issues exactly these operations (and, with its op log on, records them so a GPU test can
-//! hold it to this plan); here they are pure data that tests check on any machine.
+//! goes to, which events are recorded and which waits order the streams; pure data that tests
+//! check on any machine.
+//!
+//! The GPU backend (`gpu/`) does not read this plan yet: it orders its streams by the same
+//! three-stream layout, but per message (each buffer carries the event after which it may be
+//! read, and a compute waits for the buffers it takes) rather than per batch, so the plan's
+//! checks do not cover the order the backend actually issues.
 //!
 //! Each rank has three streams:
 //! - **main**: every compute, in instruction order;

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 const MAGIC: &[u8; 4] = b"DPRV";
 const VERSION: u8 = 1;
+/// How long rank 0 still takes ranks after refusing the rendezvous, to tell them why.
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 /// The largest blob or message accepted (an NCCL id is 128 bytes).
 const MAX_BODY: u32 = 1 << 16;
 
@@ -85,7 +87,13 @@ pub fn serve(
     listener.set_nonblocking(true).map_err(io_error)?;
     let mut joined: BTreeMap<u32, TcpStream> = BTreeMap::new();
     let mut refusal: Option<String> = None;
-    while joined.len() + 1 < world_size as usize && refusal.is_none() {
+    // After a refusal, ranks still to come are taken for a short while longer, so that the
+    // processes already connecting get the reason too, not only those that came before it.
+    let mut refused_until: Option<Instant> = None;
+    while joined.len() + 1 < world_size as usize {
+        if refusal.is_some() && refused_until.is_none() {
+            refused_until = Some(deadline.min(Instant::now() + REFUSAL_GRACE));
+        }
         match listener.accept() {
             Ok((mut stream, peer)) => {
                 stream.set_nonblocking(false).map_err(io_error)?;
@@ -93,24 +101,26 @@ pub fn serve(
                 let _ = stream.set_read_timeout(Some(remaining.max(Duration::from_millis(10))));
                 match read_hello(&mut stream, peer) {
                     Ok((rank, theirs)) if theirs != world_size => {
-                        refusal = Some(format!(
+                        refusal.get_or_insert_with(|| format!(
                             "rank {rank} has WORLD_SIZE={theirs}, but rank 0 has WORLD_SIZE={world_size}"
                         ));
                         joined.entry(rank).or_insert(stream);
                     }
                     Ok((0, _)) => {
-                        refusal = Some("a second process has RANK=0".into());
-                        let _ = reply(&mut stream, Err(refusal.as_deref().unwrap_or_default()));
+                        let reason =
+                            refusal.get_or_insert_with(|| "a second process has RANK=0".into());
+                        let _ = reply(&mut stream, Err(reason));
                     }
                     Ok((rank, _)) if joined.contains_key(&rank) => {
-                        refusal = Some(format!("two processes have RANK={rank}"));
-                        let _ = reply(&mut stream, Err(refusal.as_deref().unwrap_or_default()));
+                        let reason = refusal
+                            .get_or_insert_with(|| format!("two processes have RANK={rank}"));
+                        let _ = reply(&mut stream, Err(reason));
                     }
                     Ok((rank, _)) if rank >= world_size => {
-                        refusal = Some(format!(
-                            "a process has RANK={rank}, outside WORLD_SIZE={world_size}"
-                        ));
-                        let _ = reply(&mut stream, Err(refusal.as_deref().unwrap_or_default()));
+                        let reason = refusal.get_or_insert_with(|| {
+                            format!("a process has RANK={rank}, outside WORLD_SIZE={world_size}")
+                        });
+                        let _ = reply(&mut stream, Err(reason));
                     }
                     Ok((rank, _)) => {
                         joined.insert(rank, stream);
@@ -123,6 +133,9 @@ pub fn serve(
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if refused_until.is_some_and(|until| Instant::now() >= until) {
+                    break;
+                }
                 if Instant::now() >= deadline {
                     let missing: Vec<String> = (1..world_size)
                         .filter(|r| !joined.contains_key(r))

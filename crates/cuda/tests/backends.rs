@@ -1,10 +1,8 @@
-//! The executor's shared backend test bodies on the CUDA backend (virtual ranks on GPU 0).
+//! The shared backend test bodies (`dualpipe_reference::suite`) on the CUDA backend (virtual
+//! ranks on GPU 0).
 //! Without a GPU the runner prints "skipped: no GPU" and counts nothing as passed
 //! (docs/gpu.md).
 
-#[macro_use]
-#[path = "../../executor/tests/shared/mod.rs"]
-mod shared;
 mod runner;
 
 use std::process::ExitCode;
@@ -17,7 +15,7 @@ fn backend() -> CudaReference {
 
 fn main() -> ExitCode {
     let gpu = CudaReference::new(GpuConfig::default()).map(|_| ());
-    let checks = backend_checks!(
+    let checks = dualpipe_reference::backend_checks!(
         backend();
         every_family_matches_the_single_process_run,
         forward_only_outputs_match_bitwise,

@@ -11,9 +11,9 @@
 
 use std::time::{Duration, Instant};
 
-use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_executor::{CpuPipeline, Options};
 use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_reference::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 
 const HIDDEN: usize = 256;

@@ -5,16 +5,16 @@
 //! so nothing is copied; hand-offs between stages of one rank stay inside the interpreter.
 
 use std::collections::VecDeque;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use dualpipe_schedule::{ExecutionModel, Lane, ValidSchedule};
 
+use crate::driver::{Kept, RankParts, StepOutput, drive};
 use crate::error::{Cause, RankFailure, StepError};
-use crate::interpret::{Executor, Feed, Options, RankRun, Stages};
-use crate::profile::{Clock, Profile};
+use crate::interpret::{Executor, Feed, Options, Stages};
+use crate::profile::Clock;
 use crate::stage::{Stage, StageError};
 use crate::transport::{CommError, CommErrorKind, Transport};
 
@@ -375,23 +375,12 @@ impl<B> Transport for InProcess<B> {
     }
 }
 
-/// What a step returns: per micro-batch losses and outputs, and the measured timeline.
-#[derive(Debug)]
-pub struct StepOutput<B, L> {
-    /// The loss of each micro-batch, by micro-batch index (`None` where no loss was
-    /// computed, e.g. no targets were given).
-    pub losses: Vec<Option<L>>,
-    /// The model output of each micro-batch, when [`Options::keep_outputs`] is set.
-    pub outputs: Vec<Option<B>>,
-    /// The timeline, when [`Options::profile`] is set.
-    pub profile: Option<Profile>,
-}
-
 /// A schedule running on CPU threads: one thread per rank, each replaying its rank's list
 /// with the interpreter, connected by the in-process transport.
 ///
 /// ```
-/// use dualpipe_executor::{CpuPipeline, Options, model::{ModelSpec, ReferenceStage, Batch}};
+/// use dualpipe_executor::{CpuPipeline, Options};
+/// use dualpipe_reference::model::{Batch, ModelSpec, ReferenceStage};
 /// use dualpipe_planner::{plan, Family, PlanRequest};
 /// use dualpipe_schedule::ValidSchedule;
 ///
@@ -468,141 +457,61 @@ where
         inputs: Vec<S::Buffer>,
         targets: Vec<S::Buffer>,
     ) -> Result<StepOutput<S::Buffer, S::Loss>, StepError> {
-        let schedule = self.executor.schedule().schedule();
-        let num_ranks = schedule.num_ranks;
-        let num_microbatches = schedule.num_microbatches as usize;
-        let training = !schedule.forward_only;
+        let num_ranks = self.executor.schedule().schedule().num_ranks;
         let options = self.executor.options();
         let mut inputs: Vec<Option<S::Buffer>> = inputs.into_iter().map(Some).collect();
         let mut targets: Vec<Option<S::Buffer>> = targets.into_iter().map(Some).collect();
         let feeds = self.executor.split_feed(&mut inputs, &mut targets);
         let transports = InProcess::network(num_ranks, options.model, options.timeout);
-        let profile = options.profile;
-        let runs = run_on_threads(&self.executor, &mut self.ranks, transports, feeds)?;
-        if training {
-            self.sum_copies()?;
-        }
-        let mut losses: Vec<Option<S::Loss>> = (0..num_microbatches).map(|_| None).collect();
-        let mut outputs: Vec<Option<S::Buffer>> = (0..num_microbatches).map(|_| None).collect();
-        let mut timelines = Vec::with_capacity(runs.len());
-        for run in runs {
-            for (mb, loss) in run.losses {
-                losses[mb as usize] = Some(loss);
-            }
-            for (mb, output) in run.outputs {
-                outputs[mb as usize] = Some(output);
-            }
-            timelines.push(run.timings);
-        }
-        Ok(StepOutput {
-            losses,
-            outputs,
-            profile: profile.then_some(Profile { ranks: timelines }),
-        })
-    }
-
-    /// Sums the gradients of the copies of every stage held by several ranks.
-    fn sum_copies(&mut self) -> Result<(), StepError> {
-        let num_stages = self.executor.schedule().schedule().num_stages;
-        for stage in 0..num_stages {
-            let holders: Vec<u32> = (0..self.ranks.len() as u32)
-                .filter(|&rank| self.ranks[rank as usize].get(stage).is_some())
-                .collect();
-            if holders.len() < 2 {
-                continue;
-            }
-            let mut copies: Vec<&mut S> = self
-                .ranks
-                .iter_mut()
-                .filter_map(|s| s.get_mut(stage))
-                .collect();
-            S::sum_gradients(&mut copies).map_err(|e| {
-                let ranks: Vec<String> = holders.iter().map(u32::to_string).collect();
-                let failure = RankFailure::on_rank(
-                    holders[0],
-                    Cause::Stage(
-                        format!(
-                            "summing the gradients of the copies of stage {stage} on ranks {} failed: {e}",
-                            ranks.join(", ")
-                        )
-                        .into(),
-                    ),
-                );
-                StepError::new(vec![failure], Vec::new())
-            })?;
-        }
-        Ok(())
+        let clock = HostClock::new(Instant::now());
+        let parts = self
+            .ranks
+            .iter_mut()
+            .zip(transports)
+            .zip(feeds)
+            .enumerate()
+            .map(|(rank, ((stages, transport), feed))| RankParts {
+                rank: rank as u32,
+                stages,
+                transport,
+                feed,
+                clock: Some(clock),
+            })
+            .collect();
+        drive(&self.executor, parts, &mut Kept)
     }
 }
 
-/// Runs every rank of `executor` once, each on its own thread with its stages, transport and
-/// feed (all indexed by rank), and returns each rank's run, or the step's failure with every
-/// rank's state. [`CpuPipeline::step`] runs on it with the in-process transport; another
-/// transport (a network one, or one that injects faults in tests) plugs in here.
-#[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+/// Runs one step of every rank of `executor`, each on its own thread with its stages,
+/// transport and feed (all indexed by rank) and the host clock, through [`drive`]: after a
+/// training step the copies of a stage hold the sum of their gradients. [`CpuPipeline::step`]
+/// runs on it with the in-process transport; another transport (a network one, or one that
+/// injects faults in tests) plugs in here.
 pub fn run_on_threads<S, T>(
     executor: &Executor,
     ranks: &mut [Stages<S>],
     transports: Vec<T>,
     feeds: Vec<Feed<S::Buffer>>,
-) -> Result<Vec<RankRun<S::Buffer, S::Loss>>, StepError>
+) -> Result<StepOutput<S::Buffer, S::Loss>, StepError>
 where
     S: Stage + Send,
     S::Buffer: Send,
     S::Loss: Send,
     T: Transport<Buffer = S::Buffer> + Send,
 {
-    let profile = executor.options().profile;
-    let origin = Instant::now();
-    let results: Vec<RankResult<S>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .iter_mut()
-            .zip(transports)
-            .zip(feeds)
-            .enumerate()
-            .map(|(rank, ((stages, mut transport), feed))| {
-                let rank = rank as u32;
-                let handle = std::thread::Builder::new()
-                    .name(format!("rank {rank}"))
-                    .spawn_scoped(scope, move || {
-                        let mut clock = HostClock::new(origin);
-                        let run = catch_unwind(AssertUnwindSafe(|| {
-                            executor.run_rank(
-                                rank,
-                                stages,
-                                &mut transport,
-                                feed,
-                                profile.then_some(&mut clock),
-                            )
-                        }));
-                        run.unwrap_or_else(|_| {
-                            // Stage panics are caught inside; this is the interpreter's own.
-                            let failure = RankFailure::on_rank(
-                                rank,
-                                Cause::Panic("the executor panicked; please report it".into()),
-                            );
-                            transport.abort(&failure.to_string());
-                            Err(failure)
-                        })
-                    });
-                (rank, handle)
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|(rank, handle)| {
-                let failed =
-                    |message: String| Err(RankFailure::on_rank(rank, Cause::Panic(message)));
-                match handle {
-                    Err(e) => failed(format!("could not start the rank's thread: {e}")),
-                    Ok(handle) => handle
-                        .join()
-                        .unwrap_or_else(|_| failed("the rank's thread panicked".into())),
-                }
-            })
-            .collect()
-    });
-    StepError::gather(results)
+    let clock = HostClock::new(Instant::now());
+    let parts = ranks
+        .iter_mut()
+        .zip(transports)
+        .zip(feeds)
+        .enumerate()
+        .map(|(rank, ((stages, transport), feed))| RankParts {
+            rank: rank as u32,
+            stages,
+            transport,
+            feed,
+            clock: Some(clock),
+        })
+        .collect();
+    drive(executor, parts, &mut Kept)
 }
-
-type RankResult<S> = Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>;

@@ -9,10 +9,13 @@
 //!   batch at each `commit`, matched in issue order per pair of ranks, under the blocking or
 //!   the asynchronous execution model) and the [`Clock`] trait (timings).
 //!
-//! The interpreter knows nothing of CPUs or GPUs: backends implement its traits. This crate
-//! has the CPU backend ([`CpuPipeline`]: one thread per rank, the in-process transport
-//! [`InProcess`]), and the reference model ([`model`]) with the single-process run every
-//! schedule is checked against ([`conformance`]).
+//! The interpreter knows nothing of CPUs or GPUs: backends implement its traits and run their
+//! steps through one driver ([`drive`]: a thread per rank, panics turned into aborts, the
+//! copies of a stage summed through [`Stage::sum_gradients`], results brought to the host by
+//! the backend's [`Host`]). This crate has the CPU backend ([`CpuPipeline`]: the in-process
+//! transport [`InProcess`]); the reference model, the single-process run every schedule is
+//! checked against and the `Backend` trait over the backends that run it live in
+//! `dualpipe-reference`.
 //!
 //! Only a [`ValidSchedule`](dualpipe_schedule::ValidSchedule) runs, so every schedule the
 //! executor sees is complete, correctly ordered and free of deadlock under both models.
@@ -21,7 +24,7 @@
 //! the instruction and the cause.
 //!
 //! ```
-//! use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
+//! use dualpipe_reference::model::{Batch, ModelSpec, ReferenceStage, Sequential};
 //! use dualpipe_executor::{CpuPipeline, Options};
 //! use dualpipe_planner::{Family, PlanRequest, plan};
 //! use dualpipe_schedule::ValidSchedule;
@@ -43,19 +46,19 @@
 //! }
 //! ```
 
-pub mod conformance;
 mod cpu;
+mod driver;
 mod error;
 mod interpret;
-pub mod model;
 mod profile;
 mod program;
 mod stage;
 mod transport;
 
-pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, StepOutput, run_on_threads};
+pub use cpu::{CpuPipeline, HostClock, InProcess, InProcessTicket, run_on_threads};
+pub use driver::{Host, Kept, RankParts, StepOutput, drive};
 pub use error::{Cause, RankFailure, StepError};
 pub use interpret::{Executor, Feed, Options, RankRun, Stages};
-pub use profile::{Clock, MeasuredCosts, Profile, RankSummary, Timing};
+pub use profile::{Clock, MeasuredCosts, Overlap, Profile, RankSummary, Timing};
 pub use stage::{Backward, Forward, Forwarded, Overlapped, Payload, Stage, StageError};
 pub use transport::{CommError, CommErrorKind, Transport};

@@ -131,6 +131,33 @@ impl fmt::Display for CommError {
 
 impl std::error::Error for CommError {}
 
+/// A transport borrowed for one step: a backend that keeps its transport between steps (one
+/// process of a multi-process run) lends it to the driver.
+impl<T: Transport + ?Sized> Transport for &mut T {
+    type Buffer = T::Buffer;
+    type Ticket = T::Ticket;
+
+    fn queue_send(&mut self, peer: u32, buffer: Self::Buffer) -> Result<(), CommError> {
+        (**self).queue_send(peer, buffer)
+    }
+
+    fn queue_recv(&mut self, peer: u32) -> Result<Self::Ticket, CommError> {
+        (**self).queue_recv(peer)
+    }
+
+    fn commit(&mut self) -> Result<(), CommError> {
+        (**self).commit()
+    }
+
+    fn wait(&mut self, ticket: Self::Ticket) -> Result<Self::Buffer, CommError> {
+        (**self).wait(ticket)
+    }
+
+    fn abort(&mut self, reason: &str) {
+        (**self).abort(reason);
+    }
+}
+
 /// A duration as people read it: `250 ms`, `1.5 s`.
 pub(crate) fn show_duration(duration: Duration) -> String {
     let ms = duration.as_secs_f64() * 1e3;

@@ -4,9 +4,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dualpipe_executor::model::{Batch, Matrix, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_executor::{Backward, CpuPipeline, Forward, Forwarded, Options, Stage, StageError};
 use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_reference::model::{Batch, Matrix, ModelSpec, ReferenceStage, Sequential};
 use dualpipe_schedule::{ExecutionModel, Instruction, ValidSchedule};
 
 fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
@@ -368,7 +368,7 @@ fn an_overlapped_pair_on_one_stage_runs_through_the_hook() {
     }
     let ours = pipeline.copies(0)[0].inner.gradients();
     let diff =
-        dualpipe_executor::conformance::cal_diff(&ours.w1, &reference.stages[0].gradients().w1);
+        dualpipe_reference::conformance::cal_diff(&ours.w1, &reference.stages[0].gradients().w1);
     assert!(diff < 1e-13, "{diff}");
 }
 
@@ -398,7 +398,7 @@ fn an_overlap_hook_that_runs_backward_first_gives_the_same_results() {
         let ours = pipeline.copies(stage)[0].inner.gradients();
         let theirs = reference.stages[stage as usize].gradients();
         for ((name, a), (_, b)) in ours.tensors().into_iter().zip(theirs.tensors()) {
-            let diff = dualpipe_executor::conformance::cal_diff(a, b);
+            let diff = dualpipe_reference::conformance::cal_diff(a, b);
             assert!(diff < 1e-13, "stage {stage} {name}: {diff}");
         }
     }

@@ -6,12 +6,12 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use dualpipe_executor::model::{Batch, Matrix, ModelSpec, ReferenceStage};
 use dualpipe_executor::{
     Backward, Cause, CommError, CpuPipeline, Executor, Forward, Forwarded, InProcess,
     InProcessTicket, Options, Stage, StageError, Stages, StepError, Transport, run_on_threads,
 };
 use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_reference::model::{Batch, Matrix, ModelSpec, ReferenceStage};
 use dualpipe_schedule::{ExecutionModel, Instruction, Location, ValidSchedule, Work};
 
 const MODELS: [ExecutionModel; 2] = [ExecutionModel::Blocking, ExecutionModel::Async];

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use dualpipe_cuda::{CommMode, CudaPipeline, DType, GpuConfig, GpuSequential, probe};
 use dualpipe_executor::Options;
-use dualpipe_executor::model::{Batch, ModelSpec};
 use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_reference::Backend;
+use dualpipe_reference::model::{Batch, ModelSpec};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 
 use crate::io::{Failure, write_stdout};

@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use dualpipe_cuda::detect::{LIBS_VAR, report};
+use dualpipe_cuda::detect::LIBS_VAR;
+use dualpipe_cuda::report;
 
 use crate::cmd::bench_gpu::gpu_failure;
 use crate::io::{Failure, write_stdout};

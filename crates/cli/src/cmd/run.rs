@@ -6,10 +6,11 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use dualpipe_executor::conformance::{CAL_DIFF_LIMIT, Mismatch, ReferenceRun, compare};
-use dualpipe_executor::model::{Batch, ModelSpec, ReferenceStage, Sequential};
-use dualpipe_executor::{CpuPipeline, Options, Profile};
+use dualpipe_executor::{Options, Profile};
 use dualpipe_planner::{Family, PlanRequest, plan};
+use dualpipe_reference::conformance::{CAL_DIFF_LIMIT, Mismatch, compare};
+use dualpipe_reference::model::{Batch, ModelSpec, Sequential};
+use dualpipe_reference::{Backend, CpuBackend};
 use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -161,10 +162,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     write_stdout(&out)?;
 
-    let mut pipeline = CpuPipeline::new(schedule.clone(), options, |_, stage| {
-        Ok(ReferenceStage::new(&spec, stage))
-    })
-    .map_err(|e| Failure::invalid(e.to_string()))?;
+    let mut pipeline = CpuBackend::new(schedule.clone(), options, &spec)
+        .map_err(|e| Failure::invalid(e.to_string()))?;
     let mut reference = Sequential::new(&spec);
     let bar = progress_bar(args.steps);
     let print = |text: String| match &bar {
@@ -179,59 +178,25 @@ pub fn run(args: Args) -> Result<(), Failure> {
     for step in 0..args.steps {
         let batch = Batch::synthetic(&spec, microbatches, u64::from(step));
         let started = Instant::now();
-        let output = pipeline
-            .step(batch.inputs.clone(), batch.targets.clone())
+        let mut output = pipeline
+            .step(&batch)
             .map_err(|e| Failure::invalid(format!("step {}: {e}", step + 1)))?;
         pipelined_ms.push(started.elapsed().as_secs_f64() * 1e3);
 
         // The reference starts from the pipeline's parameters, so that every step is held
         // to bitwise equal losses, not only the first.
         for stage in &mut reference.stages {
-            stage.load_parameters(pipeline.copies(stage.index())[0]);
+            stage.load_parameters(pipeline.pipeline().copies(stage.index())[0]);
             stage.zero_gradients();
         }
         let started = Instant::now();
-        let expected = reference
-            .step(&batch, training)
+        let theirs = reference
+            .reference_run(&batch, training)
             .map_err(|e| Failure::invalid(format!("step {}: reference: {e}", step + 1)))?;
         reference_ms.push(started.elapsed().as_secs_f64() * 1e3);
 
-        let ours = ReferenceRun {
-            losses: output.losses.clone(),
-            outputs: output
-                .outputs
-                .into_iter()
-                .map(|o| o.map(|m| m.into_data()))
-                .collect(),
-            gradients: if training {
-                (0..num_stages)
-                    .map(|s| pipeline.copies(s)[0].gradients().clone())
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            leftover: (0..num_ranks)
-                .flat_map(|r| pipeline.stages(r).iter().map(|(_, s)| s.pending()))
-                .sum(),
-        };
-        let theirs = ReferenceRun {
-            losses: expected.losses.iter().copied().map(Some).collect(),
-            outputs: expected
-                .outputs
-                .into_iter()
-                .map(|m| Some(m.into_data()))
-                .collect(),
-            gradients: if training {
-                reference
-                    .stages
-                    .iter()
-                    .map(|s| s.gradients().clone())
-                    .collect()
-            } else {
-                Vec::new()
-            },
-            leftover: 0,
-        };
+        let step_profile = output.profile.take();
+        let Ok(ours) = pipeline.reference_run(output);
         let agreement = compare(&ours, &theirs).map_err(|e| {
             let step = step + 1;
             Failure::invalid(match e {
@@ -248,21 +213,22 @@ pub fn run(args: Args) -> Result<(), Failure> {
         })?;
         max_cal_diff = max_cal_diff.max(agreement.max_cal_diff);
 
-        let mean_loss =
-            expected.losses.iter().map(|&l| f64::from(l)).sum::<f64>() / f64::from(microbatches);
+        let mean_loss = theirs
+            .losses
+            .iter()
+            .flatten()
+            .map(|&l| f64::from(l))
+            .sum::<f64>()
+            / f64::from(microbatches);
         print(format!(
             "step {:>3}  loss {mean_loss:.6}  {:>8.1} ms\n",
             step + 1,
             pipelined_ms[step as usize]
         ))?;
         if training {
-            for rank in 0..num_ranks {
-                for (_, stage) in pipeline.stages_mut(rank).iter_mut() {
-                    stage.sgd(lr);
-                }
-            }
+            let Ok(()) = pipeline.sgd(lr);
         }
-        profile = output.profile;
+        profile = step_profile;
         if let Some(bar) = &bar {
             bar.inc(1);
         }

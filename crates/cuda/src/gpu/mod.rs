@@ -1,12 +1,23 @@
 //! The GPU backend proper (the `cuda` feature): device resources of a rank, device tensors,
 //! the reference model's stages on cuBLAS and NVRTC kernels, the transports and the pipelines.
+//!
+//! - `device.rs`: finding (`probe`, `report`) and opening a GPU;
+//! - `raw.rs`: every `unsafe` call; `memory.rs`: freeing dropped buffers;
+//! - `stage.rs`: the reference model's stages; `transport.rs`: the two transports;
+//! - `clock.rs`: the CUDA-event clock; `host.rs`: the step driver's host hook;
+//! - `pipeline.rs` (virtual ranks), `nccl.rs` (one process per GPU), `sequential.rs` (the
+//!   single-stream reference and the backend under the shared test bodies).
 
+mod clock;
+pub(crate) mod device;
+mod host;
 mod memory;
+pub(crate) mod nccl;
+pub(crate) mod pipeline;
 pub(crate) mod raw;
+pub(crate) mod sequential;
 mod stage;
 mod transport;
-
-pub(crate) mod pipeline;
 
 use std::sync::{Arc, Mutex};
 

@@ -1,6 +1,6 @@
 //! The reference model's stage on the GPU: `Linear(h, 4h) -> GELU -> Linear(4h, h)`, mean
 //! squared error at the last stage, the same math and the same order of operations as the CPU
-//! model (`dualpipe_executor::model`), with matrix products on cuBLAS and the rest in the NVRTC
+//! model (`dualpipe_reference::model`), with matrix products on cuBLAS and the rest in the NVRTC
 //! kernels. Parameters start as the CPU model's (the same seed), so both can be compared.
 //! Weight gradients accumulate in `f32` whatever the model's type.
 
@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream};
-use dualpipe_executor::model::{ModelSpec, Parameters, ReferenceStage};
 use dualpipe_executor::{Backward, Forward, Forwarded, Overlapped, Stage, StageError};
+use dualpipe_reference::model::{ModelSpec, Parameters, ReferenceStage};
 
 use super::raw::{Buf, Mat};
 use super::{GpuError, RankDevice, Tensor};
@@ -454,11 +454,16 @@ impl Stage for GpuStage {
         let Some((first, rest)) = copies.split_first_mut() else {
             return Ok(());
         };
+        // Each copy's gradients live on its own rank's streams: the sum is complete on the
+        // first copy's device before any other copy reads it, and each copy is complete
+        // before the next step.
         for other in rest.iter() {
             first.add_gradients_of(other).map_err(stage_error)?;
         }
+        first.dev.synchronize().map_err(stage_error)?;
         for other in rest.iter_mut() {
             other.copy_gradients_of(first).map_err(stage_error)?;
+            other.dev.synchronize().map_err(stage_error)?;
         }
         Ok(())
     }

@@ -5,11 +5,10 @@
 
 use dualpipe_schedule::ValidSchedule;
 
-use crate::cpu::CpuPipeline;
-use crate::error::StepError;
-use crate::interpret::Options;
+use dualpipe_executor::{Options, StageError, StepError};
+
+use crate::backend::{Backend, CpuBackend};
 use crate::model::{Batch, ModelSpec, Parameters, ReferenceStage, Sequential};
-use crate::stage::StageError;
 
 /// The largest gradient difference accepted, as `cal_diff` (the reference implementation's
 /// own bound).
@@ -28,8 +27,9 @@ pub struct ReferenceRun {
     pub leftover: usize,
 }
 
-/// A backend able to run the reference model: the CPU backend here, a GPU backend later.
-/// Test bodies written over this trait run unchanged on every backend.
+/// A backend able to run the reference model under a schedule and in one process, each from
+/// fresh parameters: the test bodies of [`suite`](crate::suite) run unchanged on every such
+/// backend.
 pub trait ReferenceBackend {
     /// A short name for messages (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
@@ -68,33 +68,11 @@ impl ReferenceBackend for CpuReference {
         batch: &Batch,
         options: Options,
     ) -> Result<ReferenceRun, StepError> {
-        let training = !schedule.schedule().forward_only;
-        let mut pipeline = CpuPipeline::new(schedule, options, |_, stage| {
-            Ok(ReferenceStage::new(spec, stage))
-        })
-        .map_err(|failure| StepError::new(vec![failure], Vec::new()))?;
-        let step = pipeline.step(batch.inputs.clone(), batch.targets.clone())?;
-        let num_ranks = pipeline.executor().schedule().schedule().num_ranks;
-        let leftover = (0..num_ranks)
-            .flat_map(|rank| pipeline.stages(rank).iter().map(|(_, s)| s.pending()))
-            .sum();
-        let gradients = if training {
-            (0..spec.stages)
-                .map(|stage| pipeline.copies(stage)[0].gradients().clone())
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(ReferenceRun {
-            losses: step.losses,
-            outputs: step
-                .outputs
-                .into_iter()
-                .map(|o| o.map(|m| m.into_data()))
-                .collect(),
-            gradients,
-            leftover,
-        })
+        let mut backend = CpuBackend::new(schedule, options, spec)
+            .map_err(|failure| StepError::new(vec![failure], Vec::new()))?;
+        let step = backend.step(batch)?;
+        let Ok(run) = backend.reference_run(step);
+        Ok(run)
     }
 
     fn sequential(
@@ -103,8 +81,20 @@ impl ReferenceBackend for CpuReference {
         batch: &Batch,
         training: bool,
     ) -> Result<ReferenceRun, StageError> {
-        let mut model = Sequential::new(spec);
-        let step = model.step(batch, training)?;
+        Sequential::new(spec).reference_run(batch, training)
+    }
+}
+
+impl Sequential {
+    /// One step over `batch` from the current parameters (gradients accumulate), as a
+    /// [`ReferenceRun`]: every loss and output, and after a training step every stage's
+    /// gradients.
+    pub fn reference_run(
+        &mut self,
+        batch: &Batch,
+        training: bool,
+    ) -> Result<ReferenceRun, StageError> {
+        let step = self.step(batch, training)?;
         Ok(ReferenceRun {
             losses: step.losses.into_iter().map(Some).collect(),
             outputs: step
@@ -113,11 +103,11 @@ impl ReferenceBackend for CpuReference {
                 .map(|m| Some(m.into_data()))
                 .collect(),
             gradients: if training {
-                model.stages.iter().map(|s| s.gradients().clone()).collect()
+                self.stages.iter().map(|s| s.gradients().clone()).collect()
             } else {
                 Vec::new()
             },
-            leftover: model.stages.iter().map(ReferenceStage::pending).sum(),
+            leftover: self.stages.iter().map(ReferenceStage::pending).sum(),
         })
     }
 }

@@ -1,27 +1,38 @@
 //! Test bodies shared by every backend: each runs the reference model under many schedules
-//! and holds the result to a single-process run on the same backend. `backend_tests!` makes one
-//! test per body and backend, in the manner of candle's `test_device!`. The CPU variants live in
-//! `crates/executor/tests/backends.rs`, the CUDA variants in `crates/cuda/tests/backends.rs`;
-//! both include this file.
+//! and holds the result to a single-process run on the same backend, and panics with the
+//! configuration and what differs when they disagree (they are test bodies).
+//! [`backend_tests!`](crate::backend_tests) makes one test per body and backend, in the manner
+//! of candle's `test_device!`; [`backend_checks!`](crate::backend_checks) makes the same bodies
+//! a list of named checks for runners without the test harness. The CPU variants live in
+//! `crates/reference/tests/backends.rs`, the CUDA variants in `crates/cuda/tests/backends.rs`.
 
 use std::time::Duration;
 
 use dualpipe_executor::Options;
-use dualpipe_executor::conformance::{ReferenceBackend, compare};
-use dualpipe_executor::model::{Batch, ModelSpec};
+
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 
+use crate::conformance::{Agreement, ReferenceBackend, compare};
+use crate::model::{Batch, ModelSpec};
+
 /// One test per body, named after the backend: `$make` gives the backend, or `None` when it
 /// cannot run here (it then says why on the terminal and the test returns).
-#[allow(unused_macros)]
+///
+/// ```text
+/// dualpipe_reference::backend_tests!(
+///     cpu => Some(dualpipe_reference::conformance::CpuReference);
+///     every_family_matches_the_single_process_run,
+/// );
+/// ```
+#[macro_export]
 macro_rules! backend_tests {
     ($backend:ident => $make:expr; $($body:ident),* $(,)?) => {$(
         mod $body {
             #[test]
             fn $backend() {
                 if let Some(mut backend) = $make {
-                    super::shared::$body(&mut backend);
+                    $crate::suite::$body(&mut backend);
                 }
             }
         }
@@ -30,11 +41,11 @@ macro_rules! backend_tests {
 
 /// The same bodies as a list of named checks, for runners without the test harness (backends
 /// that need hardware the machine may not have): `$make` gives the backend.
-#[allow(unused_macros)]
+#[macro_export]
 macro_rules! backend_checks {
     ($make:expr; $($body:ident),* $(,)?) => {{
         let checks: Vec<(&'static str, Box<dyn Fn()>)> = vec![$(
-            (stringify!($body), Box::new(|| shared::$body(&mut $make)) as Box<dyn Fn()>),
+            (stringify!($body), Box::new(|| $crate::suite::$body(&mut $make)) as Box<dyn Fn()>),
         )*];
         checks
     }};
@@ -94,7 +105,7 @@ fn check(
     spec: &ModelSpec,
     model: ExecutionModel,
     seed_step: u64,
-) -> dualpipe_executor::conformance::Agreement {
+) -> Agreement {
     let doc = schedule.schedule();
     let label = format!(
         "{} on {}: {} ranks, {} micro-batches, {}, {model} model",
@@ -129,6 +140,8 @@ fn check(
     agreement
 }
 
+/// Every family at several sizes, under both execution models: losses bitwise equal to the
+/// single-process run, gradients within the bound.
 pub fn every_family_matches_the_single_process_run(backend: &mut dyn ReferenceBackend) {
     for &(family, chunks, n, c) in CASES {
         let probe = schedule(family, chunks, n, c, false);
@@ -145,6 +158,7 @@ pub fn every_family_matches_the_single_process_run(backend: &mut dyn ReferenceBa
     }
 }
 
+/// Every family planned forward only, under both execution models: outputs bitwise equal.
 pub fn forward_only_outputs_match_bitwise(backend: &mut dyn ReferenceBackend) {
     for &(family, chunks, n, c) in CASES {
         let schedule = schedule(family, chunks, n, c, true);

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use crate::stage::{Backward, Forward, Forwarded, Payload, Stage, StageError};
+use dualpipe_executor::{Backward, Forward, Forwarded, Payload, Stage, StageError};
 
 /// A row-major `f32` matrix: the activations and gradients of the reference model.
 #[derive(Clone, Debug, PartialEq)]
