@@ -16,8 +16,8 @@ Two processes (gloo on CPU; NCCL, one GPU each, with --cuda) run the reference e
 - in one process, a backward split into B (input gradient) then W (weight gradient) against
   one full backward of a stage.
 
-The two sides of each comparison alternate step by step, so load on the machine falls on both
-alike. Medians of ``--steps`` steps after two warm-up steps. Prints one Markdown table.
+The sides of each comparison take turns step by step (in reverse order every other step), so
+load on the machine falls on all of them alike. Medians of ``--steps`` steps after two warm-up steps. Prints one Markdown table.
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ def _sync(device):
 def _alternate(device, steps, runners):
     """Median step time (ms) of each runner, running them in turn, step by step."""
     times = {name: [] for name in runners}
+    order = list(runners.items())
     for i in range(steps + 2):
-        for name, run in runners.items():
+        # Every other step in reverse order, so neither side always runs right after the other.
+        for name, run in order if i % 2 == 0 else order[::-1]:
             _sync(device)
             t0 = time.perf_counter()
             run()
