@@ -117,11 +117,11 @@ fn usage_errors_say_what_and_where() {
     );
     assert_usage_error(
         &dualpipe(&plan, Some(r#"{"layers": [{"f": 1, "b": -2}]}"#)),
-        "<stdin>: layer 0: `b` is -2",
+        "<stdin>: layers[0]: b is -2",
     );
     assert_usage_error(
         &dualpipe(&plan, Some(r#"{"layers": [{"f": 1, "b": 2, "flops": 1}]}"#)),
-        "layer 0: unknown field `flops`",
+        "layers[0]: unknown field `flops`",
     );
     assert_usage_error(
         &dualpipe(

@@ -1,5 +1,6 @@
 //! The layers file: one entry per layer of the model, in order, with its measured or estimated
-//! costs. Kept in this one module so that it can join the schedule crate's cost-file schema.
+//! costs. It is a cost file (`dualpipe_schedule::Costs`, docs/costs.md) whose `layers` list is
+//! read here; lists of layer objects from Python go through [`Layers::from_values`].
 //!
 //! ```json
 //! {"unit": "ms",
@@ -54,14 +55,6 @@ pub struct LayersError(pub String);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileWire {
-    #[serde(default)]
-    unit: Option<String>,
-    layers: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct LayerWire {
     #[serde(default)]
     name: Option<String>,
@@ -96,11 +89,29 @@ impl Layers {
     /// assert_eq!(layers.layers.len(), 2);
     /// assert_eq!(layers.layers[1].w, 0.0);
     /// let error = Layers::from_json(r#"{"layers": [{"f": 1, "b": -2}]}"#).unwrap_err();
-    /// assert!(error.to_string().contains("layer 0: `b` is -2"));
+    /// assert!(error.to_string().contains("layers[0]: b is -2"));
     /// ```
     pub fn from_json(text: &str) -> Result<Layers, LayersError> {
-        let file: FileWire = serde_json::from_str(text).map_err(|e| LayersError(json_error(&e)))?;
-        Layers::from_values(file.unit, file.layers)
+        // The layers file is a cost file with per-layer entries: one schema, owned and checked
+        // by the schedule crate (`dualpipe_schedule::Costs`, docs/costs.md).
+        let costs = dualpipe_schedule::Costs::from_json(text).map_err(|e| LayersError(e.0))?;
+        let layers = Layers {
+            unit: (!costs.unit.is_empty()).then_some(costs.unit),
+            layers: costs
+                .layers
+                .into_iter()
+                .map(|l| Layer {
+                    name: (!l.name.is_empty()).then_some(l.name),
+                    f: l.f,
+                    b: l.b,
+                    w: l.w,
+                    param_bytes: l.param_bytes,
+                    activation_bytes: l.activation_bytes,
+                })
+                .collect(),
+        };
+        layers.check()?;
+        Ok(layers)
     }
 
     /// The layers from JSON values, one object per layer (the entries of a file's `layers`).
@@ -172,19 +183,19 @@ mod tests {
             (r#"{"layers": []}"#, "empty"),
             (
                 r#"{"layers": [{"f": 1, "b": 2, "flops": 3}]}"#,
-                "layer 0: unknown field `flops`",
+                "layers[0]: unknown field `flops`",
             ),
             (
                 r#"{"layers": [{"f": 1, "b": 2}, {"name": "x", "b": 2}]}"#,
-                "layer 1 (`x`): missing field `f`",
+                "layers[1]: missing field `f`",
             ),
             (
                 r#"{"layers": [{"f": 1, "b": 2, "w": 3}]}"#,
-                "layer 0: `w` (3) exceeds `b` (2)",
+                "layers[0]: w (3) exceeds b (2)",
             ),
             (
                 r#"{"layers": [{"f": 1, "b": 2, "param_bytes": -1}]}"#,
-                "`param_bytes` is -1",
+                "layers[0]: param_bytes is -1",
             ),
             (r#"{"units": "ms", "layers": []}"#, "unknown field `units`"),
             ("{\n\"layers\": 3}", "line 2"),

@@ -68,13 +68,15 @@ pub struct StageOverride {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LayerCost {
-    /// The layer's name (need not be unique).
+    /// The layer's name (need not be unique; empty when the file gives none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub name: String,
     /// Forward, per micro-batch.
     pub f: f64,
     /// Full backward (input and weight gradients), per micro-batch.
     pub b: f64,
-    /// Weight gradient alone, per micro-batch; at most `b`.
+    /// Weight gradient alone, per micro-batch; at most `b` (0 when absent: nothing deferred).
+    #[serde(default)]
     pub w: f64,
     /// An overlapped forward and backward; `None` means `f + b`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -502,7 +504,12 @@ impl Costs {
                 param_bytes: layer.param_bytes,
                 activation_bytes: layer.activation_bytes,
             };
-            check_entry(&format!("layers[{index}] ({}): ", layer.name), &resolved)?;
+            let place = if layer.name.is_empty() {
+                format!("layers[{index}]: ")
+            } else {
+                format!("layers[{index}] ({}): ", layer.name)
+            };
+            check_entry(&place, &resolved)?;
         }
         Ok(())
     }
@@ -701,8 +708,8 @@ mod tests {
             (r#"{"unit": 3}"#, "unit: invalid type"),
             (r#"{"param_bytes": -3}"#, "param_bytes is -3"),
             (
-                r#"{"layers": [{"name": "a", "f": 1, "b": 2, "w": 1}, {"name": "b", "f": 1, "b": 2}]}"#,
-                "layers[1]: missing field `w`",
+                r#"{"layers": [{"name": "a", "f": 1, "b": 2, "w": 1}, {"name": "b", "b": 2}]}"#,
+                "layers[1]: missing field `f`",
             ),
             (
                 r#"{"layers": [{"name": "a", "f": 1, "b": 2, "w": 1, "flops": 3}]}"#,
