@@ -266,37 +266,53 @@ def _worker(rank, ranks, port, args, queue):
 
 
 def _split_bench(hidden, steps, device):
-    """Median ms of a full backward and of B (input gradient) + W (weight gradient)."""
-    from dualpipe_rs.torch import backward_input
+    """Median ms of a full backward and of B (input gradient) + W (weight gradient), for a
+    plain stage (the generic split) and for the reference example's stage (weight gradients
+    deferred through the WeightGradStore)."""
+    import dualpipe_rs.torch as ours
+    from dualpipe_rs.torch import WeightGradStore, backward_input
 
     torch.manual_seed(0)
-    stage = _plain_stage(hidden, torch.float32, device)
     x = torch.randn(ROWS, SEQ, hidden, device=device).requires_grad_()
     g = torch.randn(ROWS, SEQ, hidden, device=device)
-    params = list(stage.parameters())
+    out = {}
+    for kind in ("plain", "store"):
+        if kind == "plain":
+            stage = _plain_stage(hidden, torch.float32, device)
+        else:
+            stage = _store_stage(WeightGradStore, ours.run_backward, hidden, torch.float32, device)
+        params = list(stage.parameters())
 
-    def full():
-        out = stage(x)
-        t0 = time.perf_counter()
-        torch.autograd.backward([out], [g])
-        x.grad = None
-        return time.perf_counter() - t0
+        def full():
+            y = stage(x)
+            t0 = time.perf_counter()
+            torch.autograd.backward([y], [g])
+            x.grad = None
+            return time.perf_counter() - t0
 
-    def split():
-        out = stage(x)
-        t0 = time.perf_counter()
-        _, later = backward_input([out], [g], [x], params)
-        later.run()
-        return time.perf_counter() - t0
+        def split():
+            y = stage(x)
+            t0 = time.perf_counter()
+            WeightGradStore.enabled = True
+            try:
+                _, later = backward_input([y], [g], [x], params)
+            finally:
+                WeightGradStore.enabled = False
+            group = WeightGradStore.take()
+            for fn in group:
+                fn()
+            later.run(skip_custom=bool(group))
+            return time.perf_counter() - t0
 
-    times = {"full": [], "split": []}
-    for i in range(steps + 3):
-        for name, fn in (("full", full), ("split", split)):
-            stage.zero_grad(set_to_none=True)
-            t = fn()
-            if i >= 3:
-                times[name].append(t * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+        times = {"full": [], "split": []}
+        for i in range(steps + 3):
+            for name, fn in (("full", full), ("split", split)):
+                stage.zero_grad(set_to_none=True)
+                t = fn()
+                if i >= 3:
+                    times[name].append(t * 1e3)
+        out[kind] = {k: statistics.median(v) for k, v in times.items()}
+    return out
 
 
 def main() -> int:
@@ -336,10 +352,12 @@ def main() -> int:
             f"| {dv['async'] / dv['torch']:.2f}x | <= {'0.8' if small else '1.0'}x |"
         )
         sp = _split_bench(hidden, 3 * args.steps, device)
-        print(
-            f"| {hidden} | B (input grad) + W (weight grad) | {sp['split']:.3f} ms | full B {sp['full']:.3f} ms "
-            f"| {sp['split'] / sp['full']:.2f}x | <= 1.1x |"
-        )
+        for kind, label in (("plain", "plain stage"), ("store", "WeightGradStore stage")):
+            t = sp[kind]
+            print(
+                f"| {hidden} | B (input grad) + W (weight grad), {label} | {t['split']:.3f} ms | full B {t['full']:.3f} ms "
+                f"| {t['split'] / t['full']:.2f}x | <= 1.1x |"
+            )
     return 0
 
 
