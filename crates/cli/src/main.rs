@@ -18,6 +18,7 @@ Examples:
   dualpipe render v.json --format svg -o v.svg
   dualpipe compare --ranks 8 --microbatches 20
   dualpipe partition --layers layers.json --schedule dualpipev --ranks 4 --microbatches 16
+  dualpipe tune --ranks 4 --global-batch 64 --costs costs.json -o best.json
   dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
   dualpipe bench-gpu
@@ -43,6 +44,7 @@ enum Command {
     Render(cmd::render::Args),
     Compare(cmd::compare::Args),
     Partition(cmd::partition::Args),
+    Tune(cmd::tune::Args),
     Convert(cmd::convert::Args),
     Run(cmd::run::Args),
     BenchGpu(cmd::bench_gpu::Args),
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
         Command::Render(args) => cmd::render::run(args),
         Command::Compare(args) => cmd::compare::run(args),
         Command::Partition(args) => cmd::partition::run(args),
+        Command::Tune(args) => cmd::tune::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::BenchGpu(args) => cmd::bench_gpu::run(args),

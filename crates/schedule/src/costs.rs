@@ -8,7 +8,7 @@
 //! `docs/costs.md`:
 //!
 //! ```json
-//! {"unit": "ms", "f": 1, "b": 2, "w": 1, "fb": 3, "latency": 0.1, "bandwidth": 1e9,
+//! {"unit": "ms", "microbatch_size": 4, "f": 1, "b": 2, "w": 1, "fb": 3, "latency": 0.1, "bandwidth": 1e9,
 //!  "bytes": 4e6, "stages": [{"stage": 0, "f": 1.5, "b": 2.5, "param_bytes": 1e9}],
 //!  "layers": [{"name": "embed", "f": 1.0, "b": 2.0, "w": 1.0,
 //!              "param_bytes": 4096, "activation_bytes": 1024}]}
@@ -150,6 +150,11 @@ pub struct Costs {
     pub unit: String,
     /// Per-layer costs, in model order (for a partitioner; the simulator does not use them).
     pub layers: Vec<LayerCost>,
+    /// The micro-batch size (samples) the times and the activation and message bytes were
+    /// measured at; 1 means per-sample costs. `None`: the file does not say (the simulator
+    /// does not need it; a tuner that changes the micro-batch size does, see
+    /// [`Costs::at_microbatch_size`]).
+    pub microbatch_size: Option<f64>,
 }
 
 impl Default for Costs {
@@ -171,6 +176,7 @@ impl Default for Costs {
             stages: BTreeMap::new(),
             unit: String::new(),
             layers: Vec::new(),
+            microbatch_size: None,
         }
     }
 }
@@ -186,6 +192,10 @@ pub struct CostError(pub String);
 struct CostFile {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    microbatch_size: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    per: Option<Per>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     f: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +218,13 @@ struct CostFile {
     stages: Vec<StageEntry>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     layers: Vec<LayerCost>,
+}
+
+/// `"per"`: what one set of costs is for. Only `"sample"` (the same as `"microbatch_size": 1`).
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Per {
+    Sample,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -363,6 +380,15 @@ impl Costs {
         }
         uniform.fb = file.fb.or(uniform.fb);
         costs.bandwidth = file.bandwidth;
+        costs.microbatch_size = match (file.per, file.microbatch_size) {
+            (Some(Per::Sample), Some(size)) if size != 1.0 => {
+                return Err(CostError(format!(
+                    "per: \"sample\" means a micro-batch size of 1, but microbatch_size is {size}; give one of the two"
+                )));
+            }
+            (Some(Per::Sample), _) => Some(1.0),
+            (None, size) => size,
+        };
         costs.unit = file.unit.unwrap_or_default();
         costs.check_unit()?;
         check_entry("", &costs.uniform)?;
@@ -397,6 +423,8 @@ impl Costs {
         let nonzero = |v: f64| (v != 0.0).then_some(v);
         let file = CostFile {
             unit: (!self.unit.is_empty()).then(|| self.unit.clone()),
+            microbatch_size: self.microbatch_size,
+            per: None,
             f: Some(self.uniform.f),
             b: Some(self.uniform.b),
             w: Some(self.uniform.w),
@@ -483,6 +511,13 @@ impl Costs {
     pub fn check(&self) -> Result<(), CostError> {
         self.check_unit()?;
         check_value("latency", self.latency)?;
+        if let Some(size) = self.microbatch_size
+            && !(size.is_finite() && size > 0.0)
+        {
+            return Err(CostError(format!(
+                "microbatch_size is {size}; it must be a positive number of samples"
+            )));
+        }
         if let Some(bandwidth) = self.bandwidth
             && !(bandwidth.is_finite() && bandwidth > 0.0)
         {
@@ -581,6 +616,57 @@ impl Costs {
     pub fn per_stage_of_model(&self, stages: u32) -> Costs {
         let stages = f64::from(stages.max(1));
         self.map_compute(|v| v / stages)
+    }
+
+    /// The same model at a micro-batch of `size` samples, from the size the costs were
+    /// measured at ([`Costs::microbatch_size`]): times (`f`, `b`, `w`, `fb`, of the top level,
+    /// of every stage and of every layer), message `bytes` and `activation_bytes` scale
+    /// linearly with the size; `latency`, `bandwidth` and `param_bytes` do not. The result
+    /// says `size`. An error when the costs do not say their size, or `size` is not positive.
+    ///
+    /// ```
+    /// use dualpipe_schedule::Costs;
+    /// let costs = Costs::from_json(r#"{"microbatch_size": 2, "f": 1, "b": 2, "w": 1,
+    ///     "latency": 0.5, "bytes": 100, "param_bytes": 64, "activation_bytes": 10}"#).unwrap();
+    /// let four = costs.at_microbatch_size(4.0).unwrap();
+    /// let s = four.stage(0);
+    /// assert_eq!((s.f, s.b, s.bytes, s.activation_bytes, s.param_bytes), (2.0, 4.0, 200.0, 20.0, 64.0));
+    /// assert_eq!((four.latency, four.microbatch_size), (0.5, Some(4.0)));
+    /// ```
+    pub fn at_microbatch_size(&self, size: f64) -> Result<Costs, CostError> {
+        let Some(measured) = self.microbatch_size else {
+            return Err(CostError(
+                "the costs do not say the micro-batch size they were measured at: add \"microbatch_size\": SAMPLES (or \"per\": \"sample\") to the cost file".into(),
+            ));
+        };
+        if !(size.is_finite() && size > 0.0) {
+            return Err(CostError(format!(
+                "micro-batch size {size}: it must be a positive number of samples"
+            )));
+        }
+        let factor = size / measured;
+        let scale = |v: f64| v * factor;
+        let mut costs = self.map_compute(scale);
+        costs.microbatch_size = Some(size);
+        let c = &mut costs.uniform;
+        c.bytes = scale(c.bytes);
+        c.activation_bytes = scale(c.activation_bytes);
+        for o in costs.stages.values_mut() {
+            for v in [&mut o.bytes, &mut o.activation_bytes]
+                .into_iter()
+                .flatten()
+            {
+                *v = scale(*v);
+            }
+        }
+        for layer in &mut costs.layers {
+            layer.f = scale(layer.f);
+            layer.b = scale(layer.b);
+            layer.w = scale(layer.w);
+            layer.fb = layer.fb.map(scale);
+            layer.activation_bytes = scale(layer.activation_bytes);
+        }
+        Ok(costs)
     }
 
     fn map_compute(&self, op: impl Fn(f64) -> f64) -> Costs {
@@ -836,7 +922,7 @@ mod tests {
             assert_eq!(Costs::from_json(&costs.to_json()).unwrap(), costs);
             blocks += 1;
         }
-        assert_eq!(blocks, 3);
+        assert_eq!(blocks, 4);
         let layers = doc.split("```json\n").nth(2).unwrap();
         let layers = LayerCosts::from_json(layers.split("```").next().unwrap()).unwrap();
         assert_eq!(layers.layers.len(), 3);
@@ -855,6 +941,62 @@ mod tests {
         // Division is exact where a product with the reciprocal is not.
         model.apply_assignments("f=3").unwrap();
         assert_eq!(model.per_stage_of_model(6).stage(0).f, 0.5);
+    }
+
+    #[test]
+    fn microbatch_size_scales_times_and_activation_bytes_not_parameters() {
+        let text = r#"{"unit": "ms", "microbatch_size": 4, "f": 2, "b": 4, "w": 2, "fb": 5,
+            "latency": 0.1, "bandwidth": 1e6, "bytes": 400, "param_bytes": 1000,
+            "activation_bytes": 80,
+            "stages": [{"stage": 1, "f": 4, "bytes": 40, "activation_bytes": 8, "param_bytes": 7}],
+            "layers": [{"name": "l", "f": 8, "b": 8, "w": 4, "fb": 12,
+                        "param_bytes": 3, "activation_bytes": 16}]}"#;
+        let costs = Costs::from_json(text).unwrap();
+        assert_eq!(costs.microbatch_size, Some(4.0));
+        assert_eq!(Costs::from_json(&costs.to_json()).unwrap(), costs);
+        let one = costs.at_microbatch_size(1.0).unwrap();
+        assert_eq!(one.microbatch_size, Some(1.0));
+        let s0 = one.stage(0);
+        assert_eq!(
+            (s0.f, s0.b, s0.w, s0.fb, s0.bytes, s0.activation_bytes),
+            (0.5, 1.0, 0.5, Some(1.25), 100.0, 20.0)
+        );
+        assert_eq!(s0.param_bytes, 1000.0);
+        let s1 = one.stage(1);
+        assert_eq!(
+            (s1.f, s1.bytes, s1.activation_bytes, s1.param_bytes),
+            (1.0, 10.0, 2.0, 7.0)
+        );
+        assert_eq!((one.latency, one.bandwidth), (0.1, Some(1e6)));
+        let l = &one.layers[0];
+        assert_eq!((l.f, l.b, l.w, l.fb), (2.0, 2.0, 1.0, Some(3.0)));
+        assert_eq!((l.param_bytes, l.activation_bytes), (3.0, 4.0));
+        // Back and forth is the identity.
+        assert_eq!(one.at_microbatch_size(4.0).unwrap(), costs);
+    }
+
+    #[test]
+    fn per_sample_is_microbatch_size_one() {
+        let costs = Costs::from_json(r#"{"per": "sample", "f": 1}"#).unwrap();
+        assert_eq!(costs.microbatch_size, Some(1.0));
+        assert_eq!(costs.at_microbatch_size(3.0).unwrap().stage(0).f, 3.0);
+        for (text, expected) in [
+            (r#"{"per": "batch"}"#, "per: unknown variant `batch`"),
+            (
+                r#"{"per": "sample", "microbatch_size": 2}"#,
+                "microbatch_size is 2; give one of the two",
+            ),
+            (r#"{"microbatch_size": 0}"#, "microbatch_size is 0"),
+            (
+                r#"{"microbatch_size": "x"}"#,
+                "microbatch_size: invalid type",
+            ),
+        ] {
+            let error = Costs::from_json(text).unwrap_err();
+            assert!(error.0.contains(expected), "{text}: {error}");
+        }
+        let error = Costs::default().at_microbatch_size(2.0).unwrap_err();
+        assert!(error.0.contains("\"microbatch_size\""), "{error}");
     }
 
     #[test]

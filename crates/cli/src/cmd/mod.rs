@@ -10,4 +10,5 @@ pub mod plan;
 pub mod render;
 pub mod run;
 pub mod simulate;
+pub mod tune;
 pub mod validate;
