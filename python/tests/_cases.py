@@ -430,6 +430,7 @@ def profile_case(rank: int, trace_path: str, costs_path: str):
     pipe.profile.chrome_trace(trace_path)
     costs = pipe.profile.costs(costs_path)
     assert {"f", "b", "stages"} <= set(costs) and costs["unit"] == "ms", costs
+    assert costs["microbatch_size"] == 2, costs
     assert len(costs["stages"]) == schedule.num_stages, costs
     sim = schedule.simulate(costs=costs)
     assert sim["makespan"] > 0

@@ -252,6 +252,7 @@ class Pipeline(nn.Module):
         self._id = next(_ids)
         self._steps = 0
         self._shared = None
+        self._microbatch_size: Optional[int] = None
         self.profile: Optional[Profile] = Profile(self) if profile else None
 
     # ----------------------------------------------------------------- setup helpers
@@ -467,6 +468,9 @@ class Pipeline(nn.Module):
                 )
             parts = _scatter(inputs, len(prog.input_mbs), self.batch_dim)
             st.feed = dict(zip(prog.input_mbs, parts))
+            first = next((t for t in parts[0] if t is not None), None) if parts else None
+            if first is not None and first.dim() > self.batch_dim:
+                self._microbatch_size = int(first.shape[self.batch_dim])
         if prog.label_mbs:
             if training and criterion is None:
                 raise PipelineError(

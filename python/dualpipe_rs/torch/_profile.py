@@ -101,6 +101,7 @@ class Profile:
         wait = sum(c["end"] - c["start"] for c in comm if c["what"] == "wait")
         return {
             "rank": self._pipe.rank,
+            "microbatch_size": self._pipe._microbatch_size,
             "step": total,
             "busy": busy,
             "comm_wait": wait,
@@ -116,7 +117,8 @@ class Profile:
 
     def costs(self, path: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
         """Mean measured costs per stage (milliseconds), as a cost file for
-        ``dualpipe simulate --costs`` and ``Schedule.simulate(costs=...)``.
+        ``dualpipe simulate --costs``, ``dualpipe tune --costs`` and ``Schedule.simulate(costs=...)``,
+        with the micro-batch size (along ``batch_dim``) the step ran at.
 
         Collective. With ``path``, rank 0 writes the file (refusing to replace an existing
         one unless ``overwrite``).
@@ -152,6 +154,10 @@ class Profile:
                 entry["fb"] = fb
             stages.append(entry)
         doc = _uniform(stages)
+        sizes = [r["microbatch_size"] for r in ranks if r.get("microbatch_size")]
+        if sizes:
+            # The micro-batch size the times were measured at: `dualpipe tune` rescales by it.
+            doc["microbatch_size"] = sizes[0]
         if path is not None and self._pipe.rank == 0:
             _write(path, json.dumps(doc, indent=2) + "\n", overwrite)
         return doc
