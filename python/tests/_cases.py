@@ -31,65 +31,67 @@ class Block(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-class LinearFunc(torch.autograd.Function):
-    """A linear map that defers its weight gradient through the WeightGradStore."""
+def _hook_stage_class(store, backward):
+    """The reference example's stage, written against a given store and backward helper."""
 
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight)
+    class Func(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            ctx.save_for_backward(x, weight)
+            return F.linear(x, weight)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
-        if weight.grad is None:
-            weight.grad = torch.zeros_like(weight)
+        @staticmethod
+        def backward(ctx, grad_output):
+            x, weight = ctx.saved_tensors
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
 
-        def grad_weight():
-            weight.grad += grad_output.flatten(0, -2).T @ x.flatten(0, -2)
+            def grad_weight():
+                weight.grad += grad_output.flatten(0, -2).T @ x.flatten(0, -2)
 
-        if WeightGradStore.enabled:
-            WeightGradStore.put(grad_weight)
-        else:
-            grad_weight()
-        return grad_output @ weight, None
+            if store.enabled:
+                store.put(grad_weight)
+            else:
+                grad_weight()
+            return grad_output @ weight, None
+
+    class Lin(nn.Linear):
+        def forward(self, x):
+            return Func.apply(x, self.weight)
+
+    class Stage(nn.Module):
+        calls = 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear1 = Lin(HIDDEN, HIDDEN * 4, bias=False)
+            self.linear2 = Lin(HIDDEN * 4, HIDDEN, bias=False)
+
+        def forward(self, x):
+            return self.linear2(F.gelu(self.linear1(x)))
+
+        @classmethod
+        def overlapped_forward_backward(
+            cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
+        ):
+            Stage.calls += 1
+            outputs0 = module0(*inputs0)
+            outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
+            loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
+            if loss1 is not None:
+                loss1.backward()
+                loss1.detach_()
+            else:
+                backward(outputs1, output_grads1)
+            return outputs0, loss0
+
+        overlaped_forward_backward = overlapped_forward_backward
+
+    return Stage
 
 
-class StoreLinear(nn.Linear):
-    def forward(self, x):
-        return LinearFunc.apply(x, self.weight)
-
-
-class HookStage(nn.Module):
-    """The reference example's stage: deferred-W linears and the overlap hook."""
-
-    calls = 0
-
-    def __init__(self, hidden: int = HIDDEN) -> None:
-        super().__init__()
-        self.linear1 = StoreLinear(hidden, hidden * 4, bias=False)
-        self.linear2 = StoreLinear(hidden * 4, hidden, bias=False)
-
-    def forward(self, x):
-        return self.linear2(F.gelu(self.linear1(x)))
-
-    @classmethod
-    def overlapped_forward_backward(
-        cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
-    ):
-        HookStage.calls += 1
-        outputs0 = module0(*inputs0)
-        outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
-        loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-        if loss1 is not None:
-            loss1.backward()
-            loss1.detach_()
-        else:
-            run_backward(outputs1, output_grads1)
-        return outputs0, loss0
-
-    # The spelling of the reference's first release.
-    overlaped_forward_backward = overlapped_forward_backward
+# The reference example's stage on this package's store: deferred-W linears and the overlap hook.
+HookStage = _hook_stage_class(WeightGradStore, run_backward)
 
 
 def criterion(output, target):
@@ -166,6 +168,7 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
         mine = schedule.stages_on(rank)
         inp, lab, in_mbs, out_mbs = feeds(schedule, rank, x, y)
         out_rows = torch.cat([ref_out.tensor_split(c)[m] for m in out_mbs]) if out_mbs else None
+        calls = HookStage.calls
         for execution in ("blocking", "async"):
             modules = [copy.deepcopy(model[s]) for s in mine]
             pipe = Pipeline(schedule, modules, execution=execution, timeout=60)
@@ -198,6 +201,8 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
                 assert torch.equal(loss, want), f"{family} {execution} no_grad: losses differ"
                 assert torch.equal(outs, out_rows), f"{family} {execution} no_grad: outputs differ"
             checks += 1
+        if kind == "hook" and any(o["op"] == "FB" for o in schedule.instructions(rank)):
+            assert HookStage.calls > calls, f"{family}: the overlap hook never ran"
         # A forward-only schedule run as it is.
         fwd = dualpipe_rs.plan(family, n, c, chunks_per_rank=v, forward_only=True)
         pipe = Pipeline(fwd, [copy.deepcopy(model[s]) for s in fwd.stages_on(rank)], timeout=60)
@@ -210,62 +215,6 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def _hook_stage_class(store, backward):
-    """The reference example's stage, written against a given store and backward helper."""
-
-    class Func(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, weight):
-            ctx.save_for_backward(x, weight)
-            return F.linear(x, weight)
-
-        @staticmethod
-        def backward(ctx, grad_output):
-            x, weight = ctx.saved_tensors
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-
-            def grad_weight():
-                weight.grad += grad_output.flatten(0, -2).T @ x.flatten(0, -2)
-
-            if store.enabled:
-                store.put(grad_weight)
-            else:
-                grad_weight()
-            return grad_output @ weight, None
-
-    class Lin(nn.Linear):
-        def forward(self, x):
-            return Func.apply(x, self.weight)
-
-    class Stage(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear1 = Lin(HIDDEN, HIDDEN * 4, bias=False)
-            self.linear2 = Lin(HIDDEN * 4, HIDDEN, bias=False)
-
-        def forward(self, x):
-            return self.linear2(F.gelu(self.linear1(x)))
-
-        @classmethod
-        def overlapped_forward_backward(
-            cls, module0, inputs0, criterion0, labels0, module1, loss1, outputs1, output_grads1
-        ):
-            outputs0 = module0(*inputs0)
-            outputs0 = [outputs0] if isinstance(outputs0, torch.Tensor) else outputs0
-            loss0 = criterion0(*outputs0, *labels0) if criterion0 is not None else None
-            if loss1 is not None:
-                loss1.backward()
-                loss1.detach_()
-            else:
-                backward(outputs1, output_grads1)
-            return outputs0, loss0
-
-        overlaped_forward_backward = overlapped_forward_backward
-
-    return Stage
 
 
 def against_reference(rank: int, n: int, c: int):
