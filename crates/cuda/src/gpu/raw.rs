@@ -720,6 +720,7 @@ struct NcclApi {
         std::ffi::c_int,
     ) -> std::ffi::c_int,
     comm_destroy: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
+    comm_abort: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
     send: unsafe extern "C" fn(
         *const std::ffi::c_void,
         usize,
@@ -776,6 +777,7 @@ fn nccl_api() -> Result<&'static NcclApi, GpuError> {
             get_unique_id: symbol!("ncclGetUniqueId"),
             comm_init_rank: symbol!("ncclCommInitRank"),
             comm_destroy: symbol!("ncclCommDestroy"),
+            comm_abort: symbol!("ncclCommAbort"),
             send: symbol!("ncclSend"),
             recv: symbol!("ncclRecv"),
             group_start: symbol!("ncclGroupStart"),
@@ -832,17 +834,88 @@ pub(crate) fn nccl_group_end() -> Result<(), GpuError> {
     api.check("group end", unsafe { (api.group_end)() })
 }
 
+/// Runs `body` between [`nccl_group_start`] and [`nccl_group_end`]. The group is ended even
+/// when `body` fails: NCCL keeps the group open per thread, and a group left open would take in
+/// the next commit's operations. `body`'s error comes first; `wrap` turns NCCL's own errors
+/// into the caller's.
+pub(crate) fn nccl_group<T, E>(
+    wrap: impl Fn(GpuError) -> E,
+    body: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    nccl_group_start().map_err(&wrap)?;
+    let result = body();
+    let ended = nccl_group_end().map_err(&wrap);
+    let value = result?;
+    ended?;
+    Ok(value)
+}
+
+/// The communicator handle, shared between its [`NcclComm`] and any [`NcclAbort`]; null once
+/// aborted. Operations hold the read lock while NCCL takes them (queueing only, inside a
+/// group); an abort takes the write lock, so no operation uses a handle being freed.
+struct CommCell {
+    api: &'static NcclApi,
+    handle: std::sync::RwLock<NcclCommHandle>,
+}
+
+// SAFETY: NCCL lets a communicator be used from any thread; every use of the handle goes
+// through the lock above, and `ncclCommAbort` (the one call made from another thread, to end a
+// stall) is documented as safe to call while operations of the communicator are in flight.
+unsafe impl Send for CommCell {}
+// SAFETY: as for `Send`: the handle is only read or replaced under the lock.
+unsafe impl Sync for CommCell {}
+
+impl CommCell {
+    /// Calls `f` with the live handle, or fails if the communicator was aborted.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(NcclCommHandle) -> Result<T, GpuError>,
+    ) -> Result<T, GpuError> {
+        let handle = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        if handle.is_null() {
+            return Err(GpuError::Library(
+                "the NCCL communicator was aborted".into(),
+            ));
+        }
+        f(*handle)
+    }
+
+    /// `ncclCommAbort`, once: the other ranks' pending operations with this one fail (or
+    /// stop at their own timeout) instead of waiting for it forever. Returns whether this
+    /// call aborted it.
+    fn abort(&self) -> Result<bool, GpuError> {
+        let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
+        let comm = std::mem::replace(&mut *handle, std::ptr::null_mut());
+        if comm.is_null() {
+            return Ok(false);
+        }
+        // SAFETY: `comm` came from ncclCommInitRank and was live until the line above; it is
+        // no longer reachable through the cell, so it is neither used nor destroyed again.
+        let code = unsafe { (self.api.comm_abort)(comm) };
+        self.api.check("communicator abort", code)?;
+        Ok(true)
+    }
+}
+
+impl Drop for CommCell {
+    fn drop(&mut self) {
+        let comm = *self.handle.get_mut().unwrap_or_else(|p| p.into_inner());
+        if comm.is_null() {
+            return;
+        }
+        // SAFETY: `comm` came from ncclCommInitRank and was not aborted; this is the last
+        // reference to it. A failure leaves the communicator to the process's end, which is
+        // all that can be done.
+        let _ = unsafe { (self.api.comm_destroy)(comm) };
+    }
+}
+
 /// One rank's NCCL communicator; its operations go to `stream`.
 pub(crate) struct NcclComm {
     api: &'static NcclApi,
-    comm: NcclCommHandle,
+    cell: Arc<CommCell>,
     stream: Arc<CudaStream>,
 }
-
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
-// overlap; `NcclComm` is owned by one rank's transport and used through `&self`/`&mut self`
-// from the thread that owns it.
-unsafe impl Send for NcclComm {}
 
 impl NcclComm {
     /// Joins rank `rank` of `world_size` to the communicator of `id`; the context of `stream`
@@ -867,7 +940,16 @@ impl NcclComm {
         // local; the id is passed by value as its C signature says.
         let code = unsafe { (api.comm_init_rank)(&mut comm, world_size, id, rank) };
         api.check(&format!("init of rank {rank} of {world_size}"), code)?;
-        Ok(NcclComm { api, comm, stream })
+        let cell = Arc::new(CommCell {
+            api,
+            handle: std::sync::RwLock::new(comm),
+        });
+        Ok(NcclComm { api, cell, stream })
+    }
+
+    /// `ncclCommAbort`, once: see `CommCell::abort`. Later operations fail.
+    pub fn abort(&self) -> Result<bool, GpuError> {
+        self.cell.abort()
     }
 
     /// Queues a send of all of `buf` to `peer` on the communicator's stream.
@@ -885,20 +967,23 @@ impl NcclComm {
         };
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated until
-        // the stream has passed this send (buffers are freed only through the graveyard, after
-        // events on every stream of the rank); `comm` is live until drop.
-        let code = unsafe {
-            (self.api.send)(
-                ptr as *const std::ffi::c_void,
-                buf.len(),
-                dtype,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("send to rank {peer}"), code)
+        self.cell.with(|comm| {
+            // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated
+            // until the stream has passed this send (buffers are freed only through the
+            // graveyard, after events on every stream of the rank); `comm` is live while the
+            // cell's read lock is held.
+            let code = unsafe {
+                (self.api.send)(
+                    ptr as *const std::ffi::c_void,
+                    buf.len(),
+                    dtype,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("send to rank {peer}"), code)
+        })
     }
 
     /// Queues a send of all of the f32 values `grads` to `peer` (gradients).
@@ -907,19 +992,21 @@ impl NcclComm {
         let (ptr, _sync) = grads.device_ptr(&self.stream);
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
-        // operation on the stream.
-        let code = unsafe {
-            (self.api.send)(
-                ptr as *const std::ffi::c_void,
-                grads.len(),
-                NCCL_FLOAT32,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("send to rank {peer}"), code)
+        self.cell.with(|comm| {
+            // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
+            // operation on the stream; `comm` is live under the read lock.
+            let code = unsafe {
+                (self.api.send)(
+                    ptr as *const std::ffi::c_void,
+                    grads.len(),
+                    NCCL_FLOAT32,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("send to rank {peer}"), code)
+        })
     }
 
     /// Queues a receive from `peer` into all of `buf` on the communicator's stream.
@@ -938,25 +1025,20 @@ impl NcclComm {
         };
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it here.
-        let code = unsafe {
-            (self.api.recv)(
-                ptr as *mut std::ffi::c_void,
-                len,
-                dtype,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("receive from rank {peer}"), code)
-    }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank and is destroyed only here. A failure
-        // leaves the communicator to the process's end, which is all that can be done.
-        let _ = unsafe { (self.api.comm_destroy)(self.comm) };
+        self.cell.with(|comm| {
+            // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it
+            // here; `comm` is live under the read lock.
+            let code = unsafe {
+                (self.api.recv)(
+                    ptr as *mut std::ffi::c_void,
+                    len,
+                    dtype,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("receive from rank {peer}"), code)
+        })
     }
 }

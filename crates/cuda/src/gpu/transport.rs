@@ -280,25 +280,29 @@ impl Transport for NcclTransport {
         };
         let mut received = Vec::new();
         let mut sent = Vec::new();
-        raw::nccl_group_start().map_err(backend)?;
-        for (op, q) in queued.into_iter().enumerate() {
-            match q {
-                Queued::Send { peer, tensor } => {
-                    self.comm
-                        .send(tensor.buf(), peer)
-                        .map_err(|e| backend(e).at_op(op))?;
-                    sent.push(tensor);
-                }
-                Queued::Recv { peer, ticket } => {
-                    let mut tensor = dev.alloc(&dev.comm, self.message_shape).map_err(backend)?;
-                    self.comm
-                        .recv(tensor.buf_mut(), peer)
-                        .map_err(|e| backend(e).at_op(op))?;
-                    received.push((ticket, tensor));
+        // The group is ended even when an operation fails, so NCCL's per-thread group state is
+        // not left open; the driver then aborts the step, which aborts the communicator.
+        raw::nccl_group(backend, || {
+            for (op, q) in queued.into_iter().enumerate() {
+                match q {
+                    Queued::Send { peer, tensor } => {
+                        self.comm
+                            .send(tensor.buf(), peer)
+                            .map_err(|e| backend(e).at_op(op))?;
+                        sent.push(tensor);
+                    }
+                    Queued::Recv { peer, ticket } => {
+                        let mut tensor =
+                            dev.alloc(&dev.comm, self.message_shape).map_err(backend)?;
+                        self.comm
+                            .recv(tensor.buf_mut(), peer)
+                            .map_err(|e| backend(e).at_op(op))?;
+                        received.push((ticket, tensor));
+                    }
                 }
             }
-        }
-        raw::nccl_group_end().map_err(backend)?;
+            Ok(())
+        })?;
         let done = dev.record(&dev.comm).map_err(backend)?;
         if let Some(start) = start {
             let end = dev.event(true).map_err(backend)?;
@@ -337,8 +341,11 @@ impl Transport for NcclTransport {
     }
 
     fn abort(&mut self, reason: &str) {
-        // NCCL has no way to tell the other processes here; they stop at their own timeout.
+        // `ncclCommAbort` ends this rank's part of every pending operation, so the other
+        // processes' operations with it fail (or stop at their host timeout) instead of
+        // waiting for it. The communicator is unusable afterwards: later commits fail.
         self.aborted = Some(reason.to_string());
+        let _ = self.comm.abort();
     }
 }
 
@@ -361,12 +368,16 @@ pub(crate) fn exchange_gradients(
     for g in grads.iter() {
         theirs.push(raw::alloc(&dev.comm, crate::kernels::DType::F32, g.len())?);
     }
-    raw::nccl_group_start()?;
-    for (mine, other) in grads.iter().zip(theirs.iter_mut()) {
-        comm.send_f32(mine, peer)?;
-        comm.recv(other, peer)?;
-    }
-    raw::nccl_group_end()?;
+    raw::nccl_group(
+        |e| e,
+        || {
+            for (mine, other) in grads.iter().zip(theirs.iter_mut()) {
+                comm.send_f32(mine, peer)?;
+                comm.recv(other, peer)?;
+            }
+            Ok(())
+        },
+    )?;
     let done = dev.record(&dev.comm)?;
     dev.main
         .wait(&done)
