@@ -39,6 +39,9 @@ pub(crate) enum GpuError {
     Library(String),
     #[error("{0}")]
     Shape(String),
+    /// The host timeout passed before the device finished.
+    #[error("{}", crate::watchdog::timeout_message(*.0))]
+    Timeout(std::time::Duration),
 }
 
 impl GpuError {
@@ -185,6 +188,37 @@ impl RankDevice {
                 .synchronize()
                 .map_err(|e| GpuError::driver("synchronizing a stream", e))?;
         }
+        self.graveyard.clear_after_sync();
+        Ok(())
+    }
+
+    /// [`RankDevice::synchronize`] within `limit` (no limit: `None`): polls events recorded
+    /// on the three streams instead of blocking, so a stalled NCCL operation becomes
+    /// [`GpuError::Timeout`] instead of a wait without end.
+    pub fn synchronize_within(&self, limit: Option<std::time::Duration>) -> Result<(), GpuError> {
+        let Some(limit) = limit else {
+            return self.synchronize();
+        };
+        let marks = [
+            self.record(&self.main)?,
+            self.record(&self.side)?,
+            self.record(&self.comm)?,
+        ];
+        crate::watchdog::wait_within(limit, || {
+            for mark in &marks {
+                let done = mark
+                    .try_is_complete()
+                    .map_err(|e| GpuError::driver("querying an event", e))?;
+                if !done {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .map_err(|wait| match wait {
+            crate::watchdog::Wait::Failed(e) => e,
+            crate::watchdog::Wait::TimedOut(limit) => GpuError::Timeout(limit),
+        })?;
         self.graveyard.clear_after_sync();
         Ok(())
     }

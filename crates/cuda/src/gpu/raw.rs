@@ -910,6 +910,18 @@ impl Drop for CommCell {
     }
 }
 
+/// A handle that aborts an [`NcclComm`] from any thread (the host timeout's way out of a
+/// stalled step).
+#[derive(Clone)]
+pub(crate) struct NcclAbort(Arc<CommCell>);
+
+impl NcclAbort {
+    /// Aborts the communicator; `Ok(false)` if it already was.
+    pub fn abort(&self) -> Result<bool, GpuError> {
+        self.0.abort()
+    }
+}
+
 /// One rank's NCCL communicator; its operations go to `stream`.
 pub(crate) struct NcclComm {
     api: &'static NcclApi,
@@ -945,6 +957,11 @@ impl NcclComm {
             handle: std::sync::RwLock::new(comm),
         });
         Ok(NcclComm { api, cell, stream })
+    }
+
+    /// A handle that can abort this communicator from another thread.
+    pub fn abort_handle(&self) -> NcclAbort {
+        NcclAbort(self.cell.clone())
     }
 
     /// `ncclCommAbort`, once: see `CommCell::abort`. Later operations fail.
