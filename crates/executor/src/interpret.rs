@@ -446,7 +446,7 @@ where
                 Ok((ready, waited))
             }
             Op::Backward(b) => {
-                let (backward, waited) = self.backward_args(&b)?;
+                let (backward, waited) = self.backward_args(&b, false)?;
                 let ready = mark();
                 let stage = self.stages.get_mut(b.work.stage).expect("checked at start");
                 let input_grad = guarded(|| stage.backward(backward))?;
@@ -461,7 +461,9 @@ where
             }
             Op::ForwardBackward(f, b) => {
                 let (forward, waited_f) = self.forward_args(&f)?;
-                let (backward, waited_b) = self.backward_args(&b)?;
+                // The backward half runs beside the forward: its gradient is taken with
+                // `wait_beside`, so the forward half is not held up by it.
+                let (backward, waited_b) = self.backward_args(&b, true)?;
                 let ready = mark();
                 let (forward_stage, backward_stage) = self
                     .stages
@@ -495,7 +497,7 @@ where
             }
             Source::Local => (self.take_local(Kind::Act, f.slot, f.work)?, None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Act, f.slot)?;
+                let (buffer, commit) = self.take_received(Kind::Act, f.slot, false)?;
                 (buffer, Some(commit))
             }
             Source::Loss => unreachable!("a forward has an input"),
@@ -522,15 +524,17 @@ where
         ))
     }
 
+    /// The arguments of a backward; `beside`: it is the backward half of an `FB`.
     fn backward_args(
         &mut self,
         b: &BackwardOp,
+        beside: bool,
     ) -> Result<(Backward<S::Buffer>, Option<usize>), Cause> {
         let (output_grad, waited) = match b.grad {
             Source::Loss => (None, None),
             Source::Local => (Some(self.take_local(Kind::Grad, b.slot, b.work)?), None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Grad, b.slot)?;
+                let (buffer, commit) = self.take_received(Kind::Grad, b.slot, beside)?;
                 (Some(buffer), Some(commit))
             }
             Source::Feed => unreachable!("gradients are not fed"),
@@ -556,16 +560,24 @@ where
 
     /// Waits for a received buffer and checks its shape. Returns it with the index of the
     /// commit that posted its receive.
-    fn take_received(&mut self, kind: Kind, slot: usize) -> Result<(S::Buffer, usize), Cause> {
+    /// A received buffer; `beside`: for the backward half of an `FB` (`wait_beside`).
+    fn take_received(
+        &mut self,
+        kind: Kind,
+        slot: usize,
+        beside: bool,
+    ) -> Result<(S::Buffer, usize), Cause> {
         let pending = self.state.received[lane(kind)][slot]
             .take()
             .ok_or_else(|| {
                 Cause::Contract(format!("no receive was posted for this {}", what(kind)))
             })?;
-        let buffer = self
-            .transport
-            .wait(pending.ticket)
-            .map_err(|error| self.comm(error, Some(pending.recv)))?;
+        let waited = if beside {
+            self.transport.wait_beside(pending.ticket)
+        } else {
+            self.transport.wait(pending.ticket)
+        };
+        let buffer = waited.map_err(|error| self.comm(error, Some(pending.recv)))?;
         self.check_shape(
             match kind {
                 Kind::Act => "the received activation",

@@ -399,7 +399,7 @@ impl Stage for GpuStage {
         &mut self,
         forward: Forward<Tensor>,
         backward_stage: Option<&mut Self>,
-        mut backward: Backward<Tensor>,
+        backward: Backward<Tensor>,
     ) -> Result<Overlapped<Tensor, Tensor>, StageError> {
         let dev = self.dev.clone();
         dev.bind().map_err(stage_error)?;
@@ -414,10 +414,10 @@ impl Stage for GpuStage {
                 input_grad,
             });
         }
-        // Received inputs are made ready on main first, so `fb start` covers them.
-        if let Some(grad) = backward.output_grad.as_mut() {
-            dev.make_ready(grad, &dev.main).map_err(stage_error)?;
-        }
+        // `fb start` orders side after main's earlier work (the saved activations, the
+        // parameters). A received output gradient still carries its event (the interpreter
+        // takes it with `wait_beside`): `backward_on` waits for it on side, so the forward
+        // half on main never waits for the backward half's input.
         let start = dev.record(&dev.main).map_err(stage_error)?;
         dev.side
             .wait(&start)

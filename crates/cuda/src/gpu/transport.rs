@@ -174,21 +174,27 @@ impl Transport for PeerTransport {
     }
 
     fn wait(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
-        let landed = self.arrived.iter().position(|(t, _)| *t == ticket);
-        let mut tensor = match landed {
-            Some(at) => self.arrived.swap_remove(at).1,
-            None => {
-                let parcel = self.inner.wait(ticket)?;
-                self.dev.bind().map_err(backend)?;
-                self.land(parcel).map_err(backend)?
-            }
-        };
+        let mut tensor = self.wait_beside(ticket)?;
         // The wait goes on main here, between the interpreter's start and ready marks, so
         // the timeline shows it as waiting for data.
         self.dev
             .make_ready(&mut tensor, &self.dev.main)
             .map_err(backend)?;
         Ok(tensor)
+    }
+
+    /// The tensor with its event still on it: the backward half of an `FB` waits for it on
+    /// side (`GpuStage::forward_backward`), so main's forward half does not.
+    fn wait_beside(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
+        let landed = self.arrived.iter().position(|(t, _)| *t == ticket);
+        match landed {
+            Some(at) => Ok(self.arrived.swap_remove(at).1),
+            None => {
+                let parcel = self.inner.wait(ticket)?;
+                self.dev.bind().map_err(backend)?;
+                self.land(parcel).map_err(backend)
+            }
+        }
     }
 
     fn abort(&mut self, reason: &str) {
@@ -329,15 +335,20 @@ impl Transport for NcclTransport {
     }
 
     fn wait(&mut self, ticket: usize) -> Result<Tensor, CommError> {
-        let mut tensor = self.arrived.remove(&ticket).ok_or_else(|| {
-            CommError::new(CommErrorKind::Backend(format!(
-                "receive {ticket} was never committed"
-            )))
-        })?;
+        let mut tensor = self.wait_beside(ticket)?;
         self.dev
             .make_ready(&mut tensor, &self.dev.main)
             .map_err(backend)?;
         Ok(tensor)
+    }
+
+    /// The tensor with its batch's event still on it, for the backward half of an `FB`.
+    fn wait_beside(&mut self, ticket: usize) -> Result<Tensor, CommError> {
+        self.arrived.remove(&ticket).ok_or_else(|| {
+            CommError::new(CommErrorKind::Backend(format!(
+                "receive {ticket} was never committed"
+            )))
+        })
     }
 
     fn abort(&mut self, reason: &str) {
