@@ -144,6 +144,57 @@ pub(crate) fn own_stream_ordering(ctx: &CudaContext) {
     unsafe { ctx.disable_event_tracking() }
 }
 
+/// Sets up the device's current memory pool (the one cudarc's stream-ordered allocations
+/// draw from) for the backend's pattern of many short-lived buffers:
+/// - release threshold "never": memory freed in a step stays in the pool when a stream or the
+///   host synchronises, instead of going back to the driver and being mapped again next step;
+/// - no reuse with internal dependencies: the driver may otherwise hand a block freed on one
+///   stream to an allocation on another by making the second wait for the first, an ordering
+///   the schedule does not ask for. Buffers are freed only after events on every stream of
+///   their rank have completed (the graveyard), so reuse without such waits is safe.
+///
+/// A device without memory pools (cudarc then allocates synchronously) is left as it is.
+pub(crate) fn configure_memory_pool(ctx: &CudaContext) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(|e| GpuError::driver("asking for memory pool support", e))?;
+    if pools == 0 {
+        return Ok(());
+    }
+    ctx.bind_to_thread()
+        .map_err(|e| GpuError::driver("binding the context", e))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: cuDeviceGetMemPool writes one pool handle through a pointer to a live local; the
+    // device handle comes from a live context.
+    unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| GpuError::driver("getting the memory pool", e))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold is a cuuint64_t, read through a pointer to a live u64; the
+    // pool belongs to the device and lives as long as the process.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| GpuError::driver("setting the pool's release threshold", e))?;
+    let mut internal: std::ffi::c_int = 0;
+    // SAFETY: this attribute is an int, read through a pointer to a live c_int; same pool.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            (&mut internal as *mut std::ffi::c_int).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| GpuError::driver("turning off the pool's reuse with dependencies", e))
+}
+
 /// A device buffer of either element type.
 #[derive(Debug)]
 pub(crate) enum Buf {

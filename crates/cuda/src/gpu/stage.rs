@@ -364,7 +364,9 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.forward_on(lane, forward).map_err(stage_error)
+        let forwarded = self.forward_on(lane, forward).map_err(stage_error)?;
+        dev.seal_and_sweep().map_err(stage_error)?;
+        Ok(forwarded)
     }
 
     fn backward(&mut self, backward: Backward<Tensor>) -> Result<Option<Tensor>, StageError> {
@@ -374,7 +376,9 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.backward_on(lane, backward).map_err(stage_error)
+        let input_grad = self.backward_on(lane, backward).map_err(stage_error)?;
+        dev.seal_and_sweep().map_err(stage_error)?;
+        Ok(input_grad)
     }
 
     fn backward_weight(&mut self, mb: u32) -> Result<(), StageError> {
@@ -390,7 +394,13 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.accumulate(lane, &x, &g, &dy, &da).map_err(stage_error)
+        self.accumulate(lane, &x, &g, &dy, &da)
+            .map_err(stage_error)?;
+        // The micro-batch's saved buffers go to the graveyard now, and with them every
+        // temporary whose stream work is done is freed: a step without commits (one rank)
+        // would otherwise keep all of them until its end.
+        drop((x, g, dy, da));
+        dev.seal_and_sweep().map_err(stage_error)
     }
 
     /// The forward on main and the backward on side, started together and joined after
@@ -444,6 +454,7 @@ impl Stage for GpuStage {
         dev.main
             .wait(&join)
             .map_err(|e| stage_error(GpuError::driver("waiting for fb join", e)))?;
+        dev.seal_and_sweep().map_err(stage_error)?;
         Ok(Overlapped {
             forwarded,
             input_grad,
