@@ -15,4 +15,26 @@ fi
 ours="$(mktemp)"
 trap 'rm -f "$ours"' EXIT
 "$bin" bench-gpu "$@" > "$ours"
-python3 "$here/gpu_bench_torch.py" "$ours"
+# The options both sides take go to torch's side too, so both measure the same number of
+# steps at the same size; the rest (--device) are ours alone.
+shared=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --steps|--warmup|--large-rows)
+            if [ $# -lt 2 ]; then
+                echo "error: $1 needs a value" >&2
+                exit 2
+            fi
+            shared+=("$1" "$2")
+            shift 2
+            ;;
+        --steps=*|--warmup=*|--large-rows=*)
+            shared+=("$1")
+            shift
+            ;;
+        *)
+            shift
+            ;;
+    esac
+done
+python3 "$here/gpu_bench_torch.py" "$ours" ${shared[@]+"${shared[@]}"}

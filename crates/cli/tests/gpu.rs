@@ -531,3 +531,50 @@ fn gpu_options_need_device_cuda() {
     let (code, _, stderr) = run_with(&[&PLAN[..], &["--device", "tpu"]].concat(), &[]);
     assert_eq!(code, Some(2), "{stderr}");
 }
+
+/// `gpu_bench.sh` hands the options both sides take (`--steps`, `--warmup`, `--large-rows`)
+/// to torch's script as well as to `bench-gpu`, so both measure the same thing.
+#[test]
+fn gpu_bench_passes_the_shared_options_to_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("dualpipe");
+    write_executable(&bin, "#!/bin/sh\necho \"ours: $*\"\n");
+    let python = dir.path().join("path/python3");
+    write_executable(
+        &python,
+        "#!/bin/sh\nshift\ncat \"$1\"\nshift\necho \"torch: $*\"\n",
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gpu_bench.sh");
+    let path = format!(
+        "{}:{}",
+        python.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&bin)
+        .args([
+            "--steps",
+            "5",
+            "--device",
+            "1",
+            "--warmup=2",
+            "--large-rows",
+            "64",
+        ])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "ours: bench-gpu --steps 5 --device 1 --warmup=2 --large-rows 64\ntorch: --steps 5 --warmup=2 --large-rows 64",
+        "bench-gpu's output goes to the torch script, which gets the shared options"
+    );
+}

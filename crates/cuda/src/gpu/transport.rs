@@ -45,6 +45,12 @@ pub(crate) struct PeerTransport {
     recvs_queued: Vec<InProcessTicket>,
     /// Receives already copied at their commit (blocking model), by ticket.
     arrived: Vec<(InProcessTicket, Tensor)>,
+    /// Commits issued so far in this step (the index of the next one's timing).
+    commits: usize,
+    /// Async model: the commit that posted each receive not yet taken.
+    batch_of: Vec<(InProcessTicket, usize)>,
+    /// Async model, profiling: whether a copy has already set the start of each commit's span.
+    spanned: Vec<bool>,
 }
 
 impl PeerTransport {
@@ -67,13 +73,18 @@ impl PeerTransport {
                 sends_queued: false,
                 recvs_queued: Vec::new(),
                 arrived: Vec::new(),
+                commits: 0,
+                batch_of: Vec::new(),
+                spanned: Vec::new(),
             })
             .collect()
     }
 
     /// Takes a parcel into this rank: copies it on comm (or adopts the sender's buffer) and
-    /// returns the tensor with the event main must wait for.
-    fn land(&self, parcel: Parcel) -> Result<Tensor, GpuError> {
+    /// returns the tensor with the event main must wait for. `batch`: in the async model, the
+    /// commit that posted the receive, whose timed span (when profiling) is made to cover this
+    /// copy: its copies are issued when a compute takes the data, after the commit itself.
+    fn land(&mut self, parcel: Parcel, batch: Option<usize>) -> Result<Tensor, GpuError> {
         let Parcel { mut tensor, ready } = parcel;
         let sent = ready.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let sent = sent.ok_or_else(|| {
@@ -86,9 +97,21 @@ impl PeerTransport {
                 Ok(tensor)
             }
             CommMode::Copy => {
-                let comm = &self.dev.comm;
+                let dev = self.dev.clone();
+                let comm = &dev.comm;
                 comm.wait(&sent)
                     .map_err(|e| GpuError::driver("waiting for the sender", e))?;
+                // Taken after the wait for the sender, so the span is the copy itself.
+                let timed = match batch {
+                    Some(k) if self.dev.profile => {
+                        let start = self.dev.event(true)?;
+                        start
+                            .record(comm)
+                            .map_err(|e| GpuError::driver("recording", e))?;
+                        Some((k, start))
+                    }
+                    _ => None,
+                };
                 let mut copy = self.dev.alloc(comm, [tensor.rows(), tensor.cols()])?;
                 match (copy.buf_mut(), tensor.buf()) {
                     (Buf::F32(d), Buf::F32(s)) => comm.memcpy_dtod(s, d),
@@ -96,10 +119,36 @@ impl PeerTransport {
                     _ => return Err(GpuError::Shape("a message of another element type".into())),
                 }
                 .map_err(|e| GpuError::driver("copying a message", e))?;
+                if let Some((k, start)) = timed {
+                    let end = self.dev.event(true)?;
+                    end.record(comm)
+                        .map_err(|e| GpuError::driver("recording", e))?;
+                    self.stretch(k, start, end);
+                }
                 copy.ready = Some(self.dev.record(comm)?);
                 Ok(copy)
             }
         }
+    }
+}
+
+impl PeerTransport {
+    /// Makes commit `k`'s timed span run from its first copy's start to its latest copy's
+    /// end (copies go in order on comm, so the latest issued ends last).
+    fn stretch(&mut self, k: usize, start: CudaEvent, end: CudaEvent) {
+        let mut times = self
+            .dev
+            .commit_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (Some(span), Some(spanned)) = (times.get_mut(k), self.spanned.get_mut(k)) else {
+            return;
+        };
+        if !*spanned {
+            span.0 = start;
+            *spanned = true;
+        }
+        span.1 = end;
     }
 }
 
@@ -144,13 +193,19 @@ impl Transport for PeerTransport {
                 .map_err(|e| backend(GpuError::driver("recording", e)))?;
         }
         self.inner.commit()?;
+        let batch = self.commits;
+        self.commits += 1;
+        self.spanned.push(false);
         let recvs = std::mem::take(&mut self.recvs_queued);
+        if self.model == ExecutionModel::Async {
+            self.batch_of.extend(recvs.iter().map(|&t| (t, batch)));
+        }
         if self.model == ExecutionModel::Blocking {
             // Every message of the batch has arrived on the host: copy them now, and make
             // main wait for the batch as the reference's wait() does.
             for ticket in recvs {
                 let parcel = self.inner.wait(ticket)?;
-                let mut tensor = self.land(parcel).map_err(backend)?;
+                let mut tensor = self.land(parcel, None).map_err(backend)?;
                 if let Some(ev) = tensor.ready.take() {
                     self.dev
                         .main
@@ -192,7 +247,12 @@ impl Transport for PeerTransport {
             None => {
                 let parcel = self.inner.wait(ticket)?;
                 self.dev.bind().map_err(backend)?;
-                self.land(parcel).map_err(backend)
+                let batch = self
+                    .batch_of
+                    .iter()
+                    .position(|(t, _)| *t == ticket)
+                    .map(|at| self.batch_of.swap_remove(at).1);
+                self.land(parcel, batch).map_err(backend)
             }
         }
     }
