@@ -75,6 +75,18 @@ pub(crate) struct RankDevice {
     /// Timed start and end events of each commit's batch on comm, when profiling.
     pub commit_times: Mutex<Vec<(CudaEvent, CudaEvent)>>,
     pub profile: bool,
+    /// Untimed events for [`RankDevice::record`], reused once nothing else holds them.
+    events: Mutex<EventPool>,
+}
+
+/// The most events a rank keeps for reuse; more are made and dropped as needed.
+const EVENT_POOL_LIMIT: usize = 512;
+
+#[derive(Default)]
+struct EventPool {
+    events: Vec<Arc<CudaEvent>>,
+    /// Where the next search starts (round robin, so a free event is usually found at once).
+    next: usize,
 }
 
 impl RankDevice {
@@ -107,6 +119,7 @@ impl RankDevice {
             fb_two_streams,
             commit_times: Mutex::new(Vec::new()),
             profile,
+            events: Mutex::new(EventPool::default()),
         }))
     }
 
@@ -233,11 +246,31 @@ impl RankDevice {
 
     /// Records a fresh event on `stream`.
     pub fn record(&self, stream: &CudaStream) -> Result<Arc<CudaEvent>, GpuError> {
-        let event = self.event(false)?;
+        let event = self.pooled_event()?;
         event
             .record(stream)
             .map_err(|e| GpuError::driver("recording an event", e))?;
-        Ok(Arc::new(event))
+        Ok(event)
+    }
+
+    /// An untimed event from the rank's pool: one that only the pool holds (so no wait or
+    /// query can still refer to its last recording; waits already issued keep the recording
+    /// they saw), or a new one.
+    fn pooled_event(&self) -> Result<Arc<CudaEvent>, GpuError> {
+        let mut pool = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let n = pool.events.len();
+        for step in 0..n {
+            let at = (pool.next + step) % n;
+            if Arc::strong_count(&pool.events[at]) == 1 {
+                pool.next = (at + 1) % n;
+                return Ok(pool.events[at].clone());
+            }
+        }
+        let event = Arc::new(self.event(false)?);
+        if n < EVENT_POOL_LIMIT {
+            pool.events.push(event.clone());
+        }
+        Ok(event)
     }
 }
 
