@@ -15,6 +15,8 @@ mod memory;
 pub(crate) mod nccl;
 pub(crate) mod pipeline;
 pub(crate) mod raw;
+#[cfg(test)]
+mod reduce_check;
 pub(crate) mod sequential;
 mod stage;
 mod transport;

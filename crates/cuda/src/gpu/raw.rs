@@ -365,6 +365,7 @@ fn grid(n: usize) -> LaunchConfig {
 pub(crate) enum Arg<'a> {
     Buf(&'a Buf),
     Grad(&'a CudaSlice<f32>),
+    Wide(&'a CudaSlice<f64>),
     Int(&'a i64),
     Float(&'a f32),
 }
@@ -373,8 +374,8 @@ pub(crate) enum Arg<'a> {
 ///
 /// # Safety
 /// `args` must match the kernel's parameter list in number, order and type (`Buf` for a `T*`
-/// of the instance's element type, `Grad` for a `float*`, `Int` for a `long long`, `Float` for
-/// a `float`), and every buffer must hold at least as many elements as the kernel touches for
+/// of the instance's element type, `Grad` for a `float*`, `Wide` for a `double*`, `Int` for a
+/// `long long`, `Float` for a `float`), and every buffer must hold at least as many elements as the kernel touches for
 /// the sizes passed.
 unsafe fn launch(
     stream: &CudaStream,
@@ -388,6 +389,7 @@ unsafe fn launch(
             Arg::Buf(Buf::F32(s)) => builder.arg(s),
             Arg::Buf(Buf::Bf16(s)) => builder.arg(s),
             Arg::Grad(s) => builder.arg(*s),
+            Arg::Wide(s) => builder.arg(*s),
             Arg::Int(v) => builder.arg(*v),
             Arg::Float(v) => builder.arg(*v),
         };
@@ -592,7 +594,7 @@ impl Kernels {
     /// `loss` (one `f32`).
     pub fn mse(
         &self,
-        stream: &CudaStream,
+        stream: &Arc<CudaStream>,
         grad: &mut Buf,
         loss: &mut CudaSlice<f32>,
         y: &Buf,
@@ -618,19 +620,51 @@ impl Kernels {
                 &[Arg::Buf(grad), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
             )?
         };
-        let one_block = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (REDUCE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: mse_loss_T(float* loss, const T* y, const T* t, long long n) writes loss[0]
-        // only and reads n elements of y and t; it needs exactly REDUCE_THREADS threads.
+        let blocks = crate::kernels::mse_blocks(n);
+        // Used on `stream` only, so dropping it at the end (a free ordered on `stream`, after
+        // both passes) is safe.
+        let partials = stream
+            .alloc_zeros::<f64>(blocks as usize)
+            .map_err(|e| GpuError::driver("allocating the loss's partial sums", e))?;
+        let block_count = i64::from(blocks);
+        // SAFETY: mse_partial_T(double* partials, const T* y, const T* t, long long n) reads n
+        // elements of y and t and writes partials[blockIdx.x] for each of the `blocks` blocks
+        // (`partials` holds `blocks`); it needs exactly REDUCE_THREADS threads per block.
         unsafe {
             launch(
                 stream,
-                self.get(crate::kernels::Kernel::MseLoss, dtype),
-                one_block,
-                &[Arg::Grad(loss), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
+                self.get(crate::kernels::Kernel::MsePartial, dtype),
+                LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (REDUCE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Wide(&partials),
+                    Arg::Buf(y),
+                    Arg::Buf(t),
+                    Arg::Int(&count),
+                ],
+            )?
+        };
+        // SAFETY: mse_finish_T(float* loss, const double* partials, long long blocks,
+        // long long n) reads `blocks` partials and writes loss[0] only; one block of exactly
+        // REDUCE_THREADS threads.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::MseFinish, dtype),
+                LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (REDUCE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Grad(loss),
+                    Arg::Wide(&partials),
+                    Arg::Int(&block_count),
+                    Arg::Int(&count),
+                ],
             )
         }
     }
@@ -649,13 +683,18 @@ impl Kernels {
             x.len() == rows * cols && sums.len() == cols,
         )?;
         let (r, c) = (rows as i64, cols as i64);
+        let tiles = LaunchConfig {
+            grid_dim: (crate::kernels::column_blocks(cols), 1, 1),
+            block_dim: (crate::kernels::COLUMN_TILE, crate::kernels::ROW_LANES, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: column_sums_add_T(float* sums, const T* x, long long rows, long long cols),
-        // sizes checked.
+        // sizes checked; it needs blockDim == (COLUMN_TILE, ROW_LANES), as given.
         unsafe {
             launch(
                 stream,
                 self.get(crate::kernels::Kernel::ColumnSumsAdd, x.dtype()),
-                grid(cols),
+                tiles,
                 &[Arg::Grad(sums), Arg::Buf(x), Arg::Int(&r), Arg::Int(&c)],
             )
         }
