@@ -351,6 +351,109 @@ pub(crate) fn matmul(
     }
 }
 
+/// `out += a b` (row-major) into f32, on `stream` (the stream `blas` is bound to): one gemm
+/// with beta 1 whose output is f32 whatever the operands' type (`cublasGemmEx` with bf16
+/// inputs, f32 output, f32 compute), so a weight gradient needs no temporary and no separate
+/// add, and a micro-batch's share is never rounded to bf16 on its way into the sum.
+pub(crate) fn matmul_add_f32(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    out: &mut CudaSlice<f32>,
+    a: Mat<'_>,
+    b: Mat<'_>,
+) -> Result<(), GpuError> {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (m, k) = a.shape();
+    let (k2, n) = b.shape();
+    let fits = |mat: &Mat<'_>| mat.buf.len() == mat.rows * mat.cols;
+    if k != k2 || out.len() != m * n || !fits(&a) || !fits(&b) {
+        return Err(GpuError::Shape(format!(
+            "matmul of {m}x{k} by {k2}x{n} added to {} values (operands hold {} and {})",
+            out.len(),
+            a.buf.len(),
+            b.buf.len()
+        )));
+    }
+    let op = |t: bool| {
+        if t {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    // Column-major, operands swapped, as in `matmul`.
+    let (transa, transb) = (op(b.transposed), op(a.transposed));
+    let (mm, nn, kk) = (int(n, "columns")?, int(m, "rows")?, int(k, "inner size")?);
+    let (lda, ldb, ldc) = (
+        int(b.cols, "leading dimension")?,
+        int(a.cols, "leading dimension")?,
+        mm,
+    );
+    let failed = |e| {
+        GpuError::Library(format!(
+            "cuBLAS gemm ({m}x{k} by {k}x{n}, added) failed: {e:?}"
+        ))
+    };
+    match (a.buf, b.buf) {
+        (Buf::F32(a), Buf::F32(b)) => {
+            let cfg = GemmConfig {
+                transa,
+                transb,
+                m: mm,
+                n: nn,
+                k: kk,
+                alpha: 1.0f32,
+                lda,
+                ldb,
+                beta: 1.0f32,
+                ldc,
+            };
+            // SAFETY: shapes checked above as in `matmul`; `out` holds exactly m x n values,
+            // initialised (beta is 1, so cuBLAS reads them).
+            unsafe { blas.gemm(cfg, b, a, out) }.map_err(failed)
+        }
+        (Buf::Bf16(a), Buf::Bf16(b)) => {
+            let (alpha, beta) = (1.0f32, 1.0f32);
+            let (pa, _a) = b.device_ptr(stream);
+            let (pb, _b) = a.device_ptr(stream);
+            let (pc, _c) = out.device_ptr_mut(stream);
+            // SAFETY: shapes checked above: cuBLAS's A (our `b`, bf16) holds k x n read with
+            // lda, its B (our `a`, bf16) m x k read with ldb, and C (`out`, f32) exactly m x n
+            // with ldc = n; alpha and beta are f32 values that outlive the call, as
+            // CUBLAS_COMPUTE_32F requires. bf16 inputs with f32 output and compute are a
+            // combination cublasGemmEx supports. The handle runs on `stream`, where the
+            // pointers were taken (event tracking is off, so taking them records nothing).
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    transa,
+                    transb,
+                    mm,
+                    nn,
+                    kk,
+                    (&alpha as *const f32).cast(),
+                    pa as *const std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    lda,
+                    pb as *const std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    ldb,
+                    (&beta as *const f32).cast(),
+                    pc as *mut std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_32F,
+                    ldc,
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(failed)
+        }
+        _ => Err(GpuError::Shape(
+            "matmul operands of different element types".into(),
+        )),
+    }
+}
+
 /// Launch geometry of the grid-stride kernels.
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 4096) as u32;

@@ -308,8 +308,9 @@ impl GpuStage {
         Ok(dx)
     }
 
-    /// Adds one micro-batch's weight gradients, each computed whole first, as the CPU model
-    /// does.
+    /// Adds one micro-batch's weight gradients to the f32 sums: each weight's product is added
+    /// by its gemm (beta 1, f32 output, so a bf16 model's share is not rounded to bf16 first),
+    /// each bias's column sums by the reduction kernel.
     fn accumulate(
         &mut self,
         lane: Lane<'_>,
@@ -320,26 +321,23 @@ impl GpuStage {
     ) -> Result<(), GpuError> {
         let (r, h) = (x.rows(), self.hidden);
         let dev = self.dev.clone();
-        let mut w2 = dev.alloc(lane.stream, [4 * h, h])?;
-        super::raw::matmul(
+        // Each weight gradient is one gemm adding straight into the f32 sum (beta 1).
+        super::raw::matmul_add_f32(
             lane.blas,
-            w2.buf_mut(),
+            lane.stream,
+            &mut self.grads[2],
             Mat::new(g.buf(), r, 4 * h).t(),
             Mat::new(dy.buf(), r, h),
         )?;
         dev.kernels
-            .accumulate(lane.stream, &mut self.grads[2], w2.buf())?;
-        dev.kernels
             .column_sums_add(lane.stream, &mut self.grads[3], dy.buf(), r, h)?;
-        let mut w1 = dev.alloc(lane.stream, [h, 4 * h])?;
-        super::raw::matmul(
+        super::raw::matmul_add_f32(
             lane.blas,
-            w1.buf_mut(),
+            lane.stream,
+            &mut self.grads[0],
             Mat::new(x.buf(), r, h).t(),
             Mat::new(da.buf(), r, 4 * h),
         )?;
-        dev.kernels
-            .accumulate(lane.stream, &mut self.grads[0], w1.buf())?;
         dev.kernels
             .column_sums_add(lane.stream, &mut self.grads[1], da.buf(), r, 4 * h)?;
         Ok(())
