@@ -261,6 +261,41 @@ impl Executor {
         }
         result
     }
+
+    /// [`Executor::run_rank`] with the clock's marks left unresolved (`timings` empty), for
+    /// the driver to resolve once the host has waited for the devices.
+    #[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+    pub(crate) fn run_rank_marked<S, T, C>(
+        &self,
+        rank: u32,
+        stages: &mut Stages<S>,
+        transport: &mut T,
+        feed: Feed<S::Buffer>,
+        clock: Option<&mut C>,
+    ) -> Result<MarkedRun<S::Buffer, S::Loss, C::Mark>, RankFailure>
+    where
+        S: Stage,
+        T: Transport<Buffer = S::Buffer>,
+        C: Clock,
+    {
+        let program = &self.programs[rank as usize];
+        let result = Interpreter {
+            program,
+            instructions: &self.schedule.schedule().ranks[rank as usize],
+            options: &self.options,
+            training: !self.schedule.schedule().forward_only,
+            stages,
+            transport,
+            state: State::new(program.slots, feed),
+        }
+        .run_marked(clock);
+        if let Err(failure) = &result {
+            if !failure.cause.is_abort() {
+                transport.abort(&failure.to_string());
+            }
+        }
+        result
+    }
 }
 
 /// A received buffer not yet taken: the transport's ticket and the recv's instruction index.
@@ -326,9 +361,22 @@ where
     T: Transport<Buffer = S::Buffer>,
 {
     fn run<C: Clock>(
-        mut self,
+        self,
         mut clock: Option<&mut C>,
     ) -> Result<RankRun<S::Buffer, S::Loss>, RankFailure> {
+        let (mut run, marks) = self.run_marked(clock.as_deref_mut())?;
+        if let Some(clock) = clock {
+            run.timings = marks.resolve(clock);
+        }
+        Ok(run)
+    }
+
+    /// [`Interpreter::run`] with the marks left unresolved (`timings` empty).
+    #[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+    fn run_marked<C: Clock>(
+        mut self,
+        mut clock: Option<&mut C>,
+    ) -> Result<MarkedRun<S::Buffer, S::Loss, C::Mark>, RankFailure> {
         let rank = self.program.rank;
         for &stage in &self.program.stages {
             if self.stages.get(stage).is_none() {
@@ -397,27 +445,44 @@ where
                 }
             }
         }
-        let timings = match clock {
-            Some(clock) => marks
-                .into_iter()
-                .map(|(index, start, ready, end, waited_on)| {
-                    let start_us = clock.micros(&start);
-                    Timing {
-                        index,
-                        start_us,
-                        ready_us: ready.map_or(start_us, |r| clock.micros(&r)),
-                        end_us: clock.micros(&end),
-                        waited_on,
-                    }
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        Ok(RankRun {
-            losses: std::mem::take(&mut self.state.losses),
-            outputs: std::mem::take(&mut self.state.outputs),
-            timings,
-        })
+        Ok((
+            RankRun {
+                losses: std::mem::take(&mut self.state.losses),
+                outputs: std::mem::take(&mut self.state.outputs),
+                timings: Vec::new(),
+            },
+            Marks(marks),
+        ))
+    }
+}
+
+/// A rank's clock marks of one step, not yet resolved: every compute and commit as (index,
+/// start, ready, end, the commit it waited on). Resolving may wait for the device (a GPU
+/// clock's events), so the driver resolves them after its host has waited for every rank.
+pub(crate) struct Marks<M>(Vec<Marked<M>>);
+
+/// One compute's or commit's marks: (index, start, ready, end, the commit it waited on).
+type Marked<M> = (usize, M, Option<M>, M, Option<usize>);
+
+/// A rank's run with its marks unresolved.
+pub(crate) type MarkedRun<B, L, M> = (RankRun<B, L>, Marks<M>);
+
+impl<M> Marks<M> {
+    /// The timings, read from `clock` (the clock that made the marks).
+    pub(crate) fn resolve<C: Clock<Mark = M>>(self, clock: &mut C) -> Vec<Timing> {
+        self.0
+            .into_iter()
+            .map(|(index, start, ready, end, waited_on)| {
+                let start_us = clock.micros(&start);
+                Timing {
+                    index,
+                    start_us,
+                    ready_us: ready.map_or(start_us, |r| clock.micros(&r)),
+                    end_us: clock.micros(&end),
+                    waited_on,
+                }
+            })
+            .collect()
     }
 }
 
