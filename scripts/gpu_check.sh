@@ -16,6 +16,10 @@
 set -uo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
+# CUDA maps streams onto CUDA_DEVICE_MAX_CONNECTIONS hardware queues (8 by default); 4 virtual
+# ranks use 12 streams, which would share queues and run one after another where the schedule
+# lets them overlap. Read when the context is made, so it is set here, before the process starts.
+export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-32}"
 if [ $# -ge 1 ]; then
     bundle="$1"
 elif [ -x "$here/../dualpipe" ]; then

@@ -423,3 +423,158 @@ mod without_cuda {
         );
     }
 }
+
+/// `dualpipe run` with the given arguments and launch variables (the others removed).
+fn run_with(args: &[&str], vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dualpipe"));
+    command.arg("run").args(args);
+    for name in dualpipe_cuda::launch::VARIABLES {
+        command.env_remove(name);
+    }
+    command.env_remove(dualpipe_cuda::launch::RENDEZVOUS_PORT_VAR);
+    command.envs(vars.iter().copied());
+    let out = command.output().expect("the binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const PLAN: [&str; 6] = ["-s", "dualpipev", "-n", "2", "-c", "4"];
+
+#[test]
+fn run_on_cuda_without_a_gpu_exits_with_code_2() {
+    if gpu_present("run_on_cuda_without_a_gpu_exits_with_code_2") {
+        return;
+    }
+    let (code, _, stderr) = run_with(
+        &[&PLAN[..], &["--device", "cuda", "--steps", "1"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.starts_with("error: --device cuda: "), "{stderr}");
+    #[cfg(feature = "cuda")]
+    assert!(
+        stderr.starts_with("error: --device cuda: no GPU found: "),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_launch_without_its_variables_names_the_first_missing_one() {
+    let launch = [&PLAN[..], &["--device", "cuda", "--launch"]].concat();
+    let (code, stdout, stderr) = run_with(&launch, &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: --launch: RANK is not set"),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "{stdout}");
+    let (code, _, stderr) = run_with(
+        &launch,
+        &[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "two"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: --launch: WORLD_SIZE=\"two\""),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_with(
+        &launch,
+        &[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h")],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: --launch: MASTER_PORT is not set"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_with(
+        &launch,
+        &[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "29500"),
+            ("DUALPIPE_RENDEZVOUS_PORT", "29500"),
+        ],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: --launch: DUALPIPE_RENDEZVOUS_PORT=\"29500\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn gpu_options_need_device_cuda() {
+    for extra in [&["--launch"][..], &["--gpu", "1"][..]] {
+        let (code, _, stderr) = run_with(&[&PLAN[..], extra].concat(), &[]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.starts_with("error: --launch and --gpu need --device cuda"),
+            "{stderr}"
+        );
+    }
+    let (code, _, stderr) = run_with(
+        &[&PLAN[..], &["--device", "cuda", "--trace", "t.json"]].concat(),
+        &[],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("are for CPU runs"), "{stderr}");
+    let (code, _, stderr) = run_with(&[&PLAN[..], &["--device", "tpu"]].concat(), &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
+/// `gpu_bench.sh` hands the options both sides take (`--steps`, `--warmup`, `--large-rows`)
+/// to torch's script as well as to `bench-gpu`, so both measure the same thing.
+#[test]
+fn gpu_bench_passes_the_shared_options_to_both_sides() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("dualpipe");
+    write_executable(&bin, "#!/bin/sh\necho \"ours: $*\"\n");
+    let python = dir.path().join("path/python3");
+    write_executable(
+        &python,
+        "#!/bin/sh\nshift\ncat \"$1\"\nshift\necho \"torch: $*\"\n",
+    );
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/gpu_bench.sh");
+    let path = format!(
+        "{}:{}",
+        python.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&bin)
+        .args([
+            "--steps",
+            "5",
+            "--device",
+            "1",
+            "--warmup=2",
+            "--large-rows",
+            "64",
+        ])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        stdout.trim(),
+        "ours: bench-gpu --steps 5 --device 1 --warmup=2 --large-rows 64\ntorch: --steps 5 --warmup=2 --large-rows 64",
+        "bench-gpu's output goes to the torch script, which gets the shared options"
+    );
+}

@@ -26,6 +26,9 @@ pub struct GpuConfig {
     pub comm: CommMode,
     /// Run the backward half of an `FB` on a second stream, overlapped with the forward.
     pub fb_two_streams: bool,
+    /// The longest the host waits for the GPU to finish a step (or the gradient exchange)
+    /// before the step fails; an NCCL run then aborts its communicator. `None`: no limit.
+    pub host_timeout: Option<std::time::Duration>,
 }
 
 impl Default for GpuConfig {
@@ -35,6 +38,7 @@ impl Default for GpuConfig {
             dtype: DType::F32,
             comm: CommMode::Copy,
             fb_two_streams: true,
+            host_timeout: None,
         }
     }
 }

@@ -68,8 +68,11 @@ pub enum Kernel {
     GeluBackward,
     /// `grad[i] = 2 (y[i] - t[i]) / n`.
     MseGrad,
-    /// `loss[0] = sum((y - t)^2) / n`, one block, accumulated in `double`.
-    MseLoss,
+    /// First pass of the loss: `partials[b]` = block `b`'s share of `sum((y - t)^2)`, in
+    /// `double`, over [`mse_blocks`] blocks of [`REDUCE_THREADS`] threads.
+    MsePartial,
+    /// Second pass, one block: `loss[0] = sum(partials) / n`.
+    MseFinish,
     /// `sums[c] += sum over r of x[r, c]` into `float` gradients, accumulated in `double`.
     ColumnSumsAdd,
     /// `acc[i] += x[i]` into `float` gradients.
@@ -84,12 +87,13 @@ pub enum Kernel {
 
 impl Kernel {
     /// Every kernel.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::BiasGelu,
         Kernel::AddBias,
         Kernel::GeluBackward,
         Kernel::MseGrad,
-        Kernel::MseLoss,
+        Kernel::MsePartial,
+        Kernel::MseFinish,
         Kernel::ColumnSumsAdd,
         Kernel::Accumulate,
         Kernel::Sgd,
@@ -104,7 +108,8 @@ impl Kernel {
             Kernel::AddBias => "add_bias",
             Kernel::GeluBackward => "gelu_backward",
             Kernel::MseGrad => "mse_grad",
-            Kernel::MseLoss => "mse_loss",
+            Kernel::MsePartial => "mse_partial",
+            Kernel::MseFinish => "mse_finish",
             Kernel::ColumnSumsAdd => "column_sums_add",
             Kernel::Accumulate => "accumulate",
             Kernel::Sgd => "sgd",
@@ -119,8 +124,100 @@ impl Kernel {
     }
 }
 
-/// Threads per block of the one-block reduction ([`Kernel::MseLoss`]); a power of two.
+/// Threads per block of the loss's two passes ([`Kernel::MsePartial`], [`Kernel::MseFinish`]);
+/// a power of two.
 pub const REDUCE_THREADS: u32 = 1024;
+
+/// Columns per block of [`Kernel::ColumnSumsAdd`] (`blockDim.x`).
+pub const COLUMN_TILE: u32 = 32;
+
+/// Row lanes per block of [`Kernel::ColumnSumsAdd`] (`blockDim.y`): lane `k` sums rows
+/// `k, k + ROW_LANES, ...` of its column, then lane 0 adds the lanes' sums in order.
+pub const ROW_LANES: u32 = 16;
+
+/// Blocks of the loss's first pass over `n` elements: at least 4 elements per thread, at most
+/// [`REDUCE_THREADS`] blocks (so the second pass gives each thread at most one partial). It
+/// depends on `n` alone, so the summation order, and the result, is the same every run.
+pub fn mse_blocks(n: usize) -> u32 {
+    let per_block = REDUCE_THREADS as usize * 4;
+    n.div_ceil(per_block).clamp(1, REDUCE_THREADS as usize) as u32
+}
+
+/// Blocks of [`Kernel::ColumnSumsAdd`] over `cols` columns (the kernel strides over tiles when
+/// there are more).
+pub fn column_blocks(cols: usize) -> u32 {
+    cols.div_ceil(COLUMN_TILE as usize).clamp(1, 65_535) as u32
+}
+
+/// A block's shared `double` values summed as the kernels' tree does: `v[i] += v[i + half]`
+/// for `half` = len/2, len/4, ..., 1; returns `v[0]`. `v.len()` is a power of two.
+fn tree_sum(mut v: Vec<f64>) -> f64 {
+    let mut half = v.len() / 2;
+    while half > 0 {
+        for i in 0..half {
+            v[i] += v[i + half];
+        }
+        half /= 2;
+    }
+    v.first().copied().unwrap_or(0.0)
+}
+
+/// What [`Kernel::MsePartial`] then [`Kernel::MseFinish`] compute, in the same order on the
+/// CPU: the GPU checks hold the kernels to it.
+pub fn mse_reference(y: &[f32], t: &[f32]) -> f32 {
+    let n = y.len().min(t.len());
+    let threads = REDUCE_THREADS as usize;
+    let blocks = mse_blocks(n) as usize;
+    let stride = blocks * threads;
+    let partials: Vec<f64> = (0..blocks)
+        .map(|b| {
+            let lanes = (0..threads)
+                .map(|tid| {
+                    let mut sum = 0.0f64;
+                    let mut i = b * threads + tid;
+                    while i < n {
+                        let diff = y[i] - t[i];
+                        sum += f64::from(diff * diff);
+                        i += stride;
+                    }
+                    sum
+                })
+                .collect();
+            tree_sum(lanes)
+        })
+        .collect();
+    let lanes = (0..threads)
+        .map(|tid| {
+            let mut sum = 0.0f64;
+            let mut j = tid;
+            while j < blocks {
+                sum += partials[j];
+                j += threads;
+            }
+            sum
+        })
+        .collect();
+    (tree_sum(lanes) / n.max(1) as f64) as f32
+}
+
+/// What [`Kernel::ColumnSumsAdd`] adds to `sums` for the row-major `rows x cols` matrix `x`,
+/// in the same order on the CPU.
+pub fn column_sums_reference(sums: &mut [f32], x: &[f32], rows: usize, cols: usize) {
+    let lanes = ROW_LANES as usize;
+    for (c, sum) in sums.iter_mut().enumerate().take(cols) {
+        let mut total = 0.0f64;
+        for k in 0..lanes {
+            let mut lane = 0.0f64;
+            let mut r = k;
+            while r < rows {
+                lane += f64::from(x[r * cols + c]);
+                r += lanes;
+            }
+            total += lane;
+        }
+        *sum += total as f32;
+    }
+}
 
 const PRELUDE: &str = r#"
 typedef unsigned short bf16_t;
@@ -192,13 +289,39 @@ extern "C" __global__ void mse_grad_@(T* grad, const T* y, const T* t, long long
     }
 }
 
-/* One block of REDUCE_THREADS threads: a fixed summation order, so the same bits every run. */
-extern "C" __global__ void mse_loss_@(float* loss, const T* y, const T* t, long long n) {
+/* First pass of the loss: block b sums elements b*blockDim.x + tid, then every
+ * gridDim.x*blockDim.x further, per thread in double, then the block's threads as a tree. The
+ * grid (mse_blocks) depends on n only: a fixed summation order, the same bits every run.
+ * Needs blockDim.x == REDUCE_THREADS. */
+extern "C" __global__ void mse_partial_@(double* partials, const T* y, const T* t, long long n) {
     __shared__ double partial[REDUCE_THREADS];
     double sum = 0.0;
-    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         float diff = ld(y, i) - ld(t, i);
         sum += (double)(diff * diff);
+    }
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    for (unsigned int half = blockDim.x / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) {
+            partial[threadIdx.x] += partial[threadIdx.x + half];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        partials[blockIdx.x] = partial[0];
+    }
+}
+
+/* Second pass, one block of REDUCE_THREADS threads: thread tid sums partials tid, tid +
+ * blockDim.x, ... in order, then the tree as above. It reads no T: its two instances are the
+ * same code under two names, as every kernel has one per type. */
+extern "C" __global__ void mse_finish_@(float* loss, const double* partials, long long blocks, long long n) {
+    __shared__ double partial[REDUCE_THREADS];
+    double sum = 0.0;
+    for (long long j = threadIdx.x; j < blocks; j += blockDim.x) {
+        sum += partials[j];
     }
     partial[threadIdx.x] = sum;
     __syncthreads();
@@ -213,14 +336,31 @@ extern "C" __global__ void mse_loss_@(float* loss, const T* y, const T* t, long 
     }
 }
 
-/* One thread per column, rows in order: deterministic, and reads are coalesced across threads. */
+/* Blocks of COLUMN_TILE x ROW_LANES threads: thread (x, k) of the block at tile b sums column
+ * b*COLUMN_TILE + x over rows k, k + ROW_LANES, ... in double; lane 0 then adds the ROW_LANES
+ * sums in order. Reads are coalesced along x; the order is fixed, so the same bits every run.
+ * Needs blockDim == (COLUMN_TILE, ROW_LANES). Tiles beyond the grid are strided over; the loop
+ * bound is the same for every thread of a block, so every thread reaches each barrier. */
 extern "C" __global__ void column_sums_add_@(float* sums, const T* x, long long rows, long long cols) {
-    for (long long c = global_index(); c < cols; c += global_stride()) {
+    __shared__ double lanes[ROW_LANES][COLUMN_TILE];
+    for (long long tile = blockIdx.x; tile * COLUMN_TILE < cols; tile += gridDim.x) {
+        long long c = tile * COLUMN_TILE + threadIdx.x;
         double s = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            s += (double)ld(x, r * cols + c);
+        if (c < cols) {
+            for (long long r = threadIdx.y; r < rows; r += ROW_LANES) {
+                s += (double)ld(x, r * cols + c);
+            }
         }
-        sums[c] += (float)s;
+        lanes[threadIdx.y][threadIdx.x] = s;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < cols) {
+            double total = 0.0;
+            for (int k = 0; k < ROW_LANES; ++k) {
+                total += lanes[k][threadIdx.x];
+            }
+            sums[c] += (float)total;
+        }
+        __syncthreads();
     }
 }
 
@@ -253,6 +393,8 @@ extern "C" __global__ void to_f32_@(float* out, const T* x, long long n) {
 pub fn source() -> String {
     let mut text = String::with_capacity(PRELUDE.len() + 2 * BODIES.len() + 64);
     text.push_str(&format!("#define REDUCE_THREADS {REDUCE_THREADS}\n"));
+    text.push_str(&format!("#define COLUMN_TILE {COLUMN_TILE}\n"));
+    text.push_str(&format!("#define ROW_LANES {ROW_LANES}\n"));
     text.push_str(PRELUDE);
     for dtype in [DType::F32, DType::Bf16] {
         text.push_str(&format!("\n/* ---- {} ---- */\n", dtype.name()));
@@ -323,6 +465,51 @@ mod tests {
         }
         assert!(!text.contains("#include"), "NVRTC is given no include path");
         assert_eq!(text.matches("/*").count(), text.matches("*/").count());
+    }
+
+    /// The CPU emulations of the reductions (which the GPU checks hold the kernels to) are
+    /// right: close to a plain sum, for sizes around every block and lane boundary.
+    #[test]
+    fn the_reduction_references_sum_what_they_should() {
+        let value = |i: usize| ((i * 7919 % 1000) as f32 - 500.0) / 256.0;
+        for n in [
+            1usize,
+            2,
+            1023,
+            1024,
+            4096,
+            4097,
+            70_000,
+            4 * 1024 * 1024 + 3,
+        ] {
+            let y: Vec<f32> = (0..n).map(value).collect();
+            let t: Vec<f32> = (0..n).map(|i| value(i + 17)).collect();
+            let plain = y
+                .iter()
+                .zip(&t)
+                .map(|(a, b)| f64::from((a - b) * (a - b)))
+                .sum::<f64>()
+                / n as f64;
+            let ours = f64::from(mse_reference(&y, &t));
+            assert!(
+                (ours - plain).abs() <= 1e-6 * plain.abs().max(1e-30),
+                "n {n}: {ours} against {plain}"
+            );
+            assert!(mse_blocks(n) >= 1 && mse_blocks(n) <= REDUCE_THREADS);
+        }
+        for (rows, cols) in [(1usize, 1usize), (15, 33), (16, 32), (17, 64), (1000, 70)] {
+            let x: Vec<f32> = (0..rows * cols).map(value).collect();
+            let mut sums = vec![1.0f32; cols];
+            column_sums_reference(&mut sums, &x, rows, cols);
+            for (c, sum) in sums.iter().enumerate() {
+                let plain = 1.0 + (0..rows).map(|r| f64::from(x[r * cols + c])).sum::<f64>();
+                assert!(
+                    (f64::from(*sum) - plain).abs() <= 1e-5 * plain.abs().max(1.0),
+                    "{rows}x{cols} column {c}: {sum} against {plain}"
+                );
+            }
+            assert_eq!(column_blocks(cols) as usize, cols.div_ceil(32));
+        }
     }
 
     #[test]

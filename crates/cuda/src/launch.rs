@@ -1,5 +1,9 @@
 //! The launch environment of one process of a multi-process run, as torchrun and Slurm
 //! launchers set it: `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
+//!
+//! The rendezvous does not listen on `MASTER_PORT`: torchrun's own store already holds that
+//! port on rank 0's node. It listens on `DUALPIPE_RENDEZVOUS_PORT` when set, else on
+//! `MASTER_PORT + 1` (`MASTER_PORT - 1` when `MASTER_PORT` is 65535).
 
 use std::fmt;
 
@@ -14,8 +18,22 @@ pub struct LaunchEnv {
     pub local_rank: u32,
     /// Host of rank 0, where the rendezvous listens.
     pub master_addr: String,
-    /// Port of the rendezvous on `master_addr`.
+    /// `MASTER_PORT`, as the launcher set it (torchrun's store listens there).
     pub master_port: u16,
+    /// The port rank 0's rendezvous listens on: see [`rendezvous_port`].
+    pub rendezvous_port: u16,
+}
+
+/// The variable that overrides the rendezvous port.
+pub const RENDEZVOUS_PORT_VAR: &str = "DUALPIPE_RENDEZVOUS_PORT";
+
+/// The rendezvous port for a launch with `MASTER_PORT` = `master_port` and no
+/// `DUALPIPE_RENDEZVOUS_PORT`: the next port, or the one below for 65535. Never `master_port`
+/// itself, which torchrun's store holds on rank 0's node.
+pub fn rendezvous_port(master_port: u16) -> u16 {
+    master_port
+        .checked_add(1)
+        .unwrap_or(master_port.saturating_sub(1))
 }
 
 /// A missing or malformed launch variable.
@@ -108,16 +126,29 @@ impl LaunchEnv {
                 problem: "empty; give the host name or address of rank 0".into(),
             });
         }
-        let port = get("MASTER_PORT")?;
-        let master_port = match port.parse::<u16>() {
-            Ok(p) if p > 0 => p,
-            _ => {
-                return Err(LaunchError::Invalid {
-                    name: "MASTER_PORT",
-                    value: port,
-                    problem: "not a port number (1 to 65535)".into(),
-                });
+        let port = |name: &'static str, value: String| match value.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(LaunchError::Invalid {
+                name,
+                value,
+                problem: "not a port number (1 to 65535)".into(),
+            }),
+        };
+        let master_port = port("MASTER_PORT", get("MASTER_PORT")?)?;
+        let rendezvous_port = match lookup(RENDEZVOUS_PORT_VAR) {
+            Some(value) => {
+                let p = port(RENDEZVOUS_PORT_VAR, value.trim().to_string())?;
+                if p == master_port {
+                    return Err(LaunchError::Invalid {
+                        name: RENDEZVOUS_PORT_VAR,
+                        value: p.to_string(),
+                        problem: "must differ from MASTER_PORT, which torchrun's store holds"
+                            .into(),
+                    });
+                }
+                p
             }
+            None => rendezvous_port(master_port),
         };
         Ok(LaunchEnv {
             rank,
@@ -125,15 +156,25 @@ impl LaunchEnv {
             local_rank,
             master_addr,
             master_port,
+            rendezvous_port,
         })
     }
 
     /// `MASTER_ADDR:MASTER_PORT`, bracketing an IPv6 address.
     pub fn master(&self) -> String {
+        self.at(self.master_port)
+    }
+
+    /// Where the rendezvous listens: `MASTER_ADDR` at [`LaunchEnv::rendezvous_port`].
+    pub fn rendezvous(&self) -> String {
+        self.at(self.rendezvous_port)
+    }
+
+    fn at(&self, port: u16) -> String {
         if self.master_addr.contains(':') && !self.master_addr.starts_with('[') {
-            format!("[{}]:{}", self.master_addr, self.master_port)
+            format!("[{}]:{port}", self.master_addr)
         } else {
-            format!("{}:{}", self.master_addr, self.master_port)
+            format!("{}:{port}", self.master_addr)
         }
     }
 }
@@ -146,7 +187,7 @@ impl fmt::Display for LaunchEnv {
             self.rank,
             self.world_size,
             self.local_rank,
-            self.master()
+            self.rendezvous()
         )
     }
 }
@@ -185,16 +226,19 @@ mod tests {
                 world_size: 8,
                 local_rank: 1,
                 master_addr: "10.0.0.1".into(),
-                master_port: 29500
+                master_port: 29500,
+                rendezvous_port: 29501,
             }
         );
         assert_eq!(env.master(), "10.0.0.1:29500");
+        assert_eq!(env.rendezvous(), "10.0.0.1:29501");
         assert_eq!(
             env.to_string(),
-            "rank 3 of 8 (GPU 1 on its node), rendezvous at 10.0.0.1:29500"
+            "rank 3 of 8 (GPU 1 on its node), rendezvous at 10.0.0.1:29501"
         );
         let v6 = parse("RANK=0 WORLD_SIZE=1 MASTER_ADDR=::1 MASTER_PORT=1").unwrap();
         assert_eq!(v6.master(), "[::1]:1");
+        assert_eq!(v6.rendezvous(), "[::1]:2");
         assert_eq!(v6.local_rank, 0, "LOCAL_RANK defaults to RANK");
     }
 
@@ -239,6 +283,14 @@ mod tests {
                 "RANK=0 WORLD_SIZE=2 MASTER_ADDR=h MASTER_PORT=70000",
                 "MASTER_PORT=\"70000\": not a port number (1 to 65535)",
             ),
+            (
+                "RANK=0 WORLD_SIZE=2 MASTER_ADDR=h MASTER_PORT=1 DUALPIPE_RENDEZVOUS_PORT=x",
+                "DUALPIPE_RENDEZVOUS_PORT=\"x\": not a port number (1 to 65535)",
+            ),
+            (
+                "RANK=0 WORLD_SIZE=2 MASTER_ADDR=h MASTER_PORT=7 DUALPIPE_RENDEZVOUS_PORT=7",
+                "DUALPIPE_RENDEZVOUS_PORT=\"7\": must differ from MASTER_PORT",
+            ),
         ];
         for (vars, expected) in cases {
             let error = parse(vars).expect_err(vars);
@@ -246,6 +298,21 @@ mod tests {
                 error.starts_with(expected),
                 "{vars}: got `{error}`, expected it to start with `{expected}`"
             );
+        }
+    }
+
+    #[test]
+    fn the_rendezvous_never_takes_master_port() {
+        assert_eq!(rendezvous_port(29500), 29501);
+        assert_eq!(rendezvous_port(65535), 65534);
+        assert_eq!(rendezvous_port(1), 2);
+        let chosen = parse(
+            "RANK=0 WORLD_SIZE=2 MASTER_ADDR=h MASTER_PORT=29500 DUALPIPE_RENDEZVOUS_PORT=40000",
+        )
+        .unwrap();
+        assert_eq!((chosen.master_port, chosen.rendezvous_port), (29500, 40000));
+        for master in [1u16, 80, 29500, 65534, 65535] {
+            assert_ne!(rendezvous_port(master), master);
         }
     }
 }

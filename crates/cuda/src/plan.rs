@@ -22,7 +22,10 @@
 //! - *blocking*: main waits for every commit's `done` right after posting it, as the reference
 //!   implementation's `wait()` on every request does; the wait is on the stream, not the host;
 //! - an `FB` records `fb start` on main, side waits for it, the forward runs on main and the
-//!   backward on side, side records `fb join` and main waits for it;
+//!   backward on side, side records `fb join` and main waits for it; in the async model main
+//!   waits only for the forward half's received input and side for the backward half's (after
+//!   `fb start`, unless main's waits already cover it), so the forward never waits for the
+//!   backward's input gradient;
 //! - the host waits for the GPU once, at the end of the step.
 
 use std::collections::HashMap;
@@ -154,6 +157,7 @@ fn received_inputs(
     schedule: &ValidSchedule,
     rank: u32,
     instruction: &Instruction,
+    part: Part,
     recv_of: &HashMap<(Kind, Work), usize>,
 ) -> Vec<usize> {
     let topology = schedule.topology();
@@ -173,8 +177,12 @@ fn received_inputs(
         Instruction::Forward(work) => forward(work),
         Instruction::Backward { work, .. } => backward(work, &mut recvs),
         Instruction::ForwardBackward { f, b } => {
-            forward(f);
-            backward(b, &mut recvs);
+            if part != Part::Backward {
+                forward(f);
+            }
+            if part != Part::Forward {
+                backward(b, &mut recvs);
+            }
         }
         _ => {}
     }
@@ -222,22 +230,33 @@ pub fn plan_rank(schedule: &ValidSchedule, rank: u32, options: PlanOptions) -> R
                 batch_has_send = false;
             }
             compute => {
-                if options.model == ExecutionModel::Async {
-                    let needed = received_inputs(schedule, rank, compute, &recv_of)
+                let split = matches!(compute, Instruction::ForwardBackward { .. })
+                    && options.fb_two_streams;
+                let asynchronous = options.model == ExecutionModel::Async;
+                let needed = |part: Part| {
+                    received_inputs(schedule, rank, compute, part, &recv_of)
                         .into_iter()
                         .filter_map(|recv| links.commit_of(rank as usize, recv))
-                        .max();
-                    if let Some(commit) = needed {
+                        .max()
+                };
+                if asynchronous {
+                    let part = if split { Part::Forward } else { Part::Whole };
+                    if let Some(commit) = needed(part) {
                         if main_waited.is_none_or(|w| w < commit) {
                             ops.push(StreamOp::Wait(Stream::Main, Event::Done(commit)));
                             main_waited = Some(commit);
                         }
                     }
                 }
-                if matches!(compute, Instruction::ForwardBackward { .. }) && options.fb_two_streams
-                {
+                if split {
                     ops.push(StreamOp::Record(Stream::Main, Event::FbStart(index)));
                     ops.push(StreamOp::Wait(Stream::Side, Event::FbStart(index)));
+                    if asynchronous && let Some(commit) = needed(Part::Backward) {
+                        // Side has seen, through `fb start`, every batch main waited for.
+                        if main_waited.is_none_or(|w| w < commit) {
+                            ops.push(StreamOp::Wait(Stream::Side, Event::Done(commit)));
+                        }
+                    }
                     ops.push(StreamOp::Compute(Stream::Main, index, Part::Forward));
                     ops.push(StreamOp::Compute(Stream::Side, index, Part::Backward));
                     ops.push(StreamOp::Record(Stream::Side, Event::FbJoin(index)));
@@ -425,7 +444,7 @@ mod tests {
                 })
                 .collect();
             for (index, instruction) in list.iter().enumerate() {
-                let consumed = received_inputs(schedule, rank, instruction, &recv_of);
+                let consumed = received_inputs(schedule, rank, instruction, Part::Whole, &recv_of);
                 for recv in consumed {
                     let Instruction::Recv(m) = list[recv] else {
                         unreachable!()
@@ -544,6 +563,67 @@ mod tests {
                 seen.len()
             );
         }
+    }
+
+    /// In the async model with two streams, an FB's forward half (main) never waits for the
+    /// batch that brought only its backward half's gradient; side waits for that batch.
+    #[test]
+    fn the_forward_half_of_an_fb_does_not_wait_for_the_backward_halfs_gradient() {
+        let mut split = 0;
+        for (family, n, c) in [
+            (Family::DualPipeV, 4, 10),
+            (Family::DualPipe, 4, 10),
+            (Family::Zbv, 4, 8),
+        ] {
+            let schedule = schedule(family, n, c);
+            let links = schedule.links();
+            for plan in plan(&schedule, OPTIONS[0]) {
+                let rank = plan.rank;
+                let list = &schedule.schedule().ranks[rank as usize];
+                let recv_of: HashMap<(Kind, Work), usize> = list
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, ins)| match ins {
+                        Instruction::Recv(m) => Some(((m.kind, m.work()), i)),
+                        _ => None,
+                    })
+                    .collect();
+                let needed = |index: usize, part: Part| {
+                    received_inputs(&schedule, rank, &list[index], part, &recv_of)
+                        .into_iter()
+                        .filter_map(|recv| links.commit_of(rank as usize, recv))
+                        .max()
+                };
+                let mut main_waited = None;
+                for (at, op) in plan.ops.iter().enumerate() {
+                    match *op {
+                        StreamOp::Wait(Stream::Main, Event::Done(c)) => main_waited = Some(c),
+                        StreamOp::Record(Stream::Main, Event::FbStart(index)) => {
+                            let Some(b) = needed(index, Part::Backward) else {
+                                continue;
+                            };
+                            if needed(index, Part::Forward).is_some_and(|f| f >= b)
+                                || main_waited.is_some_and(|w| w >= b)
+                            {
+                                assert!(main_waited >= needed(index, Part::Forward));
+                                continue;
+                            }
+                            split += 1;
+                            assert_eq!(
+                                plan.ops[at + 2],
+                                StreamOp::Wait(Stream::Side, Event::Done(b)),
+                                "{family} rank {rank}: FB {index}'s backward half waits for its gradient on side"
+                            );
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(
+            split > 0,
+            "some FB takes a gradient its forward does not need"
+        );
     }
 
     #[test]

@@ -171,9 +171,53 @@ pub fn serve(
 }
 
 /// A rank's side: connects to rank 0 at `master` (retrying until `timeout`, since rank 0 may
-/// start later), introduces itself and returns the blob rank 0 hands out.
+/// start later, and trying every address the name resolves to), introduces itself and returns
+/// the blob rank 0 hands out.
 pub fn join(
     master: &str,
+    rank: u32,
+    world_size: u32,
+    timeout: Duration,
+) -> Result<Vec<u8>, RendezvousError> {
+    join_resolved(
+        master,
+        || {
+            master
+                .to_socket_addrs()
+                .map(|addrs| addrs.collect())
+                .map_err(|e| e.to_string())
+        },
+        rank,
+        world_size,
+        timeout,
+    )
+}
+
+/// The longest one connection attempt to one address may take, so that an address that
+/// swallows packets does not use the whole timeout before the next address is tried.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(2);
+
+/// Connects to the first of `addrs` that answers, in order; on failure, every address and why.
+fn connect_any(addrs: &[SocketAddr], deadline: Instant) -> Result<TcpStream, String> {
+    if addrs.is_empty() {
+        return Err("the name resolves to no address".into());
+    }
+    let mut reasons = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let limit = left.min(CONNECT_ATTEMPT).max(Duration::from_millis(10));
+        match TcpStream::connect_timeout(addr, limit) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => reasons.push(format!("{addr}: {e}")),
+        }
+    }
+    Err(reasons.join("; "))
+}
+
+/// [`join`] with the name's addresses given by `resolve` (asked again on each retry).
+fn join_resolved(
+    master: &str,
+    resolve: impl Fn() -> Result<Vec<SocketAddr>, String>,
     rank: u32,
     world_size: u32,
     timeout: Duration,
@@ -186,19 +230,7 @@ pub fn join(
         reason,
     };
     let mut stream = loop {
-        let attempt = master
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())
-            .and_then(|mut addrs| {
-                addrs
-                    .next()
-                    .ok_or_else(|| "the name resolves to no address".to_string())
-            })
-            .and_then(|addr| {
-                let left = deadline.saturating_duration_since(Instant::now());
-                TcpStream::connect_timeout(&addr, left.max(Duration::from_millis(10)))
-                    .map_err(|e| e.to_string())
-            });
+        let attempt = resolve().and_then(|addrs| connect_any(&addrs, deadline));
         match attempt {
             Ok(stream) => break stream,
             Err(reason) if Instant::now() >= deadline => return Err(unreachable(reason)),
@@ -285,8 +317,11 @@ fn read_body(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
 }
 
 /// Runs the rendezvous for the process described by `env`: rank 0 listens on all interfaces
-/// at `MASTER_PORT` and hands out `make_blob()`'s result (it returns it too); every other rank
-/// joins `MASTER_ADDR:MASTER_PORT`. `make_blob` is called only on rank 0.
+/// at the rendezvous port (`DUALPIPE_RENDEZVOUS_PORT`, else `MASTER_PORT + 1`: torchrun's
+/// store holds `MASTER_PORT` itself) and hands out `make_blob()`'s result (it returns it too);
+/// every other rank joins `MASTER_ADDR` at that port. `make_blob` is called only on rank 0.
+/// Rank 0 listens on IPv4 (`0.0.0.0`), or on IPv6 (`[::]`) when `MASTER_ADDR` is an IPv6
+/// address.
 pub fn exchange(
     env: &crate::launch::LaunchEnv,
     make_blob: impl FnOnce() -> Vec<u8>,
@@ -295,7 +330,14 @@ pub fn exchange(
     if env.rank == 0 {
         let blob = make_blob();
         if env.world_size > 1 {
-            let addr = format!("0.0.0.0:{}", env.master_port);
+            let ipv6 = env
+                .master_addr
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok();
+            let any = if ipv6 { "[::]" } else { "0.0.0.0" };
+            let addr = format!("{any}:{}", env.rendezvous_port);
             let listener = TcpListener::bind(&addr).map_err(|e| RendezvousError::Bind {
                 addr,
                 reason: e.to_string(),
@@ -304,7 +346,7 @@ pub fn exchange(
         }
         Ok(blob)
     } else {
-        join(&env.master(), env.rank, env.world_size, timeout)
+        join(&env.rendezvous(), env.rank, env.world_size, timeout)
     }
 }
 
@@ -469,10 +511,107 @@ mod tests {
             local_rank: 0,
             master_addr: "unused.invalid".into(),
             master_port: 1,
+            rendezvous_port: 2,
         };
         assert_eq!(
             exchange(&env, || BLOB.to_vec(), Duration::from_millis(10)).unwrap(),
             BLOB
+        );
+    }
+
+    /// A free loopback port whose next port is free too.
+    fn two_free_ports() -> u16 {
+        loop {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+                return port;
+            }
+        }
+    }
+
+    #[test]
+    fn the_rendezvous_leaves_master_port_to_torchruns_store() {
+        let master_port = two_free_ports();
+        // torchrun's store, holding MASTER_PORT on rank 0's node for the whole run.
+        let _store = TcpListener::bind(("127.0.0.1", master_port)).unwrap();
+        let env = |rank| crate::launch::LaunchEnv {
+            rank,
+            world_size: 2,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port,
+            rendezvous_port: crate::launch::rendezvous_port(master_port),
+        };
+        let joiner = {
+            let env = env(1);
+            thread::spawn(move || exchange(&env, Vec::new, Duration::from_secs(10)))
+        };
+        let served = exchange(&env(0), || BLOB.to_vec(), Duration::from_secs(10));
+        assert_eq!(served.unwrap(), BLOB);
+        assert_eq!(joiner.join().unwrap().unwrap(), BLOB);
+    }
+
+    #[test]
+    fn every_resolved_address_is_tried() {
+        // The first address refuses (nothing listens there); rank 0 is at the second.
+        let closed = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let joiner = thread::spawn(move || {
+            join_resolved(
+                "rank0.example:1",
+                || Ok(vec![closed, open]),
+                1,
+                2,
+                Duration::from_secs(10),
+            )
+        });
+        serve(&listener, 2, BLOB, Duration::from_secs(10)).unwrap();
+        assert_eq!(joiner.join().unwrap().unwrap(), BLOB);
+    }
+
+    #[test]
+    fn a_refused_peer_names_every_address_tried() {
+        let closed: Vec<SocketAddr> = (0..2)
+            .map(|_| {
+                TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
+            .collect();
+        let started = Instant::now();
+        let error = join_resolved(
+            "rank0.example:1",
+            || Ok(closed.clone()),
+            1,
+            2,
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded");
+        let text = error.to_string();
+        for addr in &closed {
+            assert!(text.contains(&addr.to_string()), "{text}");
+        }
+        let nothing = join_resolved(
+            "rank0.example:1",
+            || Ok(Vec::new()),
+            1,
+            2,
+            Duration::from_millis(50),
+        )
+        .unwrap_err();
+        assert!(
+            nothing.to_string().contains("resolves to no address"),
+            "{nothing}"
         );
     }
 }

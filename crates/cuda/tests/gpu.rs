@@ -150,6 +150,7 @@ fn nccl_at_world_size_1_matches_virtual_ranks() {
         local_rank: 0,
         master_addr: "127.0.0.1".into(),
         master_port: 29500,
+        rendezvous_port: 29501,
     };
     let mut nccl = NcclRank::new(
         &env,

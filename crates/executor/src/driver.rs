@@ -6,7 +6,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::error::{Cause, RankFailure, StepError};
-use crate::interpret::{Executor, Feed, RankRun, Stages};
+use crate::interpret::{Executor, Feed, Marks, RankRun, Stages};
 use crate::profile::{Clock, Profile};
 use crate::stage::Stage;
 use crate::transport::Transport;
@@ -99,6 +99,7 @@ where
     S::Loss: Send,
     T: Transport<Buffer = S::Buffer> + Send,
     C: Clock + Send,
+    C::Mark: Send,
     H: Host<S>,
 {
     let schedule = executor.schedule().schedule();
@@ -106,14 +107,25 @@ where
     let settled = host.settle();
     let mut held = Vec::with_capacity(results.len());
     let mut outcomes = Vec::with_capacity(results.len());
-    for (rank, stages, result) in results {
+    let mut unresolved = Vec::new();
+    for (rank, stages, result, marks) in results {
         if let Some(stages) = stages {
             held.push((rank, stages));
+        }
+        if let Some(marks) = marks {
+            unresolved.push((rank, marks));
         }
         outcomes.push(result.map(|run| (rank, run)));
     }
     settled.map_err(|failure| StepError::new(vec![failure], Vec::new()))?;
-    let runs = StepError::gather(outcomes)?;
+    let mut runs = StepError::gather(outcomes)?;
+    // Resolved only now, after the host has waited for every rank: a device clock's marks are
+    // events, and reading them earlier would wait for the device inside the step.
+    for (rank, (mut clock, marks)) in unresolved {
+        if let Some((_, run)) = runs.iter_mut().find(|(r, _)| *r == rank) {
+            run.timings = marks.resolve(&mut clock);
+        }
+    }
     if !schedule.forward_only {
         sum_copies(schedule.num_stages, &mut held)?;
     }
@@ -148,24 +160,26 @@ where
 }
 
 /// Each rank's index, its stages (handed back for the sum of copies; lost with a thread that
-/// never came back) and its outcome.
-type Outcome<'a, S> = (
+/// never came back), its outcome, and when profiling its clock with the marks to resolve.
+type Outcome<'a, S, C> = (
     u32,
     Option<&'a mut Stages<S>>,
     Result<RankRun<<S as Stage>::Buffer, <S as Stage>::Loss>, RankFailure>,
+    Option<(C, Marks<<C as Clock>::Mark>)>,
 );
 
 /// Runs every rank's list once: one thread per rank, or the calling thread for a single rank.
 fn run_ranks<'a, S, T, C>(
     executor: &Executor,
     parts: Vec<RankParts<'a, S, T, C>>,
-) -> Vec<Outcome<'a, S>>
+) -> Vec<Outcome<'a, S, C>>
 where
     S: Stage + Send,
     S::Buffer: Send,
     S::Loss: Send,
     T: Transport<Buffer = S::Buffer> + Send,
     C: Clock + Send,
+    C::Mark: Send,
 {
     if parts.len() == 1 {
         return parts
@@ -192,6 +206,7 @@ where
                         rank,
                         None,
                         Err(RankFailure::on_rank(rank, Cause::Panic(message))),
+                        None,
                     )
                 };
                 match handle {
@@ -207,7 +222,7 @@ where
 
 /// Runs one rank's list, turning a panic of the interpreter into a failure that aborts the
 /// step on every rank.
-fn run_one<'a, S, T, C>(executor: &Executor, part: RankParts<'a, S, T, C>) -> Outcome<'a, S>
+fn run_one<'a, S, T, C>(executor: &Executor, part: RankParts<'a, S, T, C>) -> Outcome<'a, S, C>
 where
     S: Stage,
     T: Transport<Buffer = S::Buffer>,
@@ -223,7 +238,7 @@ where
     let profile = executor.options().profile;
     let run = catch_unwind(AssertUnwindSafe(|| {
         let clock = if profile { clock.as_mut() } else { None };
-        executor.run_rank(rank, &mut *stages, &mut transport, feed, clock)
+        executor.run_rank_marked(rank, &mut *stages, &mut transport, feed, clock)
     }));
     let result = run.unwrap_or_else(|_| {
         // Stage panics are caught inside; this is the interpreter's own.
@@ -234,7 +249,17 @@ where
         transport.abort(&failure.to_string());
         Err(failure)
     });
-    (rank, Some(stages), result)
+    match result {
+        Ok((run, marks)) => {
+            let marks = if profile {
+                clock.map(|clock| (clock, marks))
+            } else {
+                None
+            };
+            (rank, Some(stages), Ok(run), marks)
+        }
+        Err(failure) => (rank, Some(stages), Err(failure), None),
+    }
 }
 
 /// Sums the gradients of the copies of every stage held by several of `ranks` (ascending).

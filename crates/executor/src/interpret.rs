@@ -261,6 +261,41 @@ impl Executor {
         }
         result
     }
+
+    /// [`Executor::run_rank`] with the clock's marks left unresolved (`timings` empty), for
+    /// the driver to resolve once the host has waited for the devices.
+    #[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+    pub(crate) fn run_rank_marked<S, T, C>(
+        &self,
+        rank: u32,
+        stages: &mut Stages<S>,
+        transport: &mut T,
+        feed: Feed<S::Buffer>,
+        clock: Option<&mut C>,
+    ) -> Result<MarkedRun<S::Buffer, S::Loss, C::Mark>, RankFailure>
+    where
+        S: Stage,
+        T: Transport<Buffer = S::Buffer>,
+        C: Clock,
+    {
+        let program = &self.programs[rank as usize];
+        let result = Interpreter {
+            program,
+            instructions: &self.schedule.schedule().ranks[rank as usize],
+            options: &self.options,
+            training: !self.schedule.schedule().forward_only,
+            stages,
+            transport,
+            state: State::new(program.slots, feed),
+        }
+        .run_marked(clock);
+        if let Err(failure) = &result {
+            if !failure.cause.is_abort() {
+                transport.abort(&failure.to_string());
+            }
+        }
+        result
+    }
 }
 
 /// A received buffer not yet taken: the transport's ticket and the recv's instruction index.
@@ -326,9 +361,22 @@ where
     T: Transport<Buffer = S::Buffer>,
 {
     fn run<C: Clock>(
-        mut self,
+        self,
         mut clock: Option<&mut C>,
     ) -> Result<RankRun<S::Buffer, S::Loss>, RankFailure> {
+        let (mut run, marks) = self.run_marked(clock.as_deref_mut())?;
+        if let Some(clock) = clock {
+            run.timings = marks.resolve(clock);
+        }
+        Ok(run)
+    }
+
+    /// [`Interpreter::run`] with the marks left unresolved (`timings` empty).
+    #[allow(clippy::type_complexity)] // the result spells out the stage's associated types
+    fn run_marked<C: Clock>(
+        mut self,
+        mut clock: Option<&mut C>,
+    ) -> Result<MarkedRun<S::Buffer, S::Loss, C::Mark>, RankFailure> {
         let rank = self.program.rank;
         for &stage in &self.program.stages {
             if self.stages.get(stage).is_none() {
@@ -397,27 +445,44 @@ where
                 }
             }
         }
-        let timings = match clock {
-            Some(clock) => marks
-                .into_iter()
-                .map(|(index, start, ready, end, waited_on)| {
-                    let start_us = clock.micros(&start);
-                    Timing {
-                        index,
-                        start_us,
-                        ready_us: ready.map_or(start_us, |r| clock.micros(&r)),
-                        end_us: clock.micros(&end),
-                        waited_on,
-                    }
-                })
-                .collect(),
-            None => Vec::new(),
-        };
-        Ok(RankRun {
-            losses: std::mem::take(&mut self.state.losses),
-            outputs: std::mem::take(&mut self.state.outputs),
-            timings,
-        })
+        Ok((
+            RankRun {
+                losses: std::mem::take(&mut self.state.losses),
+                outputs: std::mem::take(&mut self.state.outputs),
+                timings: Vec::new(),
+            },
+            Marks(marks),
+        ))
+    }
+}
+
+/// A rank's clock marks of one step, not yet resolved: every compute and commit as (index,
+/// start, ready, end, the commit it waited on). Resolving may wait for the device (a GPU
+/// clock's events), so the driver resolves them after its host has waited for every rank.
+pub(crate) struct Marks<M>(Vec<Marked<M>>);
+
+/// One compute's or commit's marks: (index, start, ready, end, the commit it waited on).
+type Marked<M> = (usize, M, Option<M>, M, Option<usize>);
+
+/// A rank's run with its marks unresolved.
+pub(crate) type MarkedRun<B, L, M> = (RankRun<B, L>, Marks<M>);
+
+impl<M> Marks<M> {
+    /// The timings, read from `clock` (the clock that made the marks).
+    pub(crate) fn resolve<C: Clock<Mark = M>>(self, clock: &mut C) -> Vec<Timing> {
+        self.0
+            .into_iter()
+            .map(|(index, start, ready, end, waited_on)| {
+                let start_us = clock.micros(&start);
+                Timing {
+                    index,
+                    start_us,
+                    ready_us: ready.map_or(start_us, |r| clock.micros(&r)),
+                    end_us: clock.micros(&end),
+                    waited_on,
+                }
+            })
+            .collect()
     }
 }
 
@@ -446,7 +511,7 @@ where
                 Ok((ready, waited))
             }
             Op::Backward(b) => {
-                let (backward, waited) = self.backward_args(&b)?;
+                let (backward, waited) = self.backward_args(&b, false)?;
                 let ready = mark();
                 let stage = self.stages.get_mut(b.work.stage).expect("checked at start");
                 let input_grad = guarded(|| stage.backward(backward))?;
@@ -461,7 +526,9 @@ where
             }
             Op::ForwardBackward(f, b) => {
                 let (forward, waited_f) = self.forward_args(&f)?;
-                let (backward, waited_b) = self.backward_args(&b)?;
+                // The backward half runs beside the forward: its gradient is taken with
+                // `wait_beside`, so the forward half is not held up by it.
+                let (backward, waited_b) = self.backward_args(&b, true)?;
                 let ready = mark();
                 let (forward_stage, backward_stage) = self
                     .stages
@@ -495,7 +562,7 @@ where
             }
             Source::Local => (self.take_local(Kind::Act, f.slot, f.work)?, None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Act, f.slot)?;
+                let (buffer, commit) = self.take_received(Kind::Act, f.slot, false)?;
                 (buffer, Some(commit))
             }
             Source::Loss => unreachable!("a forward has an input"),
@@ -522,15 +589,17 @@ where
         ))
     }
 
+    /// The arguments of a backward; `beside`: it is the backward half of an `FB`.
     fn backward_args(
         &mut self,
         b: &BackwardOp,
+        beside: bool,
     ) -> Result<(Backward<S::Buffer>, Option<usize>), Cause> {
         let (output_grad, waited) = match b.grad {
             Source::Loss => (None, None),
             Source::Local => (Some(self.take_local(Kind::Grad, b.slot, b.work)?), None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Grad, b.slot)?;
+                let (buffer, commit) = self.take_received(Kind::Grad, b.slot, beside)?;
                 (Some(buffer), Some(commit))
             }
             Source::Feed => unreachable!("gradients are not fed"),
@@ -556,16 +625,24 @@ where
 
     /// Waits for a received buffer and checks its shape. Returns it with the index of the
     /// commit that posted its receive.
-    fn take_received(&mut self, kind: Kind, slot: usize) -> Result<(S::Buffer, usize), Cause> {
+    /// A received buffer; `beside`: for the backward half of an `FB` (`wait_beside`).
+    fn take_received(
+        &mut self,
+        kind: Kind,
+        slot: usize,
+        beside: bool,
+    ) -> Result<(S::Buffer, usize), Cause> {
         let pending = self.state.received[lane(kind)][slot]
             .take()
             .ok_or_else(|| {
                 Cause::Contract(format!("no receive was posted for this {}", what(kind)))
             })?;
-        let buffer = self
-            .transport
-            .wait(pending.ticket)
-            .map_err(|error| self.comm(error, Some(pending.recv)))?;
+        let waited = if beside {
+            self.transport.wait_beside(pending.ticket)
+        } else {
+            self.transport.wait(pending.ticket)
+        };
+        let buffer = waited.map_err(|error| self.comm(error, Some(pending.recv)))?;
         self.check_shape(
             match kind {
                 Kind::Act => "the received activation",

@@ -18,6 +18,7 @@ pub trait Clock {
     fn mark(&mut self, lane: Lane) -> Self::Mark;
 
     /// Microseconds from the common origin of the step (the same on every rank) to `mark`.
+    /// The step driver asks only after its host has waited for every rank (`Host::settle`).
     fn micros(&mut self, mark: &Self::Mark) -> f64;
 }
 

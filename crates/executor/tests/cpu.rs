@@ -499,3 +499,103 @@ fn a_blocking_commit_waits_for_the_partner_and_an_async_one_does_not() {
         }
     }
 }
+
+/// The driver reads the clock's marks only after the host has waited for the ranks (a GPU
+/// clock's marks are events: reading them inside the step would wait for the device there).
+#[test]
+fn the_clock_is_read_only_after_the_host_has_settled() {
+    use dualpipe_executor::{
+        Clock, Executor, HostClock, InProcess, Kept, RankParts, Stages, drive,
+    };
+    use dualpipe_executor::{Host, RankFailure};
+    use dualpipe_schedule::Lane;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    struct Watched {
+        inner: HostClock,
+        settled: Arc<AtomicBool>,
+        early: Arc<AtomicUsize>,
+    }
+    impl Clock for Watched {
+        type Mark = <HostClock as Clock>::Mark;
+        fn mark(&mut self, lane: Lane) -> Self::Mark {
+            self.inner.mark(lane)
+        }
+        fn micros(&mut self, mark: &Self::Mark) -> f64 {
+            if !self.settled.load(Ordering::SeqCst) {
+                self.early.fetch_add(1, Ordering::SeqCst);
+            }
+            self.inner.micros(mark)
+        }
+    }
+    struct Settling(Arc<AtomicBool>);
+    impl Host<ReferenceStage> for Settling {
+        type Buffer = Matrix;
+        type Loss = f32;
+        fn settle(&mut self) -> Result<(), RankFailure> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn loss(&mut self, rank: u32, loss: f32) -> Result<Option<f32>, RankFailure> {
+            <Kept as Host<ReferenceStage>>::loss(&mut Kept, rank, loss)
+        }
+        fn output(&mut self, rank: u32, output: Matrix) -> Result<Matrix, RankFailure> {
+            <Kept as Host<ReferenceStage>>::output(&mut Kept, rank, output)
+        }
+    }
+
+    let schedule = schedule(Family::DualPipeV, 2, 4);
+    let spec = spec(&schedule);
+    let mut options = options(&spec, ExecutionModel::Async);
+    options.profile = true;
+    let executor = Executor::new(schedule, options);
+    let doc = executor.schedule().schedule();
+    let mut ranks: Vec<Stages<ReferenceStage>> = (0..doc.num_ranks)
+        .map(|r| {
+            Stages::new(
+                executor
+                    .stages_of(r)
+                    .iter()
+                    .map(|&s| (s, ReferenceStage::new(&spec, s))),
+            )
+        })
+        .collect();
+    let batch = Batch::synthetic(&spec, doc.num_microbatches, 0);
+    let mut inputs: Vec<Option<Matrix>> = batch.inputs.into_iter().map(Some).collect();
+    let mut targets: Vec<Option<Matrix>> = batch.targets.into_iter().map(Some).collect();
+    let feeds = executor.split_feed(&mut inputs, &mut targets);
+    let transports = InProcess::network(
+        doc.num_ranks,
+        ExecutionModel::Async,
+        Duration::from_secs(30),
+    );
+    let settled = Arc::new(AtomicBool::new(false));
+    let early = Arc::new(AtomicUsize::new(0));
+    let origin = Instant::now();
+    let parts = ranks
+        .iter_mut()
+        .zip(transports)
+        .zip(feeds)
+        .enumerate()
+        .map(|(rank, ((stages, transport), feed))| RankParts {
+            rank: rank as u32,
+            stages,
+            transport,
+            feed,
+            clock: Some(Watched {
+                inner: HostClock::new(origin),
+                settled: settled.clone(),
+                early: early.clone(),
+            }),
+        })
+        .collect();
+    let step = drive(&executor, parts, &mut Settling(settled.clone())).unwrap();
+    assert_eq!(
+        early.load(Ordering::SeqCst),
+        0,
+        "marks read before the host settled"
+    );
+    let profile = step.profile.unwrap();
+    assert!(profile.ranks.iter().all(|timeline| !timeline.is_empty()));
+}

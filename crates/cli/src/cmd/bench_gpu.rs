@@ -106,6 +106,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         dtype,
         comm,
         fb_two_streams: true,
+        host_timeout: Some(Duration::from_secs(300)),
     };
     let small = |stages| ModelSpec {
         hidden: 512,

@@ -16,6 +16,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::io::{Failure, check_output, load_schedule, source_name, write_output, write_stdout};
 
+mod gpu;
+
 /// Train the reference model (per stage Linear(h, 4h) -> GELU -> Linear(4h, h), mean squared
 /// error at the last stage) on synthetic data under a schedule, one CPU thread per rank. Every
 /// step is also run in a single process from the same parameters: the losses must be equal
@@ -29,11 +31,19 @@ Examples:
   dualpipe plan -s zb1p -n 4 -c 8 | dualpipe run -
   dualpipe run -s dualpipe -n 4 -c 8 --costs-out measured.json
   dualpipe simulate schedules/dualpipe-4x8.json --costs measured.json
+  dualpipe run -s dualpipev -n 4 -c 10 --device cuda
+  torchrun --nproc-per-node 4 --no-python dualpipe run -s dualpipe -n 4 -c 8 --device cuda --launch
+
+With --device cuda the ranks run on GPU --gpu as virtual ranks (one process, a stream set per
+rank), or with --launch one process per GPU over NCCL, placed by RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR and MASTER_PORT (the rendezvous listens on MASTER_PORT + 1, or on
+DUALPIPE_RENDEZVOUS_PORT). The first step is set beside the CPU model; --trace and --costs-out
+are for CPU runs.
 
 The simulated bubble uses the last step's measured mean costs per stage (ms), with free messages.
 --costs-out writes them as a cost file (docs/costs.md) that simulate --costs reads back.
 
-Exit codes: 0 success, 1 invalid schedule or failed step, 2 usage error.")]
+Exit codes: 0 success, 1 invalid schedule or failed step, 2 usage error or no GPU.")]
 pub struct Args {
     /// Schedule file, or - for standard input. Instead, plan one with --schedule, --ranks and
     /// --microbatches.
@@ -86,6 +96,21 @@ pub struct Args {
     /// Overwrite the trace and cost files if they exist.
     #[arg(long)]
     force: bool,
+    /// Where the ranks run: cpu (one thread each, checked against the single-process model)
+    /// or cuda (the CUDA backend).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// The GPU of a --device cuda run on one GPU.
+    #[arg(long, default_value_t = 0)]
+    gpu: usize,
+    /// One process per GPU over NCCL (with --device cuda), placed by torchrun-style
+    /// variables: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
+    #[arg(long)]
+    launch: bool,
+    /// Seconds the host waits for one step's GPU work before the step fails; an NCCL run then
+    /// aborts its communicator, so a stalled peer becomes an error instead of a hang.
+    #[arg(long, default_value_t = 300.0)]
+    host_timeout: f64,
 }
 
 fn parse_family(name: &str) -> Result<Family, String> {
@@ -118,6 +143,25 @@ pub fn run(args: Args) -> Result<(), Failure> {
             trace.display()
         )));
     }
+    let cuda = args.device == "cuda";
+    let gpu_run = if cuda {
+        if args.trace.is_some() || args.costs_out.is_some() {
+            return Err(Failure::usage(
+                "--trace and --costs-out are for CPU runs, not --device cuda",
+            ));
+        }
+        Some(gpu::GpuRun::check(
+            args.launch,
+            args.gpu,
+            args.host_timeout,
+            &schedule,
+            |name| std::env::var(name).ok(),
+        )?)
+    } else if args.launch || args.gpu != 0 {
+        return Err(Failure::usage("--launch and --gpu need --device cuda"));
+    } else {
+        None
+    };
     let doc = schedule.schedule();
     let training = !doc.forward_only;
     let lr = args
@@ -153,13 +197,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
     );
     let _ = writeln!(
         out,
-        "model: {num_stages} x (Linear({h}, {h4}) -> GELU -> Linear({h4}, {h})), {rows} rows per micro-batch, {params:.2} M parameters; learning rate {lr}; {} model, {num_ranks} CPU threads",
+        "model: {num_stages} x (Linear({h}, {h4}) -> GELU -> Linear({h4}, {h})), {rows} rows per micro-batch, {params:.2} M parameters; learning rate {lr}; {} model, {}",
         args.model,
+        match &gpu_run {
+            None => format!("{num_ranks} CPU threads"),
+            Some(run) if run.launch.is_some() => "one process per GPU".to_string(),
+            Some(_) => format!("{num_ranks} virtual ranks on one GPU"),
+        },
         h = args.hidden,
         h4 = 4 * args.hidden,
         rows = args.rows,
         params = (spec.parameters_per_stage() as f64 * f64::from(num_stages)) / 1e6,
     );
+    if let Some(run) = &gpu_run {
+        let mut options = options;
+        options.profile = false;
+        gpu::train(run, schedule, options, &spec, args.steps, lr, &mut out)?;
+        return write_stdout(&out);
+    }
     write_stdout(&out)?;
 
     let mut pipeline = CpuBackend::new(schedule.clone(), options, &spec)

@@ -94,6 +94,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device, CudaError> {
         .map_err(|e| CudaError::NoGpu(format!("opening GPU {ordinal}: {e:?}")))?;
     // Before the first allocation: buffers made from here on carry no cudarc events.
     raw::own_stream_ordering(&ctx);
+    raw::configure_memory_pool(&ctx)?;
     let kernels = Arc::new(Kernels::compile(&ctx)?);
     Ok(Device { ctx, kernels })
 }

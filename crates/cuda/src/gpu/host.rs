@@ -2,11 +2,12 @@
 //! losses and outputs to the host, and the errors of a step outside the interpreter.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dualpipe_executor::{Cause, Host, RankFailure, StepError};
 use dualpipe_schedule::ValidSchedule;
 
+use super::raw::NcclAbort;
 use super::stage::GpuStage;
 use super::{RankDevice, Tensor};
 
@@ -34,6 +35,10 @@ pub(crate) struct DeviceHost {
     pub dispatch_us: f64,
     /// Host time from the start of issuing to the end of the devices' work.
     pub step_us: f64,
+    /// The longest the host waits for the devices at the end of the step.
+    timeout: Option<Duration>,
+    /// Aborted when that wait times out, so the stalled device work ends too.
+    abort: Option<NcclAbort>,
 }
 
 impl DeviceHost {
@@ -44,7 +49,17 @@ impl DeviceHost {
             started: Instant::now(),
             dispatch_us: 0.0,
             step_us: 0.0,
+            timeout: None,
+            abort: None,
         }
+    }
+
+    /// Waits for the devices at most `timeout` at the end of the step; past it, aborts
+    /// `abort` (an NCCL communicator) and fails the step.
+    pub fn with_timeout(mut self, timeout: Option<Duration>, abort: Option<NcclAbort>) -> Self {
+        self.timeout = timeout;
+        self.abort = abort;
+        self
     }
 
     fn device(&self, rank: u32) -> Result<&RankDevice, RankFailure> {
@@ -58,6 +73,16 @@ impl DeviceHost {
     }
 }
 
+/// The failure of a wait for `rank`'s device; a timeout aborts `abort` first.
+pub(crate) fn stalled(abort: Option<&NcclAbort>, rank: u32, e: super::GpuError) -> RankFailure {
+    if matches!(e, super::GpuError::Timeout(_))
+        && let Some(abort) = abort
+    {
+        let _ = abort.abort();
+    }
+    device_failure(rank, e)
+}
+
 pub(crate) fn device_failure(rank: u32, e: impl std::fmt::Display) -> RankFailure {
     RankFailure::on_rank(rank, Cause::Contract(e.to_string()))
 }
@@ -69,7 +94,8 @@ impl Host<GpuStage> for DeviceHost {
     fn settle(&mut self) -> Result<(), RankFailure> {
         self.dispatch_us = self.started.elapsed().as_secs_f64() * 1e6;
         for (rank, dev) in &self.devs {
-            dev.synchronize().map_err(|e| device_failure(*rank, e))?;
+            dev.synchronize_within(self.timeout)
+                .map_err(|e| stalled(self.abort.as_ref(), *rank, e))?;
         }
         self.step_us = self.started.elapsed().as_secs_f64() * 1e6;
         Ok(())

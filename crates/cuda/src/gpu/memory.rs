@@ -2,7 +2,8 @@
 //! host could still be in use on any of its rank's streams, so it is not freed at once: it
 //! goes to the rank's [`Graveyard`], which records an event on each stream of the rank and
 //! frees the buffers once all those events have completed. The host never waits for that
-//! inside a step: completed batches are swept at each commit by polling the events.
+//! inside a step: completed batches are swept at each commit and after each compute by
+//! polling the events.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};

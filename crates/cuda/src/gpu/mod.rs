@@ -15,6 +15,8 @@ mod memory;
 pub(crate) mod nccl;
 pub(crate) mod pipeline;
 pub(crate) mod raw;
+#[cfg(test)]
+mod reduce_check;
 pub(crate) mod sequential;
 mod stage;
 mod transport;
@@ -39,6 +41,9 @@ pub(crate) enum GpuError {
     Library(String),
     #[error("{0}")]
     Shape(String),
+    /// The host timeout passed before the device finished.
+    #[error("{}", crate::watchdog::timeout_message(*.0))]
+    Timeout(std::time::Duration),
 }
 
 impl GpuError {
@@ -72,6 +77,18 @@ pub(crate) struct RankDevice {
     /// Timed start and end events of each commit's batch on comm, when profiling.
     pub commit_times: Mutex<Vec<(CudaEvent, CudaEvent)>>,
     pub profile: bool,
+    /// Untimed events for [`RankDevice::record`], reused once nothing else holds them.
+    events: Mutex<EventPool>,
+}
+
+/// The most events a rank keeps for reuse; more are made and dropped as needed.
+const EVENT_POOL_LIMIT: usize = 512;
+
+#[derive(Default)]
+struct EventPool {
+    events: Vec<Arc<CudaEvent>>,
+    /// Where the next search starts (round robin, so a free event is usually found at once).
+    next: usize,
 }
 
 impl RankDevice {
@@ -104,6 +121,7 @@ impl RankDevice {
             fb_two_streams,
             commit_times: Mutex::new(Vec::new()),
             profile,
+            events: Mutex::new(EventPool::default()),
         }))
     }
 
@@ -189,6 +207,37 @@ impl RankDevice {
         Ok(())
     }
 
+    /// [`RankDevice::synchronize`] within `limit` (no limit: `None`): polls events recorded
+    /// on the three streams instead of blocking, so a stalled NCCL operation becomes
+    /// [`GpuError::Timeout`] instead of a wait without end.
+    pub fn synchronize_within(&self, limit: Option<std::time::Duration>) -> Result<(), GpuError> {
+        let Some(limit) = limit else {
+            return self.synchronize();
+        };
+        let marks = [
+            self.record(&self.main)?,
+            self.record(&self.side)?,
+            self.record(&self.comm)?,
+        ];
+        crate::watchdog::wait_within(limit, || {
+            for mark in &marks {
+                let done = mark
+                    .try_is_complete()
+                    .map_err(|e| GpuError::driver("querying an event", e))?;
+                if !done {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .map_err(|wait| match wait {
+            crate::watchdog::Wait::Failed(e) => e,
+            crate::watchdog::Wait::TimedOut(limit) => GpuError::Timeout(limit),
+        })?;
+        self.graveyard.clear_after_sync();
+        Ok(())
+    }
+
     /// A fresh event; timed when `timed`.
     pub fn event(&self, timed: bool) -> Result<CudaEvent, GpuError> {
         let flags = timed.then_some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -199,11 +248,31 @@ impl RankDevice {
 
     /// Records a fresh event on `stream`.
     pub fn record(&self, stream: &CudaStream) -> Result<Arc<CudaEvent>, GpuError> {
-        let event = self.event(false)?;
+        let event = self.pooled_event()?;
         event
             .record(stream)
             .map_err(|e| GpuError::driver("recording an event", e))?;
-        Ok(Arc::new(event))
+        Ok(event)
+    }
+
+    /// An untimed event from the rank's pool: one that only the pool holds (so no wait or
+    /// query can still refer to its last recording; waits already issued keep the recording
+    /// they saw), or a new one.
+    fn pooled_event(&self) -> Result<Arc<CudaEvent>, GpuError> {
+        let mut pool = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let n = pool.events.len();
+        for step in 0..n {
+            let at = (pool.next + step) % n;
+            if Arc::strong_count(&pool.events[at]) == 1 {
+                pool.next = (at + 1) % n;
+                return Ok(pool.events[at].clone());
+            }
+        }
+        let event = Arc::new(self.event(false)?);
+        if n < EVENT_POOL_LIMIT {
+            pool.events.push(event.clone());
+        }
+        Ok(event)
     }
 }
 

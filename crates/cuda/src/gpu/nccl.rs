@@ -28,6 +28,7 @@ pub struct NcclRank {
     dev: Arc<RankDevice>,
     stages: Stages<GpuStage>,
     transport: NcclTransport,
+    host_timeout: Option<Duration>,
 }
 
 impl NcclRank {
@@ -105,6 +106,7 @@ impl NcclRank {
             executor,
             dev,
             stages: Stages::new(stages),
+            host_timeout: config.host_timeout,
         })
     }
 
@@ -137,7 +139,11 @@ impl NcclRank {
                 copy.gradient_buffers_mut(),
             )?;
         }
-        self.dev.synchronize()
+        let waited = self.dev.synchronize_within(self.host_timeout);
+        if let Err(GpuError::Timeout(_)) = &waited {
+            let _ = self.transport.comm().abort();
+        }
+        waited
     }
 
     /// The stages this rank holds.
@@ -201,7 +207,10 @@ impl Backend for NcclRank {
             .executor
             .split_feed(&mut inputs, &mut targets)
             .swap_remove(rank as usize);
-        let mut host = DeviceHost::new(vec![(rank, self.dev.clone())]);
+        let mut host = DeviceHost::new(vec![(rank, self.dev.clone())]).with_timeout(
+            self.host_timeout,
+            Some(self.transport.comm().abort_handle()),
+        );
         let parts = vec![RankParts {
             rank,
             stages: &mut self.stages,

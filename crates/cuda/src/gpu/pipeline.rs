@@ -143,7 +143,8 @@ impl Backend for CudaPipeline {
         let options = self.executor.options();
         let transports =
             PeerTransport::network(&self.devs, self.config.comm, options.model, options.timeout);
-        let mut host = DeviceHost::new((0..doc.num_ranks).zip(self.devs.iter().cloned()).collect());
+        let mut host = DeviceHost::new((0..doc.num_ranks).zip(self.devs.iter().cloned()).collect())
+            .with_timeout(self.config.host_timeout, None);
         let parts = self
             .ranks
             .iter_mut()

@@ -144,6 +144,57 @@ pub(crate) fn own_stream_ordering(ctx: &CudaContext) {
     unsafe { ctx.disable_event_tracking() }
 }
 
+/// Sets up the device's current memory pool (the one cudarc's stream-ordered allocations
+/// draw from) for the backend's pattern of many short-lived buffers:
+/// - release threshold "never": memory freed in a step stays in the pool when a stream or the
+///   host synchronises, instead of going back to the driver and being mapped again next step;
+/// - no reuse with internal dependencies: the driver may otherwise hand a block freed on one
+///   stream to an allocation on another by making the second wait for the first, an ordering
+///   the schedule does not ask for. Buffers are freed only after events on every stream of
+///   their rank have completed (the graveyard), so reuse without such waits is safe.
+///
+/// A device without memory pools (cudarc then allocates synchronously) is left as it is.
+pub(crate) fn configure_memory_pool(ctx: &CudaContext) -> Result<(), GpuError> {
+    use cudarc::driver::sys;
+    let pools = ctx
+        .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)
+        .map_err(|e| GpuError::driver("asking for memory pool support", e))?;
+    if pools == 0 {
+        return Ok(());
+    }
+    ctx.bind_to_thread()
+        .map_err(|e| GpuError::driver("binding the context", e))?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: cuDeviceGetMemPool writes one pool handle through a pointer to a live local; the
+    // device handle comes from a live context.
+    unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .map_err(|e| GpuError::driver("getting the memory pool", e))?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the release threshold is a cuuint64_t, read through a pointer to a live u64; the
+    // pool belongs to the device and lives as long as the process.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| GpuError::driver("setting the pool's release threshold", e))?;
+    let mut internal: std::ffi::c_int = 0;
+    // SAFETY: this attribute is an int, read through a pointer to a live c_int; same pool.
+    unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_REUSE_ALLOW_INTERNAL_DEPENDENCIES,
+            (&mut internal as *mut std::ffi::c_int).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| GpuError::driver("turning off the pool's reuse with dependencies", e))
+}
+
 /// A device buffer of either element type.
 #[derive(Debug)]
 pub(crate) enum Buf {
@@ -300,6 +351,109 @@ pub(crate) fn matmul(
     }
 }
 
+/// `out += a b` (row-major) into f32, on `stream` (the stream `blas` is bound to): one gemm
+/// with beta 1 whose output is f32 whatever the operands' type (`cublasGemmEx` with bf16
+/// inputs, f32 output, f32 compute), so a weight gradient needs no temporary and no separate
+/// add, and a micro-batch's share is never rounded to bf16 on its way into the sum.
+pub(crate) fn matmul_add_f32(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    out: &mut CudaSlice<f32>,
+    a: Mat<'_>,
+    b: Mat<'_>,
+) -> Result<(), GpuError> {
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    let (m, k) = a.shape();
+    let (k2, n) = b.shape();
+    let fits = |mat: &Mat<'_>| mat.buf.len() == mat.rows * mat.cols;
+    if k != k2 || out.len() != m * n || !fits(&a) || !fits(&b) {
+        return Err(GpuError::Shape(format!(
+            "matmul of {m}x{k} by {k2}x{n} added to {} values (operands hold {} and {})",
+            out.len(),
+            a.buf.len(),
+            b.buf.len()
+        )));
+    }
+    let op = |t: bool| {
+        if t {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            cublas_sys::cublasOperation_t::CUBLAS_OP_N
+        }
+    };
+    // Column-major, operands swapped, as in `matmul`.
+    let (transa, transb) = (op(b.transposed), op(a.transposed));
+    let (mm, nn, kk) = (int(n, "columns")?, int(m, "rows")?, int(k, "inner size")?);
+    let (lda, ldb, ldc) = (
+        int(b.cols, "leading dimension")?,
+        int(a.cols, "leading dimension")?,
+        mm,
+    );
+    let failed = |e| {
+        GpuError::Library(format!(
+            "cuBLAS gemm ({m}x{k} by {k}x{n}, added) failed: {e:?}"
+        ))
+    };
+    match (a.buf, b.buf) {
+        (Buf::F32(a), Buf::F32(b)) => {
+            let cfg = GemmConfig {
+                transa,
+                transb,
+                m: mm,
+                n: nn,
+                k: kk,
+                alpha: 1.0f32,
+                lda,
+                ldb,
+                beta: 1.0f32,
+                ldc,
+            };
+            // SAFETY: shapes checked above as in `matmul`; `out` holds exactly m x n values,
+            // initialised (beta is 1, so cuBLAS reads them).
+            unsafe { blas.gemm(cfg, b, a, out) }.map_err(failed)
+        }
+        (Buf::Bf16(a), Buf::Bf16(b)) => {
+            let (alpha, beta) = (1.0f32, 1.0f32);
+            let (pa, _a) = b.device_ptr(stream);
+            let (pb, _b) = a.device_ptr(stream);
+            let (pc, _c) = out.device_ptr_mut(stream);
+            // SAFETY: shapes checked above: cuBLAS's A (our `b`, bf16) holds k x n read with
+            // lda, its B (our `a`, bf16) m x k read with ldb, and C (`out`, f32) exactly m x n
+            // with ldc = n; alpha and beta are f32 values that outlive the call, as
+            // CUBLAS_COMPUTE_32F requires. bf16 inputs with f32 output and compute are a
+            // combination cublasGemmEx supports. The handle runs on `stream`, where the
+            // pointers were taken (event tracking is off, so taking them records nothing).
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    transa,
+                    transb,
+                    mm,
+                    nn,
+                    kk,
+                    (&alpha as *const f32).cast(),
+                    pa as *const std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    lda,
+                    pb as *const std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_16BF,
+                    ldb,
+                    (&beta as *const f32).cast(),
+                    pc as *mut std::ffi::c_void,
+                    cublas_sys::cudaDataType_t::CUDA_R_32F,
+                    ldc,
+                    cublas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(failed)
+        }
+        _ => Err(GpuError::Shape(
+            "matmul operands of different element types".into(),
+        )),
+    }
+}
+
 /// Launch geometry of the grid-stride kernels.
 fn grid(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
@@ -314,6 +468,7 @@ fn grid(n: usize) -> LaunchConfig {
 pub(crate) enum Arg<'a> {
     Buf(&'a Buf),
     Grad(&'a CudaSlice<f32>),
+    Wide(&'a CudaSlice<f64>),
     Int(&'a i64),
     Float(&'a f32),
 }
@@ -322,8 +477,8 @@ pub(crate) enum Arg<'a> {
 ///
 /// # Safety
 /// `args` must match the kernel's parameter list in number, order and type (`Buf` for a `T*`
-/// of the instance's element type, `Grad` for a `float*`, `Int` for a `long long`, `Float` for
-/// a `float`), and every buffer must hold at least as many elements as the kernel touches for
+/// of the instance's element type, `Grad` for a `float*`, `Wide` for a `double*`, `Int` for a
+/// `long long`, `Float` for a `float`), and every buffer must hold at least as many elements as the kernel touches for
 /// the sizes passed.
 unsafe fn launch(
     stream: &CudaStream,
@@ -337,6 +492,7 @@ unsafe fn launch(
             Arg::Buf(Buf::F32(s)) => builder.arg(s),
             Arg::Buf(Buf::Bf16(s)) => builder.arg(s),
             Arg::Grad(s) => builder.arg(*s),
+            Arg::Wide(s) => builder.arg(*s),
             Arg::Int(v) => builder.arg(*v),
             Arg::Float(v) => builder.arg(*v),
         };
@@ -541,7 +697,7 @@ impl Kernels {
     /// `loss` (one `f32`).
     pub fn mse(
         &self,
-        stream: &CudaStream,
+        stream: &Arc<CudaStream>,
         grad: &mut Buf,
         loss: &mut CudaSlice<f32>,
         y: &Buf,
@@ -567,19 +723,51 @@ impl Kernels {
                 &[Arg::Buf(grad), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
             )?
         };
-        let one_block = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (REDUCE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: mse_loss_T(float* loss, const T* y, const T* t, long long n) writes loss[0]
-        // only and reads n elements of y and t; it needs exactly REDUCE_THREADS threads.
+        let blocks = crate::kernels::mse_blocks(n);
+        // Used on `stream` only, so dropping it at the end (a free ordered on `stream`, after
+        // both passes) is safe.
+        let partials = stream
+            .alloc_zeros::<f64>(blocks as usize)
+            .map_err(|e| GpuError::driver("allocating the loss's partial sums", e))?;
+        let block_count = i64::from(blocks);
+        // SAFETY: mse_partial_T(double* partials, const T* y, const T* t, long long n) reads n
+        // elements of y and t and writes partials[blockIdx.x] for each of the `blocks` blocks
+        // (`partials` holds `blocks`); it needs exactly REDUCE_THREADS threads per block.
         unsafe {
             launch(
                 stream,
-                self.get(crate::kernels::Kernel::MseLoss, dtype),
-                one_block,
-                &[Arg::Grad(loss), Arg::Buf(y), Arg::Buf(t), Arg::Int(&count)],
+                self.get(crate::kernels::Kernel::MsePartial, dtype),
+                LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (REDUCE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Wide(&partials),
+                    Arg::Buf(y),
+                    Arg::Buf(t),
+                    Arg::Int(&count),
+                ],
+            )?
+        };
+        // SAFETY: mse_finish_T(float* loss, const double* partials, long long blocks,
+        // long long n) reads `blocks` partials and writes loss[0] only; one block of exactly
+        // REDUCE_THREADS threads.
+        unsafe {
+            launch(
+                stream,
+                self.get(crate::kernels::Kernel::MseFinish, dtype),
+                LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (REDUCE_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                &[
+                    Arg::Grad(loss),
+                    Arg::Wide(&partials),
+                    Arg::Int(&block_count),
+                    Arg::Int(&count),
+                ],
             )
         }
     }
@@ -598,13 +786,18 @@ impl Kernels {
             x.len() == rows * cols && sums.len() == cols,
         )?;
         let (r, c) = (rows as i64, cols as i64);
+        let tiles = LaunchConfig {
+            grid_dim: (crate::kernels::column_blocks(cols), 1, 1),
+            block_dim: (crate::kernels::COLUMN_TILE, crate::kernels::ROW_LANES, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: column_sums_add_T(float* sums, const T* x, long long rows, long long cols),
-        // sizes checked.
+        // sizes checked; it needs blockDim == (COLUMN_TILE, ROW_LANES), as given.
         unsafe {
             launch(
                 stream,
                 self.get(crate::kernels::Kernel::ColumnSumsAdd, x.dtype()),
-                grid(cols),
+                tiles,
                 &[Arg::Grad(sums), Arg::Buf(x), Arg::Int(&r), Arg::Int(&c)],
             )
         }
@@ -720,6 +913,7 @@ struct NcclApi {
         std::ffi::c_int,
     ) -> std::ffi::c_int,
     comm_destroy: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
+    comm_abort: unsafe extern "C" fn(NcclCommHandle) -> std::ffi::c_int,
     send: unsafe extern "C" fn(
         *const std::ffi::c_void,
         usize,
@@ -776,6 +970,7 @@ fn nccl_api() -> Result<&'static NcclApi, GpuError> {
             get_unique_id: symbol!("ncclGetUniqueId"),
             comm_init_rank: symbol!("ncclCommInitRank"),
             comm_destroy: symbol!("ncclCommDestroy"),
+            comm_abort: symbol!("ncclCommAbort"),
             send: symbol!("ncclSend"),
             recv: symbol!("ncclRecv"),
             group_start: symbol!("ncclGroupStart"),
@@ -832,17 +1027,100 @@ pub(crate) fn nccl_group_end() -> Result<(), GpuError> {
     api.check("group end", unsafe { (api.group_end)() })
 }
 
+/// Runs `body` between [`nccl_group_start`] and [`nccl_group_end`]. The group is ended even
+/// when `body` fails: NCCL keeps the group open per thread, and a group left open would take in
+/// the next commit's operations. `body`'s error comes first; `wrap` turns NCCL's own errors
+/// into the caller's.
+pub(crate) fn nccl_group<T, E>(
+    wrap: impl Fn(GpuError) -> E,
+    body: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    nccl_group_start().map_err(&wrap)?;
+    let result = body();
+    let ended = nccl_group_end().map_err(&wrap);
+    let value = result?;
+    ended?;
+    Ok(value)
+}
+
+/// The communicator handle, shared between its [`NcclComm`] and any [`NcclAbort`]; null once
+/// aborted. Operations hold the read lock while NCCL takes them (queueing only, inside a
+/// group); an abort takes the write lock, so no operation uses a handle being freed.
+struct CommCell {
+    api: &'static NcclApi,
+    handle: std::sync::RwLock<NcclCommHandle>,
+}
+
+// SAFETY: NCCL lets a communicator be used from any thread; every use of the handle goes
+// through the lock above, and `ncclCommAbort` (the one call made from another thread, to end a
+// stall) is documented as safe to call while operations of the communicator are in flight.
+unsafe impl Send for CommCell {}
+// SAFETY: as for `Send`: the handle is only read or replaced under the lock.
+unsafe impl Sync for CommCell {}
+
+impl CommCell {
+    /// Calls `f` with the live handle, or fails if the communicator was aborted.
+    fn with<T>(
+        &self,
+        f: impl FnOnce(NcclCommHandle) -> Result<T, GpuError>,
+    ) -> Result<T, GpuError> {
+        let handle = self.handle.read().unwrap_or_else(|p| p.into_inner());
+        if handle.is_null() {
+            return Err(GpuError::Library(
+                "the NCCL communicator was aborted".into(),
+            ));
+        }
+        f(*handle)
+    }
+
+    /// `ncclCommAbort`, once: the other ranks' pending operations with this one fail (or
+    /// stop at their own timeout) instead of waiting for it forever. Returns whether this
+    /// call aborted it.
+    fn abort(&self) -> Result<bool, GpuError> {
+        let mut handle = self.handle.write().unwrap_or_else(|p| p.into_inner());
+        let comm = std::mem::replace(&mut *handle, std::ptr::null_mut());
+        if comm.is_null() {
+            return Ok(false);
+        }
+        // SAFETY: `comm` came from ncclCommInitRank and was live until the line above; it is
+        // no longer reachable through the cell, so it is neither used nor destroyed again.
+        let code = unsafe { (self.api.comm_abort)(comm) };
+        self.api.check("communicator abort", code)?;
+        Ok(true)
+    }
+}
+
+impl Drop for CommCell {
+    fn drop(&mut self) {
+        let comm = *self.handle.get_mut().unwrap_or_else(|p| p.into_inner());
+        if comm.is_null() {
+            return;
+        }
+        // SAFETY: `comm` came from ncclCommInitRank and was not aborted; this is the last
+        // reference to it. A failure leaves the communicator to the process's end, which is
+        // all that can be done.
+        let _ = unsafe { (self.api.comm_destroy)(comm) };
+    }
+}
+
+/// A handle that aborts an [`NcclComm`] from any thread (the host timeout's way out of a
+/// stalled step).
+#[derive(Clone)]
+pub(crate) struct NcclAbort(Arc<CommCell>);
+
+impl NcclAbort {
+    /// Aborts the communicator; `Ok(false)` if it already was.
+    pub fn abort(&self) -> Result<bool, GpuError> {
+        self.0.abort()
+    }
+}
+
 /// One rank's NCCL communicator; its operations go to `stream`.
 pub(crate) struct NcclComm {
     api: &'static NcclApi,
-    comm: NcclCommHandle,
+    cell: Arc<CommCell>,
     stream: Arc<CudaStream>,
 }
-
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
-// overlap; `NcclComm` is owned by one rank's transport and used through `&self`/`&mut self`
-// from the thread that owns it.
-unsafe impl Send for NcclComm {}
 
 impl NcclComm {
     /// Joins rank `rank` of `world_size` to the communicator of `id`; the context of `stream`
@@ -867,7 +1145,21 @@ impl NcclComm {
         // local; the id is passed by value as its C signature says.
         let code = unsafe { (api.comm_init_rank)(&mut comm, world_size, id, rank) };
         api.check(&format!("init of rank {rank} of {world_size}"), code)?;
-        Ok(NcclComm { api, comm, stream })
+        let cell = Arc::new(CommCell {
+            api,
+            handle: std::sync::RwLock::new(comm),
+        });
+        Ok(NcclComm { api, cell, stream })
+    }
+
+    /// A handle that can abort this communicator from another thread.
+    pub fn abort_handle(&self) -> NcclAbort {
+        NcclAbort(self.cell.clone())
+    }
+
+    /// `ncclCommAbort`, once: see `CommCell::abort`. Later operations fail.
+    pub fn abort(&self) -> Result<bool, GpuError> {
+        self.cell.abort()
     }
 
     /// Queues a send of all of `buf` to `peer` on the communicator's stream.
@@ -885,20 +1177,23 @@ impl NcclComm {
         };
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated until
-        // the stream has passed this send (buffers are freed only through the graveyard, after
-        // events on every stream of the rank); `comm` is live until drop.
-        let code = unsafe {
-            (self.api.send)(
-                ptr as *const std::ffi::c_void,
-                buf.len(),
-                dtype,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("send to rank {peer}"), code)
+        self.cell.with(|comm| {
+            // SAFETY: `ptr` addresses `buf.len()` elements of `dtype` that stay allocated
+            // until the stream has passed this send (buffers are freed only through the
+            // graveyard, after events on every stream of the rank); `comm` is live while the
+            // cell's read lock is held.
+            let code = unsafe {
+                (self.api.send)(
+                    ptr as *const std::ffi::c_void,
+                    buf.len(),
+                    dtype,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("send to rank {peer}"), code)
+        })
     }
 
     /// Queues a send of all of the f32 values `grads` to `peer` (gradients).
@@ -907,19 +1202,21 @@ impl NcclComm {
         let (ptr, _sync) = grads.device_ptr(&self.stream);
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
-        // operation on the stream.
-        let code = unsafe {
-            (self.api.send)(
-                ptr as *const std::ffi::c_void,
-                grads.len(),
-                NCCL_FLOAT32,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("send to rank {peer}"), code)
+        self.cell.with(|comm| {
+            // SAFETY: as for `send`: `ptr` addresses `grads.len()` f32 values that outlive the
+            // operation on the stream; `comm` is live under the read lock.
+            let code = unsafe {
+                (self.api.send)(
+                    ptr as *const std::ffi::c_void,
+                    grads.len(),
+                    NCCL_FLOAT32,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("send to rank {peer}"), code)
+        })
     }
 
     /// Queues a receive from `peer` into all of `buf` on the communicator's stream.
@@ -938,25 +1235,20 @@ impl NcclComm {
         };
         let peer = std::ffi::c_int::try_from(peer)
             .map_err(|_| GpuError::Library(format!("NCCL peer {peer} does not fit an int")))?;
-        // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it here.
-        let code = unsafe {
-            (self.api.recv)(
-                ptr as *mut std::ffi::c_void,
-                len,
-                dtype,
-                peer,
-                self.comm,
-                self.stream.cu_stream(),
-            )
-        };
-        self.api.check(&format!("receive from rank {peer}"), code)
-    }
-}
-
-impl Drop for NcclComm {
-    fn drop(&mut self) {
-        // SAFETY: `comm` came from ncclCommInitRank and is destroyed only here. A failure
-        // leaves the communicator to the process's end, which is all that can be done.
-        let _ = unsafe { (self.api.comm_destroy)(self.comm) };
+        self.cell.with(|comm| {
+            // SAFETY: as for `send`; `buf` is borrowed mutably, so nothing else writes it
+            // here; `comm` is live under the read lock.
+            let code = unsafe {
+                (self.api.recv)(
+                    ptr as *mut std::ffi::c_void,
+                    len,
+                    dtype,
+                    peer,
+                    comm,
+                    self.stream.cu_stream(),
+                )
+            };
+            self.api.check(&format!("receive from rank {peer}"), code)
+        })
     }
 }

@@ -41,33 +41,37 @@ impl GpuSequential {
         })
     }
 
-    /// One step; losses and outputs on the host.
+    /// One step; losses and outputs on the host. Like the pipelined backends, every
+    /// micro-batch is uploaded before the clock starts, and losses and outputs are downloaded
+    /// after the device has finished: the time is the device work and its dispatch only, with
+    /// no copy to or from the host (and no wait for one) between micro-batches.
     pub fn step(&mut self, batch: &Batch, training: bool) -> Result<GpuStep, CudaError> {
-        let started = Instant::now();
-        let mut losses = Vec::new();
-        let mut outputs = Vec::new();
         let last = self.stages.len() - 1;
         let stage_error = |e: dualpipe_executor::StageError| CudaError::Device(e.to_string());
-        for (mb, (input, target)) in batch.inputs.iter().zip(&batch.targets).enumerate() {
-            let mb = mb as u32;
-            let mut x = self
+        let mut uploaded = Vec::with_capacity(batch.inputs.len());
+        for (input, target) in batch.inputs.iter().zip(&batch.targets) {
+            let x = self
                 .dev
                 .upload(input.data(), [input.rows(), input.cols()])?;
+            let t = self
+                .dev
+                .upload(target.data(), [target.rows(), target.cols()])?;
+            uploaded.push((x, t));
+        }
+        self.dev.synchronize()?;
+        let started = Instant::now();
+        let mut results = Vec::with_capacity(uploaded.len());
+        for (mb, (input, target)) in uploaded.into_iter().enumerate() {
+            let mb = mb as u32;
+            let mut x = input;
+            let mut target = Some(target);
             let mut loss = None;
             for (s, stage) in self.stages.iter_mut().enumerate() {
-                let target = if s == last {
-                    Some(
-                        self.dev
-                            .upload(target.data(), [target.rows(), target.cols()])?,
-                    )
-                } else {
-                    None
-                };
                 let forwarded = stage
                     .forward(Forward {
                         mb,
                         input: x,
-                        target,
+                        target: if s == last { target.take() } else { None },
                         training,
                     })
                     .map_err(stage_error)?;
@@ -76,8 +80,6 @@ impl GpuSequential {
             }
             let loss =
                 loss.ok_or_else(|| CudaError::Device("the last stage computed no loss".into()))?;
-            losses.push(self.dev.download(loss.buf())?.first().copied());
-            outputs.push(Some(self.dev.download(x.buf())?));
             if training {
                 let mut grad = None;
                 for stage in self.stages.iter_mut().rev() {
@@ -90,14 +92,22 @@ impl GpuSequential {
                         .map_err(stage_error)?;
                 }
             }
+            results.push((loss, x));
         }
+        let dispatch_us = started.elapsed().as_secs_f64() * 1e6;
         self.dev.synchronize()?;
         let step_us = started.elapsed().as_secs_f64() * 1e6;
+        let mut losses = Vec::with_capacity(results.len());
+        let mut outputs = Vec::with_capacity(results.len());
+        for (loss, x) in results {
+            losses.push(self.dev.download(loss.buf())?.first().copied());
+            outputs.push(Some(self.dev.download(x.buf())?));
+        }
         Ok(GpuStep {
             losses,
             outputs,
             profile: None,
-            dispatch_us: step_us,
+            dispatch_us,
             step_us,
             instructions: 0,
         })

@@ -308,8 +308,9 @@ impl GpuStage {
         Ok(dx)
     }
 
-    /// Adds one micro-batch's weight gradients, each computed whole first, as the CPU model
-    /// does.
+    /// Adds one micro-batch's weight gradients to the f32 sums: each weight's product is added
+    /// by its gemm (beta 1, f32 output, so a bf16 model's share is not rounded to bf16 first),
+    /// each bias's column sums by the reduction kernel.
     fn accumulate(
         &mut self,
         lane: Lane<'_>,
@@ -320,26 +321,23 @@ impl GpuStage {
     ) -> Result<(), GpuError> {
         let (r, h) = (x.rows(), self.hidden);
         let dev = self.dev.clone();
-        let mut w2 = dev.alloc(lane.stream, [4 * h, h])?;
-        super::raw::matmul(
+        // Each weight gradient is one gemm adding straight into the f32 sum (beta 1).
+        super::raw::matmul_add_f32(
             lane.blas,
-            w2.buf_mut(),
+            lane.stream,
+            &mut self.grads[2],
             Mat::new(g.buf(), r, 4 * h).t(),
             Mat::new(dy.buf(), r, h),
         )?;
         dev.kernels
-            .accumulate(lane.stream, &mut self.grads[2], w2.buf())?;
-        dev.kernels
             .column_sums_add(lane.stream, &mut self.grads[3], dy.buf(), r, h)?;
-        let mut w1 = dev.alloc(lane.stream, [h, 4 * h])?;
-        super::raw::matmul(
+        super::raw::matmul_add_f32(
             lane.blas,
-            w1.buf_mut(),
+            lane.stream,
+            &mut self.grads[0],
             Mat::new(x.buf(), r, h).t(),
             Mat::new(da.buf(), r, 4 * h),
         )?;
-        dev.kernels
-            .accumulate(lane.stream, &mut self.grads[0], w1.buf())?;
         dev.kernels
             .column_sums_add(lane.stream, &mut self.grads[1], da.buf(), r, 4 * h)?;
         Ok(())
@@ -364,7 +362,9 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.forward_on(lane, forward).map_err(stage_error)
+        let forwarded = self.forward_on(lane, forward).map_err(stage_error)?;
+        dev.seal_and_sweep().map_err(stage_error)?;
+        Ok(forwarded)
     }
 
     fn backward(&mut self, backward: Backward<Tensor>) -> Result<Option<Tensor>, StageError> {
@@ -374,7 +374,9 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.backward_on(lane, backward).map_err(stage_error)
+        let input_grad = self.backward_on(lane, backward).map_err(stage_error)?;
+        dev.seal_and_sweep().map_err(stage_error)?;
+        Ok(input_grad)
     }
 
     fn backward_weight(&mut self, mb: u32) -> Result<(), StageError> {
@@ -390,7 +392,13 @@ impl Stage for GpuStage {
             stream: &dev.main,
             blas: &dev.blas_main,
         };
-        self.accumulate(lane, &x, &g, &dy, &da).map_err(stage_error)
+        self.accumulate(lane, &x, &g, &dy, &da)
+            .map_err(stage_error)?;
+        // The micro-batch's saved buffers go to the graveyard now, and with them every
+        // temporary whose stream work is done is freed: a step without commits (one rank)
+        // would otherwise keep all of them until its end.
+        drop((x, g, dy, da));
+        dev.seal_and_sweep().map_err(stage_error)
     }
 
     /// The forward on main and the backward on side, started together and joined after
@@ -399,7 +407,7 @@ impl Stage for GpuStage {
         &mut self,
         forward: Forward<Tensor>,
         backward_stage: Option<&mut Self>,
-        mut backward: Backward<Tensor>,
+        backward: Backward<Tensor>,
     ) -> Result<Overlapped<Tensor, Tensor>, StageError> {
         let dev = self.dev.clone();
         dev.bind().map_err(stage_error)?;
@@ -414,10 +422,10 @@ impl Stage for GpuStage {
                 input_grad,
             });
         }
-        // Received inputs are made ready on main first, so `fb start` covers them.
-        if let Some(grad) = backward.output_grad.as_mut() {
-            dev.make_ready(grad, &dev.main).map_err(stage_error)?;
-        }
+        // `fb start` orders side after main's earlier work (the saved activations, the
+        // parameters). A received output gradient still carries its event (the interpreter
+        // takes it with `wait_beside`): `backward_on` waits for it on side, so the forward
+        // half on main never waits for the backward half's input.
         let start = dev.record(&dev.main).map_err(stage_error)?;
         dev.side
             .wait(&start)
@@ -444,6 +452,7 @@ impl Stage for GpuStage {
         dev.main
             .wait(&join)
             .map_err(|e| stage_error(GpuError::driver("waiting for fb join", e)))?;
+        dev.seal_and_sweep().map_err(stage_error)?;
         Ok(Overlapped {
             forwarded,
             input_grad,

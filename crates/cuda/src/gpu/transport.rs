@@ -45,6 +45,12 @@ pub(crate) struct PeerTransport {
     recvs_queued: Vec<InProcessTicket>,
     /// Receives already copied at their commit (blocking model), by ticket.
     arrived: Vec<(InProcessTicket, Tensor)>,
+    /// Commits issued so far in this step (the index of the next one's timing).
+    commits: usize,
+    /// Async model: the commit that posted each receive not yet taken.
+    batch_of: Vec<(InProcessTicket, usize)>,
+    /// Async model, profiling: whether a copy has already set the start of each commit's span.
+    spanned: Vec<bool>,
 }
 
 impl PeerTransport {
@@ -67,13 +73,18 @@ impl PeerTransport {
                 sends_queued: false,
                 recvs_queued: Vec::new(),
                 arrived: Vec::new(),
+                commits: 0,
+                batch_of: Vec::new(),
+                spanned: Vec::new(),
             })
             .collect()
     }
 
     /// Takes a parcel into this rank: copies it on comm (or adopts the sender's buffer) and
-    /// returns the tensor with the event main must wait for.
-    fn land(&self, parcel: Parcel) -> Result<Tensor, GpuError> {
+    /// returns the tensor with the event main must wait for. `batch`: in the async model, the
+    /// commit that posted the receive, whose timed span (when profiling) is made to cover this
+    /// copy: its copies are issued when a compute takes the data, after the commit itself.
+    fn land(&mut self, parcel: Parcel, batch: Option<usize>) -> Result<Tensor, GpuError> {
         let Parcel { mut tensor, ready } = parcel;
         let sent = ready.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let sent = sent.ok_or_else(|| {
@@ -86,9 +97,21 @@ impl PeerTransport {
                 Ok(tensor)
             }
             CommMode::Copy => {
-                let comm = &self.dev.comm;
+                let dev = self.dev.clone();
+                let comm = &dev.comm;
                 comm.wait(&sent)
                     .map_err(|e| GpuError::driver("waiting for the sender", e))?;
+                // Taken after the wait for the sender, so the span is the copy itself.
+                let timed = match batch {
+                    Some(k) if self.dev.profile => {
+                        let start = self.dev.event(true)?;
+                        start
+                            .record(comm)
+                            .map_err(|e| GpuError::driver("recording", e))?;
+                        Some((k, start))
+                    }
+                    _ => None,
+                };
                 let mut copy = self.dev.alloc(comm, [tensor.rows(), tensor.cols()])?;
                 match (copy.buf_mut(), tensor.buf()) {
                     (Buf::F32(d), Buf::F32(s)) => comm.memcpy_dtod(s, d),
@@ -96,10 +119,36 @@ impl PeerTransport {
                     _ => return Err(GpuError::Shape("a message of another element type".into())),
                 }
                 .map_err(|e| GpuError::driver("copying a message", e))?;
+                if let Some((k, start)) = timed {
+                    let end = self.dev.event(true)?;
+                    end.record(comm)
+                        .map_err(|e| GpuError::driver("recording", e))?;
+                    self.stretch(k, start, end);
+                }
                 copy.ready = Some(self.dev.record(comm)?);
                 Ok(copy)
             }
         }
+    }
+}
+
+impl PeerTransport {
+    /// Makes commit `k`'s timed span run from its first copy's start to its latest copy's
+    /// end (copies go in order on comm, so the latest issued ends last).
+    fn stretch(&mut self, k: usize, start: CudaEvent, end: CudaEvent) {
+        let mut times = self
+            .dev
+            .commit_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (Some(span), Some(spanned)) = (times.get_mut(k), self.spanned.get_mut(k)) else {
+            return;
+        };
+        if !*spanned {
+            span.0 = start;
+            *spanned = true;
+        }
+        span.1 = end;
     }
 }
 
@@ -144,13 +193,19 @@ impl Transport for PeerTransport {
                 .map_err(|e| backend(GpuError::driver("recording", e)))?;
         }
         self.inner.commit()?;
+        let batch = self.commits;
+        self.commits += 1;
+        self.spanned.push(false);
         let recvs = std::mem::take(&mut self.recvs_queued);
+        if self.model == ExecutionModel::Async {
+            self.batch_of.extend(recvs.iter().map(|&t| (t, batch)));
+        }
         if self.model == ExecutionModel::Blocking {
             // Every message of the batch has arrived on the host: copy them now, and make
             // main wait for the batch as the reference's wait() does.
             for ticket in recvs {
                 let parcel = self.inner.wait(ticket)?;
-                let mut tensor = self.land(parcel).map_err(backend)?;
+                let mut tensor = self.land(parcel, None).map_err(backend)?;
                 if let Some(ev) = tensor.ready.take() {
                     self.dev
                         .main
@@ -174,21 +229,32 @@ impl Transport for PeerTransport {
     }
 
     fn wait(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
-        let landed = self.arrived.iter().position(|(t, _)| *t == ticket);
-        let mut tensor = match landed {
-            Some(at) => self.arrived.swap_remove(at).1,
-            None => {
-                let parcel = self.inner.wait(ticket)?;
-                self.dev.bind().map_err(backend)?;
-                self.land(parcel).map_err(backend)?
-            }
-        };
+        let mut tensor = self.wait_beside(ticket)?;
         // The wait goes on main here, between the interpreter's start and ready marks, so
         // the timeline shows it as waiting for data.
         self.dev
             .make_ready(&mut tensor, &self.dev.main)
             .map_err(backend)?;
         Ok(tensor)
+    }
+
+    /// The tensor with its event still on it: the backward half of an `FB` waits for it on
+    /// side (`GpuStage::forward_backward`), so main's forward half does not.
+    fn wait_beside(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
+        let landed = self.arrived.iter().position(|(t, _)| *t == ticket);
+        match landed {
+            Some(at) => Ok(self.arrived.swap_remove(at).1),
+            None => {
+                let parcel = self.inner.wait(ticket)?;
+                self.dev.bind().map_err(backend)?;
+                let batch = self
+                    .batch_of
+                    .iter()
+                    .position(|(t, _)| *t == ticket)
+                    .map(|at| self.batch_of.swap_remove(at).1);
+                self.land(parcel, batch).map_err(backend)
+            }
+        }
     }
 
     fn abort(&mut self, reason: &str) {
@@ -280,25 +346,29 @@ impl Transport for NcclTransport {
         };
         let mut received = Vec::new();
         let mut sent = Vec::new();
-        raw::nccl_group_start().map_err(backend)?;
-        for (op, q) in queued.into_iter().enumerate() {
-            match q {
-                Queued::Send { peer, tensor } => {
-                    self.comm
-                        .send(tensor.buf(), peer)
-                        .map_err(|e| backend(e).at_op(op))?;
-                    sent.push(tensor);
-                }
-                Queued::Recv { peer, ticket } => {
-                    let mut tensor = dev.alloc(&dev.comm, self.message_shape).map_err(backend)?;
-                    self.comm
-                        .recv(tensor.buf_mut(), peer)
-                        .map_err(|e| backend(e).at_op(op))?;
-                    received.push((ticket, tensor));
+        // The group is ended even when an operation fails, so NCCL's per-thread group state is
+        // not left open; the driver then aborts the step, which aborts the communicator.
+        raw::nccl_group(backend, || {
+            for (op, q) in queued.into_iter().enumerate() {
+                match q {
+                    Queued::Send { peer, tensor } => {
+                        self.comm
+                            .send(tensor.buf(), peer)
+                            .map_err(|e| backend(e).at_op(op))?;
+                        sent.push(tensor);
+                    }
+                    Queued::Recv { peer, ticket } => {
+                        let mut tensor =
+                            dev.alloc(&dev.comm, self.message_shape).map_err(backend)?;
+                        self.comm
+                            .recv(tensor.buf_mut(), peer)
+                            .map_err(|e| backend(e).at_op(op))?;
+                        received.push((ticket, tensor));
+                    }
                 }
             }
-        }
-        raw::nccl_group_end().map_err(backend)?;
+            Ok(())
+        })?;
         let done = dev.record(&dev.comm).map_err(backend)?;
         if let Some(start) = start {
             let end = dev.event(true).map_err(backend)?;
@@ -325,20 +395,28 @@ impl Transport for NcclTransport {
     }
 
     fn wait(&mut self, ticket: usize) -> Result<Tensor, CommError> {
-        let mut tensor = self.arrived.remove(&ticket).ok_or_else(|| {
-            CommError::new(CommErrorKind::Backend(format!(
-                "receive {ticket} was never committed"
-            )))
-        })?;
+        let mut tensor = self.wait_beside(ticket)?;
         self.dev
             .make_ready(&mut tensor, &self.dev.main)
             .map_err(backend)?;
         Ok(tensor)
     }
 
+    /// The tensor with its batch's event still on it, for the backward half of an `FB`.
+    fn wait_beside(&mut self, ticket: usize) -> Result<Tensor, CommError> {
+        self.arrived.remove(&ticket).ok_or_else(|| {
+            CommError::new(CommErrorKind::Backend(format!(
+                "receive {ticket} was never committed"
+            )))
+        })
+    }
+
     fn abort(&mut self, reason: &str) {
-        // NCCL has no way to tell the other processes here; they stop at their own timeout.
+        // `ncclCommAbort` ends this rank's part of every pending operation, so the other
+        // processes' operations with it fail (or stop at their host timeout) instead of
+        // waiting for it. The communicator is unusable afterwards: later commits fail.
         self.aborted = Some(reason.to_string());
+        let _ = self.comm.abort();
     }
 }
 
@@ -361,12 +439,16 @@ pub(crate) fn exchange_gradients(
     for g in grads.iter() {
         theirs.push(raw::alloc(&dev.comm, crate::kernels::DType::F32, g.len())?);
     }
-    raw::nccl_group_start()?;
-    for (mine, other) in grads.iter().zip(theirs.iter_mut()) {
-        comm.send_f32(mine, peer)?;
-        comm.recv(other, peer)?;
-    }
-    raw::nccl_group_end()?;
+    raw::nccl_group(
+        |e| e,
+        || {
+            for (mine, other) in grads.iter().zip(theirs.iter_mut()) {
+                comm.send_f32(mine, peer)?;
+                comm.recv(other, peer)?;
+            }
+            Ok(())
+        },
+    )?;
     let done = dev.record(&dev.comm)?;
     dev.main
         .wait(&done)
