@@ -398,6 +398,41 @@ def profile_case(rank: int, trace_path: str, costs_path: str):
     return summary
 
 
+def freed_without_gc(rank: int):
+    """A used Pipeline (profiled, blocking and async) is freed by reference counting alone.
+
+    A reference cycle would keep its process group alive past ``destroy_process_group()``
+    until interpreter shutdown, when gloo's threads may still release tensors and abort."""
+    import gc
+    import weakref
+
+    freed = []
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for execution in ("blocking", "async"):
+            schedule = dualpipe_rs.plan("dualpipev", dist.get_world_size(), 4)
+            model = full_model(schedule.num_stages)
+            x, y = data(8)
+            inp, lab, _, _ = feeds(schedule, rank, x, y)
+            pipe = Pipeline(
+                schedule,
+                [copy.deepcopy(model[s]) for s in schedule.stages_on(rank)],
+                profile=True,
+                execution=execution,
+            )
+            pipe.step(inp, criterion=criterion, labels=(lab,))
+            pipe.sum_copy_gradients()
+            pipe.profile.summary()
+            ref = weakref.ref(pipe)
+            del pipe
+            freed.append(ref() is None)
+    finally:
+        if enabled:
+            gc.enable()
+    return freed
+
+
 def mapped(rank: int):
     """rank_mapping=[1, 0]: process 0 runs pipeline rank 1 and the other way round."""
     schedule = dualpipe_rs.plan("zb1p", 2, 4)

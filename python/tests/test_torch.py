@@ -84,6 +84,12 @@ def test_profile(world2, tmp_path):
     assert (tmp_path / "trace.json").exists()
 
 
+def test_pipeline_is_freed_without_the_cycle_collector(world2):
+    """No reference cycle: a finished Pipeline goes away with its last reference, so a
+    program's process group is really released by destroy_process_group()."""
+    assert world2.run(_cases.freed_without_gc) == [[True, True], [True, True]]
+
+
 # ------------------------------------------------------------------- errors
 
 

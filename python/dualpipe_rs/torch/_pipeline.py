@@ -209,7 +209,9 @@ class Pipeline(nn.Module):
                 f"'{schedule.name}' has {schedule.num_ranks}"
             )
         group_of = {pipe: g for g, pipe in enumerate(rank_mapping)}
-        self._to_global = lambda pipe_rank: dist.get_global_rank(self.group, group_of[pipe_rank])
+        # A list, not a closure over self: a Pipeline must not sit in a reference cycle, or its
+        # process group outlives destroy_process_group() until the interpreter shuts down.
+        self._global_of = [dist.get_global_rank(self.group, group_of[p]) for p in range(size)]
         if execution not in ("blocking", "async"):
             raise ValueError(
                 f"rank {self.rank}: execution must be 'blocking' or 'async', not {execution!r}"
@@ -303,7 +305,7 @@ class Pipeline(nn.Module):
         key = "train" if schedule is self.schedule else "inference"
         prog = self._programs.get(key)
         if prog is None:
-            prog = _Program(schedule, self.rank, self._to_global)
+            prog = _Program(schedule, self.rank, self._global_of.__getitem__)
             self._programs[key] = prog
             self._meta[key] = {}
         prog.key = key  # type: ignore[attr-defined]
@@ -392,8 +394,8 @@ class Pipeline(nn.Module):
             keys = [key for key, _, holders in shared if peer in holders]
             flat = torch.cat([own[k].reshape(-1) for k in keys])
             buf = torch.empty_like(flat)
-            ops.append(dist.P2POp(dist.isend, flat, self._to_global(peer), self.group))
-            ops.append(dist.P2POp(dist.irecv, buf, self._to_global(peer), self.group))
+            ops.append(dist.P2POp(dist.isend, flat, self._global_of[peer], self.group))
+            ops.append(dist.P2POp(dist.irecv, buf, self._global_of[peer], self.group))
             incoming[peer] = (keys, buf)
         if ops:
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -24,7 +25,8 @@ class Profile:
     """
 
     def __init__(self, pipe) -> None:
-        self._pipe = pipe
+        # A weak reference: the pipeline owns its profile, not the other way round.
+        self._pipe = weakref.proxy(pipe)
         self._cuda = pipe._device.type == "cuda"
         self._steps: List[Dict[str, Any]] = []
         self._current: Optional[Dict[str, Any]] = None
