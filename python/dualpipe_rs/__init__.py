@@ -9,6 +9,7 @@ Every operation runs in the Rust core (``dualpipe_rs._core``); this package only
     schedule.simulate(costs="f=1,b=2,w=1,fb=3")["makespan"]   # 66.0
     dualpipe_rs.load("schedules/dualpipe-8x20.json")
     dualpipe_rs.partition(layers, family="dualpipev", ranks=4, microbatches=16)["ranges"]
+    dualpipe_rs.tune("costs.json", ranks=4, global_batch=64)["schedule"]   # the best, planned
 
 A schedule that does not parse or breaks a rule raises :class:`ScheduleError` (a
 ``ValueError``) saying where (rank, instruction index, instruction) and which rule.
@@ -22,9 +23,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._core import Schedule, ScheduleError, __version__, families, load, partition, plan
+from ._core import Schedule, ScheduleError, __version__, families, load, partition, plan, tune
 
-__all__ = ["Schedule", "ScheduleError", "__version__", "families", "load", "partition", "plan"]
+__all__ = ["Schedule", "ScheduleError", "__version__", "families", "load", "partition", "plan", "tune"]
 
 
 def __getattr__(name: str) -> Any:

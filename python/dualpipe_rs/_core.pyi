@@ -228,5 +228,46 @@ def partition(
         OSError: the layers file cannot be read.
     """
 
+
+def tune(
+    costs: Union[Mapping[str, Any], str, "os.PathLike[str]"],
+    ranks: int,
+    global_batch: int,
+    *,
+    microbatch_sizes: Optional[Sequence[int]] = None,
+    memory_cap: Optional[float] = None,
+    chunks_per_rank: Optional[int] = None,
+    model: str = "blocking",
+    measured_at: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Ranks every schedule family at every micro-batch size dividing ``global_batch`` under
+    measured costs: the document ``dualpipe tune --json`` prints, as a dict, plus the best
+    candidate planned under ``"schedule"`` (a :class:`Schedule`, or None when nothing fits).
+
+    Args:
+        costs: a cost file as a dict, assignments (``"f=1,b=2"``) or a path (as for
+            :meth:`Schedule.simulate`), e.g. what ``Pipeline(..., profile=True)``'s
+            ``profile.costs()`` writes. It must say the micro-batch size it was measured at
+            (``microbatch_size``), or give ``measured_at``.
+        ranks: pipeline ranks N.
+        global_batch: samples per training step.
+        microbatch_sizes: the sizes to try (default: every divisor of ``global_batch``).
+        memory_cap: most bytes one rank may hold (parameters plus live activations).
+        chunks_per_rank: stages per rank of ``interleaved-1f1b`` (default 2).
+        model: ``"blocking"`` or ``"async"``.
+        measured_at: the micro-batch size the costs were measured at, if they do not say.
+
+    Returns:
+        ``{"ranks", "global_batch", "model", "unit", "measured_microbatch_size", "memory_cap",
+        "microbatch_sizes", "skipped_sizes", "best", "ranked", "over_cap", "not_applicable",
+        "schedule"}``; each row of ``ranked`` is ``{"family", "microbatch_size",
+        "microbatches", "stages", "basis", "step_time", "time_per_sample", "bubble_share",
+        "peak_memory", "parameter_bytes", "activation_bytes", "peak_activations",
+        "parameter_copies"}``.
+
+    Raises:
+        ValueError: bad arguments or costs, with the message ``dualpipe tune`` prints.
+    """
+
 def _schedule_from_json(text: str) -> Schedule:
     """:meth:`Schedule.from_json` as a module function (used when unpickling)."""

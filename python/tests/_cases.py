@@ -383,6 +383,9 @@ def profile_case(rank: int, trace_path: str, costs_path: str):
     assert len(costs["stages"]) == schedule.num_stages, costs
     sim = schedule.simulate(costs=costs)
     assert sim["makespan"] > 0
+    # measure -> tune: the profile's costs say their micro-batch size, so tune scales them.
+    tuned = dualpipe_rs.tune(costs, ranks=2, global_batch=8)
+    assert tuned["measured_microbatch_size"] == 2.0 and tuned["schedule"] is not None, tuned
     if rank == 0:
         trace = json.load(open(trace_path))
         pids = {e["pid"] for e in trace["traceEvents"]}

@@ -234,6 +234,8 @@ fn measured_costs_are_written_as_a_cost_file_that_simulate_reads_back() {
     let written: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&costs).unwrap()).unwrap();
     assert_eq!(written["unit"], "ms");
+    // Measured at 4 rows per micro-batch: tune can scale the costs to other sizes.
+    assert_eq!(written["microbatch_size"], 4.0);
     // 4 rows x 16 wide f32 activations; Linear(16, 64) and Linear(64, 16) per stage.
     assert_eq!(written["bytes"], 4.0 * 4.0 * 16.0);
     assert_eq!(
@@ -259,6 +261,28 @@ fn measured_costs_are_written_as_a_cost_file_that_simulate_reads_back() {
         100.0 * report["bubble_share"].as_f64().unwrap()
     );
     assert!(stdout.contains(&bubble), "{bubble}\n{stdout}");
+
+    // tune reads it too and scales it to other micro-batch sizes (measure -> tune -> run).
+    let tuned = dualpipe(&[
+        "tune",
+        "--ranks",
+        "2",
+        "--global-batch",
+        "16",
+        "--costs",
+        costs_arg,
+        "--json",
+    ]);
+    assert!(tuned.status.success(), "{}", text(&tuned.stderr));
+    let table: serde_json::Value = serde_json::from_slice(&tuned.stdout).unwrap();
+    assert_eq!(table["measured_microbatch_size"], 4.0, "{table}");
+    let sizes: Vec<f64> = table["ranked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["microbatch_size"].as_f64().unwrap())
+        .collect();
+    assert!(sizes.contains(&2.0) && sizes.contains(&8.0), "{table}");
 
     // Never overwritten without --force, and refused before running.
     std::fs::write(&costs, "mine").unwrap();

@@ -7,7 +7,8 @@
 //! `ValueError`) carrying where and which rule, an unreadable file `OSError`, a bad argument
 //! `ValueError`. Nothing here panics on any input.
 //!
-//! [`dualpipe_partition`] cuts layers into stages (`partition`).
+//! [`dualpipe_partition`] cuts layers into stages (`partition`); [`dualpipe_tune`] ranks
+//! families and micro-batch sizes (`tune`).
 //!
 //! The pure half ([`convert`]) is tested with `cargo test`; the Python half with pytest
 //! (`python/tests/test_core.py`).
@@ -15,6 +16,7 @@
 pub mod convert;
 mod partition;
 mod schedule;
+mod tune;
 
 use std::path::PathBuf;
 
@@ -291,6 +293,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(families, m)?)?;
     m.add_function(wrap_pyfunction!(load, m)?)?;
     m.add_function(wrap_pyfunction!(partition::partition, m)?)?;
+    m.add_function(wrap_pyfunction!(tune::tune, m)?)?;
     m.add_function(wrap_pyfunction!(schedule::_schedule_from_json, m)?)?;
     Ok(())
 }

@@ -29,6 +29,9 @@
 
 use std::fmt;
 
+mod report;
+pub use report::{Refusal, Report, Row};
+
 use dualpipe_partition::{Layer, Layers, Options, partition};
 use dualpipe_planner::{Family, PlanRequest, check, plan, plan_for};
 use dualpipe_schedule::{Costs, ExecutionModel, StageCosts, ValidSchedule, simulate};

@@ -330,10 +330,11 @@ pub fn run(args: Args) -> Result<(), Failure> {
     write_stdout(&out)
 }
 
-/// The last step's measured mean costs per stage in milliseconds, with the reference model's
-/// sizes in bytes (f32): the activation between stages, the parameters of a stage, and what a
-/// stage keeps per micro-batch between its forward and its backward (its input and two
-/// `4h`-wide buffers, and the loss gradient at the last stage).
+/// The last step's measured mean costs per stage in milliseconds, with the micro-batch size
+/// they were measured at (the rows of a micro-batch, so `tune` can scale them to other sizes)
+/// and the reference model's sizes in bytes (f32): the activation between stages, the
+/// parameters of a stage, and what a stage keeps per micro-batch between its forward and its
+/// backward (its input and two `4h`-wide buffers, and the loss gradient at the last stage).
 fn measured_costs(
     schedule: &ValidSchedule,
     profile: &Profile,
@@ -342,6 +343,7 @@ fn measured_costs(
 ) -> Costs {
     let doc = schedule.schedule();
     let mut costs = profile.measured_costs_ms(doc);
+    costs.microbatch_size = Some(spec.rows as f64);
     let floats = |n: usize| 4.0 * n as f64;
     let (rows, h) = (spec.rows, spec.hidden);
     costs.uniform.bytes = floats(rows * h);

@@ -6,8 +6,7 @@ use std::path::PathBuf;
 
 use dualpipe_planner::plan_for;
 use dualpipe_schedule::{Costs, ValidSchedule};
-use dualpipe_tune::{Candidate, TuneError, TuneRequest, tune};
-use serde::Serialize;
+use dualpipe_tune::{Report, Row, TuneError, TuneRequest, tune};
 
 use crate::io::{Failure, check_output, read_input, source_name, write_output, write_stdout};
 use crate::options::{Model, time};
@@ -67,69 +66,6 @@ pub struct Args {
     force: bool,
 }
 
-#[derive(Serialize)]
-struct Row {
-    family: String,
-    microbatch_size: u32,
-    microbatches: u32,
-    stages: u32,
-    basis: &'static str,
-    step_time: f64,
-    time_per_sample: f64,
-    bubble_share: f64,
-    peak_memory: f64,
-    parameter_bytes: f64,
-    activation_bytes: f64,
-    peak_activations: u32,
-    parameter_copies: f64,
-}
-
-impl Row {
-    fn new(c: &Candidate) -> Row {
-        Row {
-            family: c.family().to_string(),
-            microbatch_size: c.microbatch_size,
-            microbatches: c.microbatches,
-            stages: c.stages,
-            basis: c.basis.name(),
-            step_time: c.step_time,
-            time_per_sample: c.time_per_sample,
-            bubble_share: c.bubble_share,
-            peak_memory: c.peak_memory,
-            parameter_bytes: c.parameter_bytes,
-            activation_bytes: c.peak_memory - c.parameter_bytes,
-            peak_activations: c.peak_activations,
-            parameter_copies: c.parameter_copies,
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct NotApplicable {
-    family: String,
-    microbatch_size: u32,
-    microbatches: u32,
-    reason: String,
-}
-
-#[derive(Serialize)]
-struct Report {
-    ranks: u32,
-    global_batch: u32,
-    model: String,
-    /// Time unit of every time (`""`: abstract units).
-    unit: String,
-    /// The micro-batch size the costs were measured at.
-    measured_microbatch_size: f64,
-    memory_cap: Option<f64>,
-    microbatch_sizes: Vec<u32>,
-    skipped_sizes: Vec<u32>,
-    best: Option<Row>,
-    ranked: Vec<Row>,
-    over_cap: Vec<Row>,
-    not_applicable: Vec<NotApplicable>,
-}
-
 pub fn run(args: Args) -> Result<(), Failure> {
     if args.synthesize.is_some() {
         return Err(Failure::usage(
@@ -173,33 +109,9 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         other => Failure::usage(other.to_string()),
     })?;
-    let report = Report {
-        ranks: args.ranks,
-        global_batch: args.global_batch,
-        model: dualpipe_schedule::ExecutionModel::from(args.model).to_string(),
-        unit: costs.unit.clone(),
-        measured_microbatch_size: costs.microbatch_size.unwrap_or(1.0),
-        memory_cap: args.memory_cap,
-        microbatch_sizes: tuning.sizes.clone(),
-        skipped_sizes: tuning.skipped_sizes.clone(),
-        best: tuning.best().map(Row::new),
-        ranked: tuning.ranked.iter().map(Row::new).collect(),
-        over_cap: tuning.over_cap.iter().map(Row::new).collect(),
-        not_applicable: tuning
-            .not_applicable
-            .iter()
-            .map(|n| NotApplicable {
-                family: n.family.to_string(),
-                microbatch_size: n.microbatch_size,
-                microbatches: n.microbatches,
-                reason: n.reason.clone(),
-            })
-            .collect(),
-    };
+    let report = Report::new(&request, &costs, &tuning);
     let text = if args.json {
-        let mut text = serde_json::to_string_pretty(&report).expect("report serializes");
-        text.push('\n');
-        text
+        report.to_json()
     } else {
         table(&report, &name, &costs)
     };

@@ -1,0 +1,97 @@
+//! `dualpipe_rs.tune`: the auto-tuner of `dualpipe tune`, its report as a dict.
+
+use dualpipe_planner::plan_for;
+use dualpipe_schedule::ValidSchedule;
+use dualpipe_tune::{Report, TuneError, TuneRequest, tune as run_tune};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::convert::parse_model;
+use crate::schedule::{PySchedule, costs_argument};
+use crate::{count, to_python, validation_error};
+
+/// Ranks every schedule family at every micro-batch size dividing `global_batch` under
+/// measured `costs`, as `dualpipe tune --json` does, and returns that report as a dict, with
+/// one more key, `schedule`: the best candidate planned (a `Schedule`), or None when nothing
+/// fits `memory_cap`.
+///
+/// `costs` is a cost file (a dict, assignments or a path, as for
+/// `Schedule.simulate`) that says the micro-batch size it was measured at (`microbatch_size`),
+/// or pass `measured_at`. `microbatch_sizes` limits the sizes tried; `memory_cap` is in
+/// bytes per rank; `chunks_per_rank` is interleaved 1F1B's; `model` is `"blocking"` or
+/// `"async"`. Bad arguments raise `ValueError` with the message the CLI prints.
+#[pyfunction]
+#[pyo3(signature = (costs, ranks, global_batch, *, microbatch_sizes = None, memory_cap = None, chunks_per_rank = None, model = "blocking", measured_at = None))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tune<'py>(
+    py: Python<'py>,
+    costs: &Bound<'py, PyAny>,
+    ranks: &Bound<'py, PyAny>,
+    global_batch: &Bound<'py, PyAny>,
+    microbatch_sizes: Option<Vec<Bound<'py, PyAny>>>,
+    memory_cap: Option<f64>,
+    chunks_per_rank: Option<&Bound<'py, PyAny>>,
+    model: &str,
+    measured_at: Option<f64>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut costs = costs_argument(py, Some(costs))?;
+    if let Some(size) = measured_at {
+        match costs.microbatch_size {
+            Some(said) if said != size => {
+                return Err(PyValueError::new_err(format!(
+                    "measured_at={size}: the costs say they were measured at micro-batches of {said} samples"
+                )));
+            }
+            _ => costs.microbatch_size = Some(size),
+        }
+    }
+    let mut request =
+        TuneRequest::new(count("ranks", ranks)?, count("global_batch", global_batch)?);
+    request.microbatch_sizes = microbatch_sizes
+        .map(|sizes| {
+            sizes
+                .iter()
+                .map(|s| count("microbatch_sizes", s))
+                .collect::<PyResult<Vec<u32>>>()
+        })
+        .transpose()?;
+    request.memory_cap = memory_cap;
+    if let Some(chunks) = chunks_per_rank.filter(|c| !c.is_none()) {
+        request.chunks_per_rank = count("chunks_per_rank", chunks)?;
+    }
+    request.model = parse_model(model).map_err(PyValueError::new_err)?;
+    let tuning = py
+        .detach(|| run_tune(&request, &costs))
+        .map_err(|e| match e {
+            TuneError::Costs(why) if costs.microbatch_size.is_none() => {
+                PyValueError::new_err(format!("costs: {why}, or pass measured_at=SAMPLES"))
+            }
+            other => PyValueError::new_err(other.to_string()),
+        })?;
+    let report = Report::new(&request, &costs, &tuning);
+    let value = serde_json::to_value(&report)
+        .map_err(|e| PyValueError::new_err(format!("internal error: {e}")))?;
+    let dict = to_python(py, &value)?;
+    let best = match tuning.best() {
+        None => py.None().into_bound(py),
+        Some(best) => {
+            let planned = py
+                .detach(|| plan_for(&best.request, &best.costs).map(ValidSchedule::new))
+                .map_err(|e| {
+                    PyValueError::new_err(format!("internal error, please report it: {e}"))
+                })?;
+            let valid = planned.map_err(|errors| {
+                validation_error(
+                    py,
+                    Some(
+                        "internal planner error, please report it: the planned schedule is invalid",
+                    ),
+                    &errors,
+                )
+            })?;
+            Bound::new(py, PySchedule::new(valid))?.into_any()
+        }
+    };
+    dict.set_item("schedule", best)?;
+    Ok(dict)
+}
