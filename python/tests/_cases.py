@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import List, Optional
 
@@ -434,6 +435,85 @@ def freed_without_gc(rank: int):
         if enabled:
             gc.enable()
     return freed
+
+
+def fb_streams_case(rank: int, family: str, c: int, execution: str):
+    """``FB`` on two streams, with stand-in streams on CPU: the forward half of every ``FB``
+    goes to a different stream than the one its backward half runs on (where that
+    micro-batch's forward ran), tensors crossing streams are recorded, and the losses and
+    gradients stay those of one process."""
+    from dualpipe_rs.torch._streams import FBStreams, StreamOps
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+    main = Stream("main")
+    current = [main]
+    waits, records = [], []
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream)
+        try:
+            yield stream
+        finally:
+            current.pop()
+
+    ops = StreamOps(
+        current=lambda: current[-1],
+        new_stream=lambda: Stream("side"),
+        use=use,
+        wait=lambda waiter, producer: waits.append((waiter.name, producer.name)),
+        record=lambda tensor, stream: records.append((tensor.data_ptr(), stream.name)),
+    )
+    schedule = dualpipe_rs.plan(family, dist.get_world_size(), c)
+    model = full_model(schedule.num_stages)
+    x, y = data(2 * c)
+    ref_loss, _ = reference(model, x, y, c)
+    ref_grads = {s: [p.grad.clone() for p in model[s].parameters()] for s in range(schedule.num_stages)}
+    mine = schedule.stages_on(rank)
+    inp, lab, _, out_mbs = feeds(schedule, rank, x, y)
+    modules = [copy.deepcopy(model[s]) for s in mine]
+    pipe = Pipeline(schedule, modules, execution=execution, timeout=60)
+    pipe._fb = FBStreams(ops)
+    # Where each (stage, micro-batch)'s forward ran: its backward kernels run there too.
+    ran_on = {}
+    plain_forward = pipe._forward
+
+    def forward(prog, st, index, stage, mb):
+        ran_on[(stage, mb)] = current[-1].name
+        plain_forward(prog, st, index, stage, mb)
+
+    pipe._forward = forward
+    loss, _ = pipe.step(inp, criterion=criterion, labels=(lab,))
+    pipe.sum_copy_gradients()
+    if out_mbs:
+        assert torch.equal(loss, torch.stack([ref_loss[m] for m in out_mbs])), "losses differ"
+    for s, m in zip(mine, modules):
+        for p, g in zip(m.parameters(), ref_grads[s]):
+            assert cal_diff(p.grad, g) < 1e-13, f"stage {s}"
+    pairs = [o for o in schedule.instructions(rank) if o["op"] == "FB"]
+    for o in pairs:
+        f, b = (o["f"]["stage"], o["f"]["mb"]), (o["b"]["stage"], o["b"]["mb"])
+        assert ran_on[f] != ran_on[b], (o, ran_on[f], ran_on[b])
+    on_side = [k for k, v in ran_on.items() if v == "side"]
+    assert bool(on_side) == bool(pairs), (on_side, pairs)
+    assert not pipe._fb.on_side, "every backward of a side forward was seen"
+    assert ("side", "main") in waits or not on_side
+    assert ("main", "side") in waits or not pairs
+    assert {name for _, name in records} == ({"main", "side"} if on_side else set()), records
+    return len(pairs)
+
+
+def fb_streams_refused(rank: int):
+    schedule = dualpipe_rs.plan("dualpipev", 1, 2)
+    try:
+        Pipeline(schedule, [Block(), Block()], fb_streams=True)
+    except ValueError as exc:
+        assert "needs the stages on a CUDA device" in str(exc), exc
+        return True
+    return False
 
 
 def mapped(rank: int):

@@ -73,7 +73,7 @@ def test_import_does_not_import_torch():
 
 def test_version_and_exports():
     assert dualpipe_rs.__version__.count(".") == 2
-    assert set(dualpipe_rs.__all__) == {"Schedule", "ScheduleError", "__version__", "families", "load", "partition", "plan"}
+    assert set(dualpipe_rs.__all__) == {"Schedule", "ScheduleError", "__version__", "families", "load", "partition", "plan", "tune"}
     assert issubclass(ScheduleError, ValueError)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         dualpipe_rs.nope  # noqa: B018

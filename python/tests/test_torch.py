@@ -90,6 +90,23 @@ def test_pipeline_is_freed_without_the_cycle_collector(world2):
     assert world2.run(_cases.freed_without_gc) == [[True, True], [True, True]]
 
 
+def test_fb_on_two_streams_one_rank(world1):
+    """FB halves on different (stand-in) streams; results unchanged."""
+    for family, c in (("dualpipev", 6), ("zbv", 4)):
+        assert world1.run(_cases.fb_streams_case, family, c, "blocking")[0] >= 0
+
+
+def test_fb_on_two_streams_two_ranks(world2):
+    counts = world2.run(_cases.fb_streams_case, "dualpipev", 8, "async")
+    assert sum(counts) > 0, "dualpipev on 2 ranks has FB pairs"
+    counts = world2.run(_cases.fb_streams_case, "dualpipe", 4, "blocking")
+    assert sum(counts) > 0, "dualpipe on 2 ranks has FB pairs"
+
+
+def test_fb_streams_needs_cuda(world1):
+    assert world1.run(_cases.fb_streams_refused)[0]
+
+
 # ------------------------------------------------------------------- errors
 
 

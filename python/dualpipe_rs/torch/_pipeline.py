@@ -15,6 +15,7 @@ from . import _comm
 from ._profile import Profile
 from ._split import backward_input
 from ._store import WeightGradStore, run_backward
+from ._streams import FBStreams, cuda_stream_ops
 
 __all__ = ["Pipeline", "PipelineError"]
 
@@ -165,6 +166,9 @@ class Pipeline(nn.Module):
         inference_schedule: the forward-only schedule run under ``torch.no_grad()``; by
             default planned from the schedule's family when the schedule is a planned one.
         profile: record every instruction's start and end (see :attr:`profile`).
+        fb_streams: on a CUDA device, run the two halves of an ``FB`` without the overlap
+            hook on two streams, so the forward of one micro-batch overlaps the backward of
+            another (docs/torch.md, "FB on two streams"). Off by default.
         timeout: seconds a rank waits for its peers before raising :class:`PipelineError`
             (on gloo; NCCL stalls end by the process group's own timeout).
     """
@@ -182,6 +186,7 @@ class Pipeline(nn.Module):
         inference_schedule: Optional[Schedule] = None,
         profile: bool = False,
         timeout: float = 600.0,
+        fb_streams: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(schedule, Schedule):
@@ -246,6 +251,14 @@ class Pipeline(nn.Module):
             self._check_inference(inference_schedule)
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
+        if fb_streams and self._device.type != "cuda":
+            raise ValueError(
+                f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
+                f"on {self._device}"
+            )
+        self._fb: Optional[FBStreams] = (
+            FBStreams(cuda_stream_ops(self._device)) if fb_streams else None
+        )
         self._fixed_meta = None
         if shapes is not None:
             if dtype is None:
@@ -488,6 +501,8 @@ class Pipeline(nn.Module):
         prof = self.profile
         if prof is not None:
             prof._begin(prog)
+        if self._fb is not None:
+            self._fb.reset()
         for op in prog.ops:
             code = op[0]
             t0 = prof._now() if prof is not None else None
@@ -630,6 +645,8 @@ class Pipeline(nn.Module):
             finally:
                 WeightGradStore.enabled = False
             st.pending_w[(stage, mb)] = (later, WeightGradStore.take(), loss)
+        if self._fb is not None:
+            self._fb.backward_done((stage, mb), in_grads)
         self._input_grads(prog, st, stage, mb, inputs, in_grads)
 
     def _weight(self, st, stage, mb) -> None:
@@ -650,8 +667,24 @@ class Pipeline(nn.Module):
         module0, module1 = self._stage_module[fs], self._stage_module[bs]
         hook = _hook_of(module0, module1)
         if hook is None:
-            self._forward(prog, st, index, fs, fm)
-            self._backward(prog, st, index, bs, bm, False)
+            if self._fb is None:
+                self._forward(prog, st, index, fs, fm)
+                self._backward(prog, st, index, bs, bm, False)
+                return
+
+            def made():
+                if fs != prog.last:
+                    return st.outputs.get((fs, fm), ())
+                return [st.losses.get(fm), *st.last_outputs.get(fm, ())]
+
+            self._fb.run(
+                lambda: self._forward(prog, st, index, fs, fm),
+                lambda: self._backward(prog, st, index, bs, bm, False),
+                (fs, fm),
+                (bs, bm),
+                lambda: st.inputs.get((fs, fm), ()),
+                made,
+            )
             return
         inputs0 = self._stage_inputs(prog, st, index, fs, fm)
         if fs == prog.last and st.criterion is not None:
