@@ -27,6 +27,7 @@ pub mod kernels;
 pub mod launch;
 pub mod plan;
 pub mod rendezvous;
+pub mod replay;
 pub mod watchdog;
 
 #[cfg(not(feature = "cuda"))]
