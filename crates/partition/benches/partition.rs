@@ -31,6 +31,7 @@ fn layers() -> Layers {
                 f,
                 b: 2.0 * f,
                 w: f,
+                fb: None,
                 param_bytes: 1e6 * (0.5 + next()),
                 activation_bytes: 1e5 * (0.5 + next()),
             }

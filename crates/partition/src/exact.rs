@@ -7,8 +7,8 @@
 //! `k` and its mirror `S-1-k` (see [`Placement::is_mirrored`]): 1F1B-like schedules hold one
 //! stage per rank, the V (DualPipeV, ZB-V) holds `r` and `2N-1-r` on rank `r`, DualPipe holds
 //! `r` and `N-1-r` on ranks `r` and `N-1-r`. The question "is there a cut where every
-//! constraint stays within its limit?" is answered exactly; a bisection on the time limit then
-//! gives the least bottleneck.
+//! constraint stays within its limit?" is answered exactly; a search on the time limit then
+//! gives the least bottleneck (`exact_bottleneck` in `lib.rs`).
 //!
 //! # The method
 //!
@@ -38,6 +38,8 @@
 //! expression in the forward pass and in the walk back that recovers the cut, so the two agree.
 //!
 //! Exactness is checked against brute force over every cut on small cases (`tests`).
+
+use std::cell::RefCell;
 
 use crate::placement::{BI, Constraint, F, Kind, Placement, Q, W};
 
@@ -74,6 +76,9 @@ pub(crate) struct Solver<'a> {
     /// summed over pairs `k..`; used to drop states that leave too much work for the pairs
     /// still to come. Infinite where a pair's time does not bound its work.
     capacity_after: Vec<f64>,
+    /// Zeroed level buffers (`rows * words`) kept between tests: a search runs several, and
+    /// clearing the rows a test wrote costs less than fresh pages.
+    pool: RefCell<Vec<Vec<u64>>>,
 }
 
 /// The limits a feasibility test checks against.
@@ -199,6 +204,19 @@ impl<'a> Solver<'a> {
             words,
             work,
             capacity_after,
+            pool: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// A limit on the time below which no cut is feasible: all the work over the most work
+    /// the stages can hold per unit of time (0 when that is unbounded).
+    pub fn lower_bound(&self) -> f64 {
+        let total = self.work[self.layers] - self.work[0];
+        let capacity = self.capacity_after[0];
+        if capacity.is_finite() && capacity > 0.0 {
+            total / capacity
+        } else {
+            0.0
         }
     }
 
@@ -223,6 +241,25 @@ impl<'a> Solver<'a> {
         l - lo
     }
 
+    /// [`Solver::least_b`] for every `a` at once (`out[a]`), in one sweep: the farthest end
+    /// only moves forward as `a` does.
+    fn least_b_all(&self, k: usize, time: f64, out: &mut [usize]) {
+        let room = time * self.capacity_after[k];
+        let l = self.layers;
+        if !room.is_finite() {
+            out.iter_mut().for_each(|v| *v = 0);
+            return;
+        }
+        let mut e = 0;
+        for (a, v) in out.iter_mut().enumerate() {
+            e = e.max(a);
+            while e < l && self.work[e + 1] - self.work[a] <= room {
+                e += 1;
+            }
+            *v = l - e;
+        }
+    }
+
     /// Value of `w` on layers `lo..hi`.
     fn range(&self, w: &[f64; Q], lo: usize, hi: usize) -> f64 {
         dot(w, &self.prefix[hi], &self.prefix[lo])
@@ -233,7 +270,13 @@ impl<'a> Solver<'a> {
     fn residuals(&self, k: usize, limits: Limits, a: usize, a2: usize, out: &mut Vec<f64>) -> bool {
         out.clear();
         for c in &self.groups[k] {
-            let r = limits.of(c.kind) - self.range(&c.left, a, a2);
+            let limit = limits.of(c.kind);
+            if limit == f64::INFINITY {
+                // No limit (no memory cap): nothing to check on either side.
+                out.push(f64::INFINITY);
+                continue;
+            }
+            let r = limit - self.range(&c.left, a, a2);
             if r < 0.0 {
                 return false;
             }
@@ -245,10 +288,9 @@ impl<'a> Solver<'a> {
     /// Whether the right range `b..b2` (layers `L-b2..L-b`) fits the residuals of pair `k`.
     fn right_fits(&self, k: usize, residuals: &[f64], b: usize, b2: usize) -> bool {
         let l = self.layers;
-        self.groups[k]
-            .iter()
-            .zip(residuals)
-            .all(|(c, &r)| c.mask.is_none() || self.range(&c.right, l - b2, l - b) <= r)
+        self.groups[k].iter().zip(residuals).all(|(c, &r)| {
+            c.mask.is_none() || r == f64::INFINITY || self.range(&c.right, l - b2, l - b) <= r
+        })
     }
 
     /// The largest `b2` in `b..=bmax` whose right range fits (`b` itself always does).
@@ -271,13 +313,46 @@ impl<'a> Solver<'a> {
         if l < s || self.least_b(0, limits.time, 0) > 0 {
             return None;
         }
-        let steps = s / 2;
-        let rows = l + 1;
         // levels[k]: R_k as `rows` bit sets of `w` words; `spans[k][a]`: the first and last
         // word of row `a` that may hold bits (`None`: empty row).
-        let mut levels: Vec<Vec<u64>> = Vec::with_capacity(steps + 1);
-        let mut spans: Vec<Vec<Option<(usize, usize)>>> = Vec::with_capacity(steps + 1);
-        let mut first = vec![0u64; rows * w];
+        let mut levels: Vec<Vec<u64>> = Vec::with_capacity(s / 2 + 1);
+        let mut spans: Vec<Vec<Option<(usize, usize)>>> = Vec::with_capacity(s / 2 + 1);
+        let cut = self.search(limits, &mut levels, &mut spans);
+        // Clear what the test wrote and keep the buffers for the next one.
+        let mut pool = self.pool.borrow_mut();
+        for (mut level, span) in levels.into_iter().zip(&spans) {
+            if level.is_empty() {
+                continue;
+            }
+            for (a, words) in span.iter().enumerate() {
+                if let Some((x, y)) = *words {
+                    level[a * w + x..=a * w + y].fill(0);
+                }
+            }
+            pool.push(level);
+        }
+        cut
+    }
+
+    /// A zeroed level buffer of `rows * words` words.
+    fn level(&self) -> Vec<u64> {
+        self.pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| vec![0u64; (self.layers + 1) * self.words])
+    }
+
+    /// [`Solver::feasible`] on the level buffers `levels`, with their `spans`.
+    fn search(
+        &self,
+        limits: Limits,
+        levels: &mut Vec<Vec<u64>>,
+        spans: &mut Vec<Vec<Option<(usize, usize)>>>,
+    ) -> Option<Vec<usize>> {
+        let (l, s, w) = (self.layers, self.stages, self.words);
+        let steps = s / 2;
+        let rows = l + 1;
+        let mut first = self.level();
         first[0] = 1;
         let mut span0 = vec![None; rows];
         span0[0] = Some((0, 0));
@@ -286,10 +361,14 @@ impl<'a> Solver<'a> {
         let mut residuals = Vec::new();
         let mut light = vec![0u64; w];
         let mut out = vec![0u64; w];
+        let mut least = vec![0usize; rows];
         for k in 0..steps {
             let need_after = s - 2 * (k + 1);
             let closing = need_after == 0;
-            let mut next = vec![0u64; if closing { 0 } else { rows * w }];
+            if !closing {
+                self.least_b_all(k + 1, limits.time, &mut least);
+            }
+            let mut next = if closing { Vec::new() } else { self.level() };
             let mut next_span: Vec<Option<(usize, usize)>> = vec![None; rows];
             let amax = l.checked_sub(need_after + k + 1)?;
             for a in k..rows {
@@ -308,15 +387,14 @@ impl<'a> Solver<'a> {
                         if let Some(b) = last_below(row, target)
                             && self.right_fits(k, &residuals, b, target)
                         {
-                            let mut cut =
-                                self.walk_back(&levels, &spans, limits, k + 1, a2, target);
+                            let mut cut = self.walk_back(levels, spans, limits, k + 1, a2, target);
                             // a' and L - b' are the same boundary.
                             cut.remove(k + 1);
                             return Some(cut);
                         }
                         continue;
                     }
-                    let bmin = self.least_b(k + 1, limits.time, a2).max(k + 1);
+                    let bmin = least[a2].max(k + 1);
                     if bmax < bmin {
                         continue;
                     }
@@ -387,7 +465,7 @@ impl<'a> Solver<'a> {
                 continue;
             };
             if self.residuals(k, limits, a, l - b, &mut residuals) {
-                return Some(self.walk_back(&levels, &spans, limits, k, a, b));
+                return Some(self.walk_back(levels, spans, limits, k, a, b));
             }
         }
         None
@@ -401,7 +479,14 @@ impl<'a> Solver<'a> {
         }
         for (c, &r) in self.groups[k].iter().zip(residuals) {
             let Some(m) = c.mask else { continue };
+            if r == f64::INFINITY {
+                continue;
+            }
             let masks = &self.masks[m];
+            if masks.sorted.last().is_none_or(|&v| v <= r) {
+                // Every layer fits alone.
+                continue;
+            }
             let t = masks.sorted.partition_point(|&v| v <= r);
             let bits = &masks.bits[t * self.words..(t + 1) * self.words];
             for i in lo..=hi {
@@ -507,9 +592,19 @@ fn last_below(row: &[u64], limit: usize) -> Option<usize> {
     }
 }
 
+/// Sets bits `from..=to`.
 fn set_range(bits: &mut [u64], from: usize, to: usize) {
-    for x in from..=to {
-        bits[x / 64] |= 1 << (x % 64);
+    let (i, j) = (from / 64, to / 64);
+    let low = u64::MAX << (from % 64);
+    let high = u64::MAX >> (63 - to % 64);
+    if i == j {
+        bits[i] |= low & high;
+    } else {
+        bits[i] |= low;
+        for v in &mut bits[i + 1..j] {
+            *v = u64::MAX;
+        }
+        bits[j] |= high;
     }
 }
 

@@ -11,6 +11,10 @@
 //! - `unit` (optional): the time unit of `f`, `b` and `w`, a label only (`"ms"`, `"us"`, ...).
 //! - `f`: forward time of the layer for one micro-batch; `b`: full backward (input and weight
 //!   gradients); `w` (optional, default 0): the weight-gradient part of `b`, so `w <= b`.
+//! - `fb` (optional): the time of an overlapped `FB` of the layer (a forward and a full
+//!   backward of two micro-batches, DualPipe's overlap). When any layer gives it, a stage's
+//!   `fb` is the sum over its layers of `fb` (`f + b` for a layer without it); otherwise the
+//!   stages' `fb` stays unset and an `FB` costs the `f` plus the `b` of its two halves.
 //! - `param_bytes` (optional, default 0): bytes of the layer's parameters (with whatever the
 //!   optimizer keeps per parameter, if the memory cap should count it).
 //! - `activation_bytes` (optional, default 0): bytes the layer keeps alive for one micro-batch
@@ -33,6 +37,8 @@ pub struct Layer {
     pub b: f64,
     /// The weight-gradient part of `b` (`w <= b`).
     pub w: f64,
+    /// An overlapped forward and full backward of two micro-batches (an `FB`); `None`: `f + b`.
+    pub fb: Option<f64>,
     /// Bytes of parameters.
     pub param_bytes: f64,
     /// Bytes of activations kept per micro-batch from the forward to the backward.
@@ -62,6 +68,8 @@ struct LayerWire {
     b: f64,
     #[serde(default)]
     w: f64,
+    #[serde(default)]
+    fb: Option<f64>,
     #[serde(default)]
     param_bytes: f64,
     #[serde(default)]
@@ -105,6 +113,7 @@ impl Layers {
                     f: l.f,
                     b: l.b,
                     w: l.w,
+                    fb: l.fb,
                     param_bytes: l.param_bytes,
                     activation_bytes: l.activation_bytes,
                 })
@@ -130,6 +139,7 @@ impl Layers {
                 f: wire.f,
                 b: wire.b,
                 w: wire.w,
+                fb: wire.fb,
                 param_bytes: wire.param_bytes,
                 activation_bytes: wire.activation_bytes,
             });
@@ -153,6 +163,7 @@ impl Layers {
                 ("f", layer.f),
                 ("b", layer.b),
                 ("w", layer.w),
+                ("fb", layer.fb.unwrap_or(0.0)),
                 ("param_bytes", layer.param_bytes),
                 ("activation_bytes", layer.activation_bytes),
             ] {

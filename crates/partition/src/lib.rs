@@ -7,16 +7,19 @@
 //!
 //! 1. **bottleneck**: the largest compute time of any rank, where a rank's time is what the
 //!    schedule makes it run (every F, B, W and FB of its instruction list, with the stage
-//!    costs summed from the layers). For placements where a rank holds a stage and at most its
-//!    mirror image (1F1B, GPipe, ZB-H1; DualPipeV and ZB-V, whose rank 0 holds the first and
-//!    the last stage; DualPipe, whose ranks `r` and `N-1-r` both hold stages `r` and `N-1-r`)
-//!    the optimum is exact: a bisection on the bottleneck over an exact feasibility test (see
-//!    `exact.rs` for the method and why it is exact). For other placements (interleaved 1F1B)
-//!    it is a local search, and the result says so.
+//!    costs summed from the layers; an FB costs its forward stage's `fb` when any layer gives
+//!    `fb`, else the `f` and `b` of its halves). For placements where a rank holds a stage and
+//!    at most its mirror image (1F1B, GPipe, ZB-H1; DualPipeV and ZB-V, whose rank 0 holds the
+//!    first and the last stage; DualPipe, whose ranks `r` and `N-1-r` both hold stages `r` and
+//!    `N-1-r`) the optimum is exact: a search on the bottleneck (a climb from a lower bound,
+//!    then a bisection) over an exact feasibility test (see `exact.rs` for the method and why
+//!    it is exact). For other placements (interleaved 1F1B) it is a local search, and the
+//!    result says so.
 //! 2. **step**: the simulated step time of the schedule ([`dualpipe_schedule::simulate`],
 //!    blocking model, per-stage costs, messages free), improved from the bottleneck optimum by
 //!    moving single layers across stage boundaries while the simulator says it helps. The
-//!    result is never slower than the bottleneck optimum.
+//!    schedule is lowered once; each simulation replays it with the cut's stage costs
+//!    ([`Model::step`]). The result is never slower than the bottleneck optimum.
 //!
 //! An optional memory cap (bytes per rank) bounds, on every rank, the parameters of the stages
 //! it holds plus, for each such stage, its activation bytes per micro-batch times the peak
@@ -40,6 +43,7 @@
 mod exact;
 mod layers;
 mod placement;
+mod step;
 
 use std::fmt;
 
@@ -49,7 +53,8 @@ use serde::Serialize;
 pub use layers::{Layer, Layers, LayersError};
 
 use exact::{Limits, Solver};
-use placement::{ACT, BI, F, Kind, PAR, Placement, Q, W};
+use placement::{ACT, BI, F, FB, Kind, PAR, Placement, Q, W};
+use step::{Replay, StageTimes, StepModel};
 
 /// How to partition.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -141,6 +146,10 @@ pub struct Model<'a> {
     placement: Placement,
     /// `prefix[i]`: the per-layer quantities summed over layers `0..i`.
     prefix: Vec<[f64; Q]>,
+    /// Whether any layer gives `fb` (then every stage's `fb` is the sum of its layers').
+    fb: bool,
+    /// The schedule lowered for repeated simulations.
+    steps: StepModel,
 }
 
 impl<'a> Model<'a> {
@@ -154,13 +163,17 @@ impl<'a> Model<'a> {
             next[W] += layer.w;
             next[PAR] += layer.param_bytes;
             next[ACT] += layer.activation_bytes;
+            next[FB] += layer.fb.unwrap_or(layer.f + layer.b);
             prefix.push(next);
         }
+        let fb = layers.layers.iter().any(|l| l.fb.is_some());
         Model {
             valid,
             layers,
-            placement: Placement::new(valid),
+            placement: Placement::new(valid, fb),
             prefix,
+            fb,
+            steps: StepModel::new(valid),
         }
     }
 
@@ -256,20 +269,45 @@ impl<'a> Model<'a> {
             .collect()
     }
 
-    /// The cost model of `cut`: per stage, the sums of its layers' `f`, `b` and `w`; `fb`
-    /// unset (an FB costs `f + b`), messages free.
+    /// Per stage, the compute times of `cut`: the sums of its layers' `f`, `b`, `w`, and
+    /// `fb` when any layer gives one (a layer without it counting `f + b`).
+    fn stage_times(&self, cut: &[usize]) -> StageTimes {
+        let s = self.num_stages();
+        let mut times = StageTimes {
+            f: Vec::with_capacity(s),
+            b: Vec::with_capacity(s),
+            w: Vec::with_capacity(s),
+            fb: Vec::with_capacity(s),
+        };
+        for st in 0..s {
+            let range = &self.layers.layers[cut[st]..cut[st + 1]];
+            let sum = |g: fn(&Layer) -> f64| range.iter().map(g).sum::<f64>();
+            times.f.push(sum(|l| l.f));
+            times.b.push(sum(|l| l.b));
+            times.w.push(sum(|l| l.w));
+            times
+                .fb
+                .push(self.fb.then(|| sum(|l| l.fb.unwrap_or(l.f + l.b))));
+        }
+        times
+    }
+
+    /// The cost model of `cut`: per stage, the sums of its layers' `f`, `b` and `w`; `fb` the
+    /// sum of its layers' `fb` when any layer gives one (`f + b` for a layer without it),
+    /// otherwise unset (an FB costs the `f` and the `b` of its halves); messages free.
     pub fn costs(&self, cut: &[usize]) -> Costs {
         let mut costs = Costs::default();
+        let times = self.stage_times(cut);
         for s in 0..self.num_stages() {
             let range = &self.layers.layers[cut[s]..cut[s + 1]];
             let sum = |g: fn(&Layer) -> f64| range.iter().map(g).sum::<f64>();
             costs.stages.insert(
                 s as u32,
                 StageOverride {
-                    f: Some(sum(|l| l.f)),
-                    b: Some(sum(|l| l.b)),
-                    w: Some(sum(|l| l.w)),
-                    fb: None,
+                    f: Some(times.f[s]),
+                    b: Some(times.b[s]),
+                    w: Some(times.w[s]),
+                    fb: times.fb[s],
                     bytes: None,
                     param_bytes: Some(sum(|l| l.param_bytes)),
                     activation_bytes: Some(sum(|l| l.activation_bytes)),
@@ -279,11 +317,23 @@ impl<'a> Model<'a> {
         costs
     }
 
-    /// The simulated step time of the schedule under `cut` (blocking model).
+    /// The simulated step time of the schedule under `cut`: the makespan
+    /// [`dualpipe_schedule::simulate`] gives for [`Model::costs`] under the blocking model,
+    /// replayed on the schedule lowered once (the same sums in the same order, so the same
+    /// number).
     pub fn step(&self, cut: &[usize]) -> Result<f64, PartitionError> {
-        simulate(self.valid, &self.costs(cut), ExecutionModel::Blocking)
-            .map(|run| run.makespan)
-            .map_err(|e| PartitionError::Simulate(e.to_string()))
+        self.step_with(cut, &mut Replay::default())
+    }
+
+    /// [`Model::step`] with scratch space kept between calls.
+    fn step_with(&self, cut: &[usize], replay: &mut Replay) -> Result<f64, PartitionError> {
+        match self.steps.makespan(&self.stage_times(cut), replay) {
+            Some(t) => Ok(t),
+            // Not finite: let the simulator say why (or give the step time itself).
+            None => simulate(self.valid, &self.costs(cut), ExecutionModel::Blocking)
+                .map(|run| run.makespan)
+                .map_err(|e| PartitionError::Simulate(e.to_string())),
+        }
     }
 
     fn within_cap(&self, cut: &[usize], cap: Option<f64>) -> bool {
@@ -533,8 +583,19 @@ pub fn partition_model(model: &Model<'_>, options: &Options) -> Result<Partition
     })
 }
 
-/// Bisection on the bottleneck over the exact feasibility test.
+/// The least bottleneck to a relative `1e-10`, by tests of the exact feasibility test.
+///
+/// A test costs more the more slack its limit leaves above the optimum (more states stay
+/// reachable), so the search avoids loose limits: it climbs from the lower bound of
+/// [`Solver::lower_bound`], by limits a growing share above the last infeasible one, until a
+/// test is feasible; then it bisects. A bisection alone needs about 35 tests to close the
+/// bracket to the tolerance; instead, once the last cut found lies below the limit it was
+/// found under by at least half the bracket (a sign that it is the optimum), the next test
+/// asks whether any cut beats it by more than the tolerance, and "no" ends the search. A
+/// "yes" is followed by a bisection step unless the new cut again lies that far below its
+/// limit, so the search never takes more than about twice the tests of a bisection.
 fn exact_bottleneck(model: &Model<'_>, cap: Option<f64>) -> Result<Vec<usize>, PartitionError> {
+    const TOLERANCE: f64 = 1e-10;
     let solver = Solver::new(&model.placement, &model.prefix);
     let memory = cap.unwrap_or(f64::INFINITY);
     let unbounded = Limits {
@@ -556,24 +617,43 @@ fn exact_bottleneck(model: &Model<'_>, cap: Option<f64>) -> Result<Vec<usize>, P
         });
     };
     let mut hi = model.bottleneck(&best);
-    let mut lo = 0.0f64;
-    for _ in 0..200 {
-        if hi - lo <= 1e-10 * hi || hi <= 0.0 {
+    let mut lo = solver.lower_bound().min(hi);
+    // The climb's step, as a share of `lo`, until a test is feasible.
+    let mut climb = 1e-4;
+    let mut found = false;
+    // How far below its limit the last feasible test's cut was.
+    let mut snap = 0.0f64;
+    for _ in 0..400 {
+        if hi - lo <= TOLERANCE * hi || hi <= 0.0 {
             break;
         }
-        let mid = lo + (hi - lo) / 2.0;
+        let half = lo + (hi - lo) / 2.0;
+        let beat = found && hi - lo <= 2.0 * snap;
+        let mid = if beat {
+            (hi - TOLERANCE * hi).max(lo)
+        } else if !found {
+            (lo + climb * lo).min(half)
+        } else {
+            half
+        };
         match solver.feasible(Limits { time: mid, memory }) {
             Some(cut) => {
                 let value = model.bottleneck(&cut);
-                if value < hi {
-                    best = cut;
-                    hi = value;
-                } else {
+                if value >= hi {
                     // Rounding between the test's sums and the direct ones: stop here.
                     break;
                 }
+                best = cut;
+                snap = mid - value;
+                hi = value;
+                found = true;
             }
-            None => lo = mid,
+            // No cut beats `hi` by more than the tolerance.
+            None if beat => break,
+            None => {
+                lo = mid;
+                climb *= 2.0;
+            }
         }
     }
     Ok(best)
@@ -691,6 +771,7 @@ fn refine(
     let mut cut = start.to_vec();
     let mut step = start_step;
     let mut evaluations = 0;
+    let mut replay = Replay::default();
     let s = model.num_stages();
     'passes: while evaluations < budget {
         let load = model.rank_load(&cut);
@@ -725,7 +806,7 @@ fn refine(
                 continue;
             }
             evaluations += 1;
-            let t = model.step(&next)?;
+            let t = model.step_with(&next, &mut replay)?;
             if t < step - 1e-12 * step {
                 cut = next;
                 step = t;

@@ -4,14 +4,16 @@
 use dualpipe_schedule::{Instruction, ValidSchedule};
 
 /// Per-layer quantities the forms weigh: forward, backward without its weight-gradient part,
-/// weight gradient, parameter bytes, activation bytes. All are non-negative, so every form is
-/// non-decreasing in the layers it covers (in floating point too: the prefix sums only grow).
+/// weight gradient, parameter bytes, activation bytes, overlapped forward and backward (`fb`,
+/// else `f + b`). All are non-negative, so every form is non-decreasing in the layers it covers
+/// (in floating point too: the prefix sums only grow).
 pub(crate) const F: usize = 0;
 pub(crate) const BI: usize = 1;
 pub(crate) const W: usize = 2;
 pub(crate) const PAR: usize = 3;
 pub(crate) const ACT: usize = 4;
-pub(crate) const Q: usize = 5;
+pub(crate) const FB: usize = 5;
+pub(crate) const Q: usize = 6;
 
 /// Which limit a constraint is checked against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,8 +49,10 @@ pub(crate) struct Placement {
 impl Placement {
     /// Reads the placement off `valid`: compute counts per rank and stage (F, B, deferred B, W,
     /// FB), the stages each rank holds, and per (rank, stage) the peak number of live
-    /// activations, counted in list order as the simulator counts them.
-    pub fn new(valid: &ValidSchedule) -> Placement {
+    /// activations, counted in list order as the simulator counts them. With `fb`, an FB costs
+    /// the `fb` of its forward stage; without, the `f` of its forward stage plus the `b` of its
+    /// backward stage.
+    pub fn new(valid: &ValidSchedule, fb: bool) -> Placement {
         let schedule = valid.schedule();
         let topology = valid.topology();
         let stages = schedule.num_stages as usize;
@@ -90,9 +94,13 @@ impl Placement {
                     }
                     Instruction::ForwardBackward { f, b } => {
                         let (sf, sb) = (f.stage as usize, b.stage as usize);
-                        time[sf][F] += 1.0;
-                        time[sb][BI] += 1.0;
-                        time[sb][W] += 1.0;
+                        if fb {
+                            time[sf][FB] += 1.0;
+                        } else {
+                            time[sf][F] += 1.0;
+                            time[sb][BI] += 1.0;
+                            time[sb][W] += 1.0;
+                        }
                         take(sf, &mut live, &mut events);
                         live[sb] -= 1;
                         events.push((sb, -1));

@@ -43,6 +43,7 @@ fn random_layers(rng: &mut Lcg, count: usize) -> Layers {
                 f,
                 b,
                 w: (b * rng.next()).floor().min(b),
+                fb: None,
                 param_bytes: (rng.next() * 100.0).round(),
                 activation_bytes: (rng.next() * 50.0).round(),
             }
@@ -213,6 +214,7 @@ fn uniform(count: usize) -> Vec<Layer> {
             f: 1.0,
             b: 2.0,
             w: 1.0,
+            fb: None,
             param_bytes: 10.0,
             activation_bytes: 1.0,
         })
@@ -337,4 +339,105 @@ fn the_json_document_lists_the_stages() {
     assert_eq!(json["stages"][0]["ranks"], serde_json::json!([0, 3]));
     assert_eq!(json["ranges"][3][1], 10);
     assert_eq!(json["rank_load"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn the_step_time_is_the_simulators_to_the_bit() {
+    let mut rng = Lcg(23);
+    for (family, n, c) in MIRRORED
+        .into_iter()
+        .chain([(Family::Interleaved1F1B, 2, 4), (Family::DualPipe, 6, 12)])
+    {
+        let valid = planned(family, n, c);
+        let s = valid.schedule().num_stages as usize;
+        for with_fb in [false, true] {
+            let mut layers = random_layers(&mut rng, 3 * s + 2);
+            if with_fb {
+                for layer in layers.layers.iter_mut().step_by(2) {
+                    layer.fb = Some(((layer.f + layer.b) * rng.next()).round());
+                }
+            }
+            let model = Model::new(&layers, &valid);
+            let l = layers.layers.len();
+            for _ in 0..5 {
+                // A random cut: S - 1 distinct inner boundaries.
+                let mut inner: Vec<usize> = (1..l).collect();
+                for i in (1..inner.len()).rev() {
+                    inner.swap(i, (rng.next() * (i + 1) as f64) as usize);
+                }
+                inner.truncate(s - 1);
+                inner.sort_unstable();
+                let cut: Vec<usize> = [0].into_iter().chain(inner).chain([l]).collect();
+                let run = dualpipe_schedule::simulate(
+                    &valid,
+                    &model.costs(&cut),
+                    dualpipe_schedule::ExecutionModel::Blocking,
+                )
+                .unwrap();
+                assert_eq!(
+                    model.step(&cut).unwrap().to_bits(),
+                    run.makespan.to_bits(),
+                    "{family} {n}x{c}, fb {with_fb}, cut {cut:?}"
+                );
+                for (load, rank) in model.rank_load(&cut).iter().zip(&run.ranks) {
+                    assert!((load - rank.busy).abs() <= 1e-9 * load.max(1.0));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn layers_fb_costs_set_the_stages_fb() {
+    // DualPipe overlaps a forward and a backward as one FB; a layer whose FB is much cheaper
+    // than its forward plus its backward makes the step shorter, and the loads smaller.
+    let valid = planned(Family::DualPipe, 4, 16);
+    let plain = Layers {
+        unit: None,
+        layers: uniform(16),
+    };
+    let mut overlapped = plain.clone();
+    for layer in &mut overlapped.layers {
+        layer.fb = Some(1.5);
+    }
+    let model = Model::new(&overlapped, &valid);
+    let cut = model.equal_cut();
+    let costs = model.costs(&cut);
+    for s in 0..4 {
+        assert_eq!(
+            costs.stage(s).fb,
+            Some(6.0),
+            "stage {s}: four layers of fb 1.5"
+        );
+    }
+    let run =
+        dualpipe_schedule::simulate(&valid, &costs, dualpipe_schedule::ExecutionModel::Blocking)
+            .unwrap();
+    let without = partition(&plain, &valid, &Options::default()).unwrap();
+    let with = partition(&overlapped, &valid, &Options::default()).unwrap();
+    assert_eq!(with.equal_cut_step, run.makespan);
+    assert!(
+        with.predicted_step < without.predicted_step,
+        "fb 1.5 against f + b = 3: {} vs {}",
+        with.predicted_step,
+        without.predicted_step
+    );
+    assert!(with.bottleneck < without.bottleneck);
+    for (load, rank) in model.rank_load(&cut).iter().zip(&run.ranks) {
+        assert!((load - rank.busy).abs() <= 1e-9 * load.max(1.0));
+    }
+    // From a file: a layer without `fb` counts `f + b`.
+    let layers = Layers::from_json(
+        r#"{"layers": [{"f": 1, "b": 2, "fb": 2.5}, {"f": 1, "b": 2}, {"f": 1, "b": 2, "fb": 2}, {"f": 1, "b": 2}]}"#,
+    )
+    .unwrap();
+    assert_eq!(layers.layers[0].fb, Some(2.5));
+    let valid = planned(Family::DualPipe, 2, 4);
+    let model = Model::new(&layers, &valid);
+    let costs = model.costs(&[0, 2, 4]);
+    assert_eq!(costs.stage(0).fb, Some(5.5));
+    assert_eq!(costs.stage(1).fb, Some(5.0));
+    // Without any `fb`, the stages' stays unset.
+    let costs = Model::new(&plain, &valid).costs(&[0, 8, 16]);
+    assert_eq!(costs.stage(0).fb, None);
 }

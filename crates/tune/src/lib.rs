@@ -404,6 +404,7 @@ pub fn stage_costs(costs: &Costs, valid: &ValidSchedule) -> (Costs, Basis) {
                     f: l.f,
                     b: l.b,
                     w: l.w,
+                    fb: l.fb,
                     param_bytes: l.param_bytes,
                     activation_bytes: l.activation_bytes,
                 })
