@@ -17,7 +17,9 @@
 //! validate(&schedule).unwrap();
 //! ```
 
+mod batches;
 mod costs;
+mod diagnostics;
 mod format;
 mod json;
 mod order;
@@ -28,9 +30,11 @@ mod torch;
 mod trace;
 mod validate;
 
+pub use batches::Batches;
 pub use costs::{
     CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS, unit_us,
 };
+pub use diagnostics::{ExecutionModel, Location, Rule, Violation};
 pub use format::{
     FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
     parse_program,
@@ -44,10 +48,7 @@ pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_
 pub use topology::Topology;
 pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};
-pub use validate::{
-    ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,
-    validate,
-};
+pub use validate::{Links, Report, ValidSchedule, ValidationErrors, validate};
 
 /// The JSON Schema of format v1, pretty-printed; checked in as `docs/schedule-v1.schema.json`.
 pub fn json_schema() -> String {

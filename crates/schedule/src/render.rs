@@ -449,10 +449,10 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::costs::Costs;
+    use crate::diagnostics::ExecutionModel;
     use crate::format::{Format, Pipeline, Schedule};
     use crate::parse_program;
     use crate::simulate::simulate;
-    use crate::validate::ExecutionModel;
 
     fn one_rank() -> ValidSchedule {
         ValidSchedule::new(Schedule {

@@ -28,10 +28,11 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::costs::{CostError, Costs};
+use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
 use crate::topology::Topology;
 use crate::trace::{Lane, Span};
-use crate::validate::{ExecutionModel, ValidSchedule};
+use crate::validate::ValidSchedule;
 
 /// When one instruction ran. For a send or receive, from the post (blocking) or start (async)
 /// of its batch to the completion of the op; for a commit, the whole batch.
@@ -278,8 +279,8 @@ struct Op {
     producer: u32,
 }
 
-/// Batches and their ops, laid out flat.
-struct Batches {
+/// The batches of [`ValidSchedule::batches`] with their ops and message times, laid out flat.
+struct BatchOps {
     /// Per rank: global id of its first batch.
     first: Vec<u32>,
     /// Per global batch: range of its ops in `ops` (`op_start[g]..op_start[g + 1]`).
@@ -289,34 +290,15 @@ struct Batches {
     commit: Vec<(u32, u32)>,
 }
 
-impl Batches {
-    fn new(valid: &ValidSchedule, costs: &Costs, topology: &Topology) -> Batches {
+impl BatchOps {
+    fn new(valid: &ValidSchedule, costs: &Costs, topology: &Topology) -> BatchOps {
         let schedule = valid.schedule();
         let links = valid.links();
-        // Per rank, per instruction: commits before it.
-        let before: Vec<Vec<u32>> = schedule
-            .ranks
-            .iter()
-            .map(|list| {
-                let mut count = 0u32;
-                list.iter()
-                    .map(|i| {
-                        let at = count;
-                        count += u32::from(matches!(i, Instruction::Commit));
-                        at
-                    })
-                    .collect()
-            })
+        let numbering = valid.batches();
+        let total = numbering.total();
+        let first: Vec<u32> = (0..schedule.ranks.len())
+            .map(|rank| numbering.first(rank))
             .collect();
-        let mut first = Vec::with_capacity(schedule.ranks.len());
-        let mut total = 0u32;
-        for list in &schedule.ranks {
-            first.push(total);
-            total += list
-                .iter()
-                .filter(|i| matches!(i, Instruction::Commit))
-                .count() as u32;
-        }
         let mut op_start = Vec::with_capacity(total as usize + 1);
         let mut commit = Vec::with_capacity(total as usize);
         let mut ops = Vec::new();
@@ -347,7 +329,7 @@ impl Batches {
                         };
                         ops.push(Op {
                             index: index as u32,
-                            partner: first[peer] + before[peer][partner],
+                            partner: numbering.of(peer, partner),
                             time: boundary[sender_stage as usize],
                             producer,
                         });
@@ -364,7 +346,7 @@ impl Batches {
             op_start.pop();
         }
         op_start.push(ops.len() as u32);
-        Batches {
+        BatchOps {
             first,
             op_start,
             ops,
@@ -469,7 +451,7 @@ pub fn simulate(
     let topology = valid.topology();
     costs.check()?;
     costs.check_stages(topology.num_stages())?;
-    let batches = Batches::new(valid, costs, topology);
+    let batches = BatchOps::new(valid, costs, topology);
     let compute = ComputeCosts::new(costs, topology.num_stages());
     let mut simulation = Run::new(schedule, topology, &batches, &compute, model).run()?;
     simulation.unit.clone_from(&costs.unit);
@@ -479,7 +461,7 @@ pub fn simulate(
 struct Run<'a> {
     schedule: &'a Schedule,
     topology: &'a Topology,
-    batches: &'a Batches,
+    batches: &'a BatchOps,
     compute: &'a ComputeCosts,
     model: ExecutionModel,
     /// Per global batch: when it was posted (blocking) or started (async); NaN until known.
@@ -509,7 +491,7 @@ impl<'a> Run<'a> {
     fn new(
         schedule: &'a Schedule,
         topology: &'a Topology,
-        batches: &'a Batches,
+        batches: &'a BatchOps,
         compute: &'a ComputeCosts,
         model: ExecutionModel,
     ) -> Self {
