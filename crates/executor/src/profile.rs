@@ -435,7 +435,9 @@ mod tests {
         use dualpipe_planner::{Family, PlanRequest, plan};
         // ZB-H1 on 2 ranks: F, deferred B and W on both stages. Stage s takes
         // (s + 1) ms per F, 2 (s + 1) ms per deferred B and (s + 1) ms per W.
-        let schedule = plan(&PlanRequest::new(Family::Zb1p, 2, 2)).unwrap();
+        let schedule = plan(&PlanRequest::new(Family::Zb1p, 2, 2))
+            .unwrap()
+            .into_inner();
         let mut profile = Profile::default();
         for list in &schedule.ranks {
             let mut clock = 0.0;
@@ -483,14 +485,11 @@ mod tests {
         );
         assert_eq!(intersection(&[(0.0, 2.5), (3.0, 4.0)], &[(2.0, 3.5)]), 1.0);
         // One rank of 1F1B on 2 ranks: F, send, commit, ...: build its list from the planner.
-        let schedule = ValidSchedule::new(
-            dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
-                dualpipe_planner::Family::OneFOneB,
-                2,
-                1,
-            ))
-            .unwrap(),
-        )
+        let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
+            dualpipe_planner::Family::OneFOneB,
+            2,
+            1,
+        ))
         .unwrap();
         let doc = schedule.schedule();
         let kinds = |rank: usize| -> (Vec<usize>, Vec<usize>) {

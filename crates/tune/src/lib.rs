@@ -322,12 +322,9 @@ fn evaluate(
     model: ExecutionModel,
 ) -> Result<Candidate, TuneError> {
     let family = request.family;
-    let default = ValidSchedule::new(plan(&request).map_err(|e| internal(family, e))?)
-        .map_err(|e| internal(family, e))?;
+    let default = plan(&request).map_err(|e| internal(family, e))?;
     let (stage_costs, basis) = stage_costs(costs, &default);
-    let valid =
-        ValidSchedule::new(plan_for(&request, &stage_costs).map_err(|e| internal(family, e))?)
-            .map_err(|e| internal(family, e))?;
+    let valid = plan_for(&request, &stage_costs).map_err(|e| internal(family, e))?;
     let sim = simulate(&valid, &stage_costs, model).map_err(|e| internal(family, e))?;
     let topology = valid.topology();
     let stages = topology.num_stages();
@@ -377,7 +374,7 @@ fn evaluate(
 /// use dualpipe_schedule::{Costs, ValidSchedule};
 /// use dualpipe_tune::{Basis, stage_costs};
 /// let costs = Costs::from_json(r#"{"f": 8, "b": 16, "w": 8, "param_bytes": 800}"#).unwrap();
-/// let valid = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap()).unwrap();
+/// let valid = plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap();
 /// let (per_stage, basis) = stage_costs(&costs, &valid);
 /// assert_eq!(basis, Basis::Model);
 /// assert_eq!((per_stage.stage(3).f, per_stage.stage(3).param_bytes), (2.0, 200.0));
@@ -474,7 +471,7 @@ mod tests {
     use super::*;
 
     fn valid(family: Family, n: u32, c: u32) -> ValidSchedule {
-        ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
+        plan(&PlanRequest::new(family, n, c)).unwrap()
     }
 
     #[test]

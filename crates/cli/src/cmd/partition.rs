@@ -73,10 +73,7 @@ fn schedule(args: &Args) -> Result<ValidSchedule, Failure> {
                 args.microbatches.unwrap_or_default(),
             );
             request.chunks_per_rank = args.chunks_per_rank;
-            if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
-                request.chunks_per_rank = Some(2);
-            }
-            plan(&request).map_err(|e| Failure::usage(e.to_string()))?
+            return plan(&request).map_err(crate::cmd::plan::failure);
         }
         (None, None) => {
             return Err(Failure::usage(

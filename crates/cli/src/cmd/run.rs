@@ -376,15 +376,7 @@ fn schedule(args: &Args) -> Result<(String, ValidSchedule), Failure> {
             let mut request = PlanRequest::new(family, ranks, microbatches);
             request.forward_only = args.forward_only;
             request.chunks_per_rank = args.chunks_per_rank;
-            if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
-                request.chunks_per_rank = Some(2);
-            }
-            let planned = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
-            let valid = ValidSchedule::new(planned).map_err(|errors| {
-                Failure::invalid(format!(
-                    "internal planner error, please report it: the planned schedule is invalid: {errors}"
-                ))
-            })?;
+            let valid = plan(&request).map_err(crate::cmd::plan::failure)?;
             Ok((format!("{family} {ranks}x{microbatches}"), valid))
         }
         _ => Err(Failure::usage(

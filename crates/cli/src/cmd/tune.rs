@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use dualpipe_planner::plan_for;
-use dualpipe_schedule::{Costs, ValidSchedule};
+use dualpipe_schedule::Costs;
 use dualpipe_tune::{Candidate, TuneError, TuneRequest, tune};
 use serde::Serialize;
 
@@ -215,14 +215,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )));
     };
     if let Some(output) = &args.output {
-        let schedule = plan_for(&best.request, &best.costs)
+        let valid = plan_for(&best.request, &best.costs)
             .map_err(|e| Failure::invalid(format!("internal error, please report it: {e}")))?;
-        let valid = ValidSchedule::new(schedule).map_err(|e| {
-            Failure::invalid(format!(
-                "internal planner error, please report it: {} is invalid: {e}",
-                best.family()
-            ))
-        })?;
         write_output(Some(output), &valid.schedule().to_json(), args.force)?;
     }
     Ok(())
