@@ -3,7 +3,7 @@
 //! Chrome trace (the same layout as the simulator's).
 
 use dualpipe_schedule::{
-    Costs, Instruction, Lane, Schedule, Span, StageCosts, StageOverride, ValidSchedule,
+    Costs, Instruction, Lane, Schedule, Span, StageCosts, StageOverride, Timeline, ValidSchedule,
     chrome_trace,
 };
 
@@ -279,7 +279,7 @@ impl Profile {
         }
     }
 
-    /// The timeline as spans: computes on the compute lane, commits on the communication
+    /// The timeline as spans, in microseconds: computes on the compute lane, commits on the communication
     /// lane, and, where a compute waited for received data, that wait on the communication
     /// lane under the commit that posted the receive.
     pub fn spans(&self, schedule: &Schedule) -> Vec<Span> {
@@ -293,24 +293,24 @@ impl Profile {
                             rank,
                             index: commit,
                             lane: Lane::Comm,
-                            start_us: t.start_us,
-                            end_us: t.ready_us,
+                            start: t.start_us,
+                            end: t.ready_us,
                         });
                     }
                     spans.push(Span {
                         rank,
                         index: t.index,
                         lane: Lane::Compute,
-                        start_us: t.ready_us,
-                        end_us: t.end_us,
+                        start: t.ready_us,
+                        end: t.end_us,
                     });
                 } else {
                     spans.push(Span {
                         rank,
                         index: t.index,
                         lane: Lane::Comm,
-                        start_us: t.start_us,
-                        end_us: t.end_us,
+                        start: t.start_us,
+                        end: t.end_us,
                     });
                 }
             }
@@ -318,14 +318,24 @@ impl Profile {
         spans
     }
 
+    /// The measured timeline of `schedule` (the schedule run), in microseconds (unit `"us"`):
+    /// the type the simulator produces too, which `render` draws. The makespan is
+    /// [`Profile::makespan_us`] and each rank's busy time its summary's.
+    pub fn timeline(&self, schedule: &ValidSchedule) -> Timeline {
+        let doc = schedule.schedule();
+        Timeline {
+            source: dualpipe_schedule::Source::Measured,
+            unit: "us".into(),
+            makespan: self.makespan_us(),
+            busy: self.summary(doc).iter().map(|s| s.busy_us).collect(),
+            spans: self.spans(doc),
+        }
+    }
+
     /// The timeline as a Chrome trace (chrome://tracing, Perfetto), laid out as the
     /// simulator's `render --format chrome`.
     pub fn chrome_trace(&self, schedule: &ValidSchedule) -> String {
-        chrome_trace(
-            schedule.schedule(),
-            schedule.links(),
-            &self.spans(schedule.schedule()),
-        )
+        chrome_trace(schedule, &self.timeline(schedule))
     }
 }
 

@@ -25,6 +25,7 @@ mod json;
 mod order;
 mod render;
 mod simulate;
+mod timeline;
 mod topology;
 mod torch;
 mod trace;
@@ -45,6 +46,7 @@ pub use order::{
 };
 pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_US, simulate};
+pub use timeline::{Source, Timeline, TraceError};
 pub use topology::Topology;
 pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};

@@ -30,6 +30,7 @@ use serde::Serialize;
 use crate::costs::{CostError, Costs};
 use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
+use crate::timeline::{Source, Timeline};
 use crate::topology::Topology;
 use crate::trace::{Lane, Span};
 use crate::validate::ValidSchedule;
@@ -86,9 +87,9 @@ impl Simulation {
         }
     }
 
-    /// The computes and commits as trace spans (for [`crate::chrome_trace`]), with one time unit
-    /// written as `unit_us` microseconds.
-    pub fn spans(&self, schedule: &Schedule, unit_us: f64) -> Vec<Span> {
+    /// The simulated timeline: every compute and commit of `schedule` (the schedule simulated)
+    /// with its times, in the costs' unit.
+    pub fn timeline(&self, schedule: &Schedule) -> Timeline {
         let mut spans = Vec::new();
         for (rank, list) in schedule.ranks.iter().enumerate() {
             for (index, instruction) in list.iter().enumerate() {
@@ -102,12 +103,18 @@ impl Simulation {
                     rank: rank as u32,
                     index,
                     lane,
-                    start_us: t.start * unit_us,
-                    end_us: t.end * unit_us,
+                    start: t.start,
+                    end: t.end,
                 });
             }
         }
-        spans
+        Timeline {
+            source: Source::Simulated(self.model),
+            unit: self.unit.clone(),
+            makespan: self.makespan,
+            busy: self.ranks.iter().map(|r| r.busy).collect(),
+            spans,
+        }
     }
 }
 
@@ -184,12 +191,7 @@ impl Simulation {
     /// time when the costs named their unit, else one abstract time unit written as
     /// [`TRACE_UNIT_US`] microseconds.
     pub fn chrome_trace(&self, valid: &ValidSchedule) -> String {
-        let unit_us = crate::costs::unit_us(&self.unit).unwrap_or(TRACE_UNIT_US);
-        crate::trace::chrome_trace(
-            valid.schedule(),
-            valid.links(),
-            &self.spans(valid.schedule(), unit_us),
-        )
+        crate::trace::chrome_trace(valid, &self.timeline(valid.schedule()))
     }
 }
 
@@ -963,14 +965,20 @@ mod tests {
     fn spans_cover_computes_and_commits() {
         let valid = straight(false, 1, &ROUND_TRIP);
         let sim = simulate(&valid, &Costs::default(), ExecutionModel::Blocking).unwrap();
-        let spans = sim.spans(valid.schedule(), 1000.0);
+        let timeline = sim.timeline(valid.schedule());
+        let spans = &timeline.spans;
         assert_eq!(spans.len(), 8);
         let last = spans.iter().find(|s| s.rank == 0 && s.index == 5).unwrap();
         assert_eq!(
-            (last.lane, last.start_us, last.end_us),
+            (
+                last.lane,
+                last.start * timeline.unit_us(),
+                last.end * timeline.unit_us()
+            ),
             (Lane::Compute, 4000.0, 6000.0)
         );
         assert_eq!(sim.bubble_share(), 0.5);
+        assert_eq!(timeline.bubble_share(), 0.5);
     }
 
     #[test]
