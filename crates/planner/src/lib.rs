@@ -23,7 +23,7 @@ pub mod lower;
 use std::fmt;
 use std::str::FromStr;
 
-use dualpipe_schedule::{Costs, Format, Pipeline, Schedule, ValidSchedule, ValidationErrors};
+use dualpipe_schedule::{Costs, Header, Pipeline, Schedule, ValidSchedule, ValidationErrors};
 
 /// A schedule family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -384,6 +384,14 @@ fn plan_unchecked(request: &PlanRequest, costs: &Costs) -> Result<Schedule, Plan
         forward_only,
         ..
     } = *request;
+    let header = Header {
+        schedule: family.name().to_string(),
+        num_ranks: n,
+        num_stages: request.num_stages(),
+        num_microbatches: c,
+        forward_only,
+        pipelines: pipelines(family, n, c, request.chunks()),
+    };
     let schedule = match family {
         Family::DualPipe | Family::DualPipeV => {
             let variant = if family == Family::DualPipe {
@@ -391,32 +399,16 @@ fn plan_unchecked(request: &PlanRequest, costs: &Costs) -> Result<Schedule, Plan
             } else {
                 dualpipe::Variant::DualPipeV
             };
-            Schedule {
-                format: Format::V1,
-                schedule: family.name().to_string(),
-                num_ranks: n,
-                num_stages: stages(family, n, 1),
-                num_microbatches: c,
-                forward_only,
-                pipelines: pipelines(family, n, c, 1),
-                ranks: (0..n)
+            header.with_ranks(
+                (0..n)
                     .map(|r| dualpipe::rank_program(variant, n, c, r, forward_only))
                     .collect(),
-            }
+            )
         }
         _ => {
-            let v = request.chunks();
-            let order = classic::compute_order(family, n, c, v, forward_only);
-            let header = lower::Header {
-                schedule: family.name().to_string(),
-                num_ranks: n,
-                num_stages: stages(family, n, v),
-                num_microbatches: c,
-                forward_only,
-                pipelines: pipelines(family, n, c, v),
-            };
-            lower::lower_for(header, order, costs)
-                .map_err(|e| PlanError::Internal(e.to_string()))?
+            let order = classic::compute_order(header, request)
+                .map_err(|e| PlanError::Internal(e.to_string()))?;
+            lower::lower_for(order, costs).map_err(|e| PlanError::Internal(e.to_string()))?
         }
     };
     Ok(schedule)

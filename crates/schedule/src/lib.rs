@@ -18,6 +18,7 @@
 //! ```
 
 mod batches;
+mod compute_order;
 mod costs;
 mod diagnostics;
 mod format;
@@ -32,6 +33,7 @@ mod trace;
 mod validate;
 
 pub use batches::Batches;
+pub use compute_order::{ComputeOrder, ComputeOrderError, Header};
 pub use costs::{
     CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS, unit_us,
 };
@@ -48,7 +50,7 @@ pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_US, simulate};
 pub use timeline::{Source, Timeline, TraceError};
 pub use topology::Topology;
-pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
+pub use torch::{TorchCsvError, read_torch_csv, to_torch_csv};
 pub use trace::{Lane, Span, chrome_trace};
 pub use validate::{Links, Report, ValidSchedule, ValidationErrors, validate};
 
