@@ -47,11 +47,11 @@ pub use order::{
     RankStats, Round, Stalled, compute_rounds, compute_times, order_grid, rank_stats, works,
 };
 pub use render::{timeline_svg, timeline_text};
-pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_US, simulate};
-pub use timeline::{Source, Timeline, TraceError};
+pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
+pub use timeline::{Lane, Source, Span, TRACE_UNIT_US, Timeline, TraceError};
 pub use topology::Topology;
 pub use torch::{TorchCsvError, read_torch_csv, to_torch_csv};
-pub use trace::{Lane, Span, chrome_trace};
+pub use trace::chrome_trace;
 pub use validate::{Links, Report, ValidSchedule, ValidationErrors, validate};
 
 /// The JSON Schema of format v1, pretty-printed; checked in as `docs/schedule-v1.schema.json`.

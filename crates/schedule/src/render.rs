@@ -10,8 +10,8 @@ use std::fmt::Write as _;
 
 use crate::format::{Instruction, Work};
 use crate::order::Legs;
+use crate::timeline::Lane;
 use crate::timeline::Timeline;
-use crate::trace::Lane;
 use crate::validate::ValidSchedule;
 
 /// Widest grid chosen automatically, in columns: labels are cut beyond this.

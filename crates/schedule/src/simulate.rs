@@ -30,9 +30,8 @@ use serde::Serialize;
 use crate::costs::{CostError, Costs};
 use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
-use crate::timeline::{Source, Timeline};
+use crate::timeline::{Lane, Source, Span, Timeline};
 use crate::topology::Topology;
-use crate::trace::{Lane, Span};
 use crate::validate::ValidSchedule;
 
 /// When one instruction ran. For a send or receive, from the post (blocking) or start (async)
@@ -118,9 +117,6 @@ impl Simulation {
     }
 }
 
-/// Microseconds per abstract time unit in Chrome traces: one unit reads as one millisecond.
-pub const TRACE_UNIT_US: f64 = 1000.0;
-
 impl Simulation {
     /// The simulation of `valid` as the JSON document `dualpipe simulate --json` prints:
     /// `{"schedule", "num_ranks", "num_stages", "num_microbatches", "model", "costs", "unit",
@@ -189,7 +185,7 @@ impl Simulation {
 
     /// The simulated timeline of `valid` as a Chrome trace ([`crate::chrome_trace`]), in real
     /// time when the costs named their unit, else one abstract time unit written as
-    /// [`TRACE_UNIT_US`] microseconds.
+    /// [`crate::TRACE_UNIT_US`] microseconds.
     pub fn chrome_trace(&self, valid: &ValidSchedule) -> String {
         crate::trace::chrome_trace(valid, &self.timeline(valid.schedule()))
     }

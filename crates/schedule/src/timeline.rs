@@ -10,8 +10,44 @@ use std::fmt;
 
 use crate::diagnostics::ExecutionModel;
 use crate::format::Instruction;
-use crate::trace::{Lane, Span};
 use crate::validate::ValidSchedule;
+
+/// Microseconds per abstract time unit in Chrome traces: one unit reads as one millisecond.
+pub const TRACE_UNIT_US: f64 = 1000.0;
+
+/// Which stream of a rank an interval ran on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// F, B, W and FB.
+    Compute,
+    /// Commit batches (their sends and receives).
+    Comm,
+}
+
+impl Lane {
+    pub(crate) fn tid(self) -> u32 {
+        match self {
+            Lane::Compute => 0,
+            Lane::Comm => 1,
+        }
+    }
+}
+
+/// One timed instruction: a compute on the compute lane, or a commit's batch on the
+/// communication lane.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Span {
+    /// The rank.
+    pub rank: u32,
+    /// Index of the instruction in the rank's list (a compute or a commit).
+    pub index: usize,
+    /// The stream it ran on.
+    pub lane: Lane,
+    /// Start, from the beginning of the step, in the unit of its [`Timeline`].
+    pub start: f64,
+    /// End, in the same unit.
+    pub end: f64,
+}
 
 /// Where the times of a timeline come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,7 +103,7 @@ impl Timeline {
     /// Microseconds per time unit: the unit's, or [`crate::TRACE_UNIT_US`] for abstract units
     /// (one unit reads as one millisecond).
     pub fn unit_us(&self) -> f64 {
-        crate::costs::unit_us(&self.unit).unwrap_or(crate::simulate::TRACE_UNIT_US)
+        crate::costs::unit_us(&self.unit).unwrap_or(TRACE_UNIT_US)
     }
 
     /// Per rank, per instruction: the span of each compute (`None` for other instructions and

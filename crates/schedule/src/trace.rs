@@ -6,42 +6,8 @@
 use std::collections::HashMap;
 
 use crate::format::{Instruction, Schedule};
-use crate::timeline::Timeline;
+use crate::timeline::{Lane, Span, Timeline};
 use crate::validate::{Links, ValidSchedule};
-
-/// Which stream of a rank an interval ran on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Lane {
-    /// F, B, W and FB.
-    Compute,
-    /// Commit batches (their sends and receives).
-    Comm,
-}
-
-impl Lane {
-    fn tid(self) -> u32 {
-        match self {
-            Lane::Compute => 0,
-            Lane::Comm => 1,
-        }
-    }
-}
-
-/// One timed instruction: a compute on the compute lane, or a commit's batch on the
-/// communication lane.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Span {
-    /// The rank.
-    pub rank: u32,
-    /// Index of the instruction in the rank's list (a compute or a commit).
-    pub index: usize,
-    /// The stream it ran on.
-    pub lane: Lane,
-    /// Start, from the beginning of the step, in the unit of its [`Timeline`].
-    pub start: f64,
-    /// End, in the same unit.
-    pub end: f64,
-}
 
 /// Writes `timeline` of `valid` as a Chrome trace (JSON object format), in microseconds
 /// ([`Timeline::unit_us`] per time unit). Flow arrows join the sending and the receiving commit
