@@ -274,3 +274,71 @@ impl Timeline {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::costs::Costs;
+    use crate::format::{Format, Pipeline, Schedule, parse_program};
+    use crate::simulate::simulate;
+
+    fn two_ranks() -> ValidSchedule {
+        ValidSchedule::new(Schedule {
+            format: Format::V1,
+            schedule: "demo".into(),
+            num_ranks: 2,
+            num_stages: 2,
+            num_microbatches: 1,
+            forward_only: false,
+            pipelines: vec![Pipeline {
+                route: vec![0, 1],
+                microbatches: vec![0],
+            }],
+            ranks: vec![
+                parse_program("F s0 m0 | send act s0 m0 -> r1 | commit | recv grad s0 m0 <- r1 | commit | B s0 m0").unwrap(),
+                parse_program("recv act s1 m0 <- r0 | commit | F s1 m0 | B s1 m0 | send grad s1 m0 -> r0 | commit").unwrap(),
+            ],
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_simulated_trace_reads_back_in_microseconds() {
+        let valid = two_ranks();
+        let sim = simulate(&valid, &Costs::default(), ExecutionModel::Async).unwrap();
+        let simulated = sim.timeline(valid.schedule());
+        let read = Timeline::from_chrome_trace(&valid, &sim.chrome_trace(&valid)).unwrap();
+        assert_eq!(read.unit, "us");
+        assert_eq!(read.makespan, simulated.makespan * 1000.0);
+        assert_eq!(read.spans.len(), simulated.spans.len());
+        for (a, b) in read.spans.iter().zip(&simulated.spans) {
+            assert_eq!((a.rank, a.index, a.lane), (b.rank, b.index, b.lane));
+            assert_eq!((a.start, a.end), (b.start * 1000.0, b.end * 1000.0));
+        }
+        assert_eq!(read.bubble_share(), simulated.bubble_share());
+    }
+
+    #[test]
+    fn traces_that_do_not_fit_are_refused() {
+        let valid = two_ranks();
+        let error = |text: &str| {
+            Timeline::from_chrome_trace(&valid, text)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(error("nope").contains("not a Chrome trace"));
+        assert!(error("{}").contains("no `traceEvents`"));
+        let event = |pid: u32, tid: u32, index: u32, name: &str| {
+            format!(
+                r#"{{"name": "{name}", "ph": "X", "pid": {pid}, "tid": {tid}, "ts": 0, "dur": 1, "args": {{"index": {index}}}}}"#
+            )
+        };
+        let trace = |events: &[String]| format!(r#"{{"traceEvents": [{}]}}"#, events.join(","));
+        assert!(error(&trace(&[event(2, 0, 0, "F s0 m0")])).contains("rank 2"));
+        assert!(error(&trace(&[event(0, 0, 9, "F s0 m0")])).contains("no instruction 9"));
+        assert!(error(&trace(&[event(0, 0, 0, "F s0 m1")])).contains("another schedule"));
+        assert!(error(&trace(&[event(0, 1, 0, "F s0 m0")])).contains("another schedule"));
+        // Every compute needs a span.
+        assert!(error(&trace(&[event(0, 0, 0, "F s0 m0")])).contains("has no span"));
+    }
+}
