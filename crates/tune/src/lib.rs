@@ -52,15 +52,16 @@ pub struct TuneRequest {
 }
 
 impl TuneRequest {
-    /// Every micro-batch size dividing `global_batch`, no memory cap, two chunks per rank for
-    /// interleaved 1F1B, the blocking model.
+    /// Every micro-batch size dividing `global_batch`, no memory cap, the planner's default
+    /// chunks per rank for interleaved 1F1B ([`dualpipe_planner::DEFAULT_CHUNKS_PER_RANK`]),
+    /// the blocking model.
     pub fn new(ranks: u32, global_batch: u32) -> TuneRequest {
         TuneRequest {
             ranks,
             global_batch,
             microbatch_sizes: None,
             memory_cap: None,
-            chunks_per_rank: 2,
+            chunks_per_rank: dualpipe_planner::DEFAULT_CHUNKS_PER_RANK,
             model: ExecutionModel::Blocking,
         }
     }

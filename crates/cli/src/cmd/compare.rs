@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, short = 'c')]
     microbatches: u32,
     /// Stages per rank for interleaved-1f1b.
-    #[arg(long, short = 'v', default_value_t = 2)]
+    #[arg(long, short = 'v', default_value_t = dualpipe_planner::DEFAULT_CHUNKS_PER_RANK)]
     chunks_per_rank: u32,
     /// Whole-model costs for one micro-batch as name=value pairs (f, b, w, fb, comm, bytes,
     /// bandwidth as in --cost); f, b, w and fb are divided over each family's stages. Default:

@@ -44,8 +44,10 @@ pub struct Args {
     /// Number of micro-batches, with --schedule.
     #[arg(long, short = 'c')]
     microbatches: Option<u32>,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Most bytes any rank may hold (parameters plus peak activations), e.g. 8e9.
     #[arg(long, value_name = "BYTES")]

@@ -28,8 +28,10 @@ pub struct Args {
     /// Number of micro-batches per step.
     #[arg(long, short = 'c')]
     microbatches: u32,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Place the messages for these uniform costs (name=value pairs as for `simulate`); the
     /// compute order does not change. dualpipe and dualpipev carry the reference's messages

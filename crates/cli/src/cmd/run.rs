@@ -57,8 +57,10 @@ pub struct Args {
     /// Number of micro-batches per step.
     #[arg(long, short = 'c')]
     microbatches: Option<u32>,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Plan an inference step: forwards only (outputs are compared instead of gradients).
     #[arg(long)]

@@ -51,7 +51,7 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS")]
     synthesize: Option<f64>,
     /// Stages per rank for interleaved-1f1b.
-    #[arg(long, short = 'v', default_value_t = 2)]
+    #[arg(long, short = 'v', default_value_t = dualpipe_planner::DEFAULT_CHUNKS_PER_RANK)]
     chunks_per_rank: u32,
     /// Execution model simulated.
     #[arg(long, value_enum, default_value_t = Model::Blocking)]
