@@ -43,7 +43,11 @@ pub fn corpus() -> Vec<Schedule> {
     }
     requests
         .iter()
-        .map(|r| plan(r).unwrap_or_else(|e| panic!("{r:?}: {e}")))
+        .map(|r| {
+            plan(r)
+                .unwrap_or_else(|e| panic!("{r:?}: {e}"))
+                .into_inner()
+        })
         .collect()
 }
 

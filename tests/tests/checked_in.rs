@@ -20,10 +20,10 @@ fn stale(path: &Path, expected: &str) -> Option<String> {
 fn canonical_schedules_are_current() {
     let mut problems = Vec::new();
     for (file, request) in dualpipe_tests::canonical() {
-        let schedule = plan(&request).unwrap();
+        let valid = plan(&request).unwrap();
         problems.extend(stale(
             &root().join("schedules").join(file),
-            &schedule.to_json(),
+            &valid.schedule().to_json(),
         ));
     }
     assert!(
@@ -52,4 +52,14 @@ fn canonical_dualpipe_schedules_equal_the_reference_goldens() {
             "schedules/{name} differs from the reference golden"
         );
     }
+}
+
+#[test]
+fn readme_family_table_is_the_planners() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let table = dualpipe_planner::families_markdown();
+    assert!(
+        readme.contains(&table),
+        "README.md's table of schedules differs from the planner's; it should read:\n{table}"
+    );
 }

@@ -32,7 +32,7 @@ fn check(family: Family, n: u32, c: u32, file: &str) {
     let text = golden(file);
     let reference = Schedule::from_json(&text).unwrap();
     validate(&reference).unwrap();
-    let ours = plan(&PlanRequest::new(family, n, c)).unwrap();
+    let ours = plan(&PlanRequest::new(family, n, c)).unwrap().into_inner();
     if let Some(diff) = first_difference(&ours, &reference) {
         panic!("{file}: {diff}");
     }

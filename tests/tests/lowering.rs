@@ -9,7 +9,7 @@
 //! `crates/planner/src/lower.rs`). It is held to 8%.
 
 use dualpipe_planner::{Family, PlanRequest, check, plan_for};
-use dualpipe_schedule::{Costs, ExecutionModel, StageOverride, ValidSchedule, simulate};
+use dualpipe_schedule::{Costs, ExecutionModel, StageOverride, simulate};
 
 const LOWERED: [Family; 5] = [
     Family::OneFOneB,
@@ -84,10 +84,9 @@ fn blocking_loses_no_time_against_async() {
             } else {
                 request
             };
-            let stages = plan_for(&request, &Costs::default()).unwrap().num_stages;
+            let stages = request.num_stages();
             for (name, costs) in settings(stages) {
-                let schedule = plan_for(&request, &costs).unwrap();
-                let valid = ValidSchedule::new(schedule).unwrap_or_else(|e| panic!("{e}"));
+                let valid = plan_for(&request, &costs).unwrap_or_else(|e| panic!("{e}"));
                 let blocking = simulate(&valid, &costs, ExecutionModel::Blocking)
                     .unwrap()
                     .makespan;
@@ -146,6 +145,7 @@ fn the_compute_order_does_not_depend_on_the_costs() {
         let computes = |costs: &Costs| -> Vec<Vec<_>> {
             plan_for(&request, costs)
                 .unwrap()
+                .into_inner()
                 .ranks
                 .into_iter()
                 .map(|list| list.into_iter().filter(|i| i.is_compute()).collect())

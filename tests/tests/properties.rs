@@ -6,7 +6,9 @@ use dualpipe_schedule::{Instruction, RankStats, Schedule, rank_stats, validate};
 use proptest::prelude::*;
 
 fn planned(request: PlanRequest) -> (Schedule, Vec<RankStats>) {
-    let schedule = plan(&request).unwrap_or_else(|e| panic!("{request:?}: {e}"));
+    let schedule = plan(&request)
+        .unwrap_or_else(|e| panic!("{request:?}: {e}"))
+        .into_inner();
     if let Err(errors) = validate(&schedule) {
         panic!("{request:?}: {errors}");
     }
@@ -73,8 +75,12 @@ fn check_dualpipev(n: u32, c: u32) {
 /// DualPipeV(N, C) is DualPipe(2N, 2C) cut in half: every rank but the last issues the same
 /// instructions, once DualPipe's second-direction micro-batches `C..2C` are renamed `0..C`.
 fn check_cut_in_half(n: u32, c: u32) {
-    let v = plan(&PlanRequest::new(Family::DualPipeV, n, c)).unwrap();
-    let full = plan(&PlanRequest::new(Family::DualPipe, 2 * n, 2 * c)).unwrap();
+    let v = plan(&PlanRequest::new(Family::DualPipeV, n, c))
+        .unwrap()
+        .into_inner();
+    let full = plan(&PlanRequest::new(Family::DualPipe, 2 * n, 2 * c))
+        .unwrap()
+        .into_inner();
     let fold = |mb: u32| if mb >= c { mb - c } else { mb };
     for r in 0..(n - 1) as usize {
         let folded: Vec<Instruction> = full.ranks[r]
@@ -209,7 +215,7 @@ proptest! {
         heavy in 1.0f64..4.0,
         comm in 0.0f64..1.0,
     ) {
-        use dualpipe_schedule::{Costs, ExecutionModel, StageOverride, ValidSchedule, simulate};
+        use dualpipe_schedule::{Costs, ExecutionModel, StageOverride, simulate};
         for family in [Family::OneFOneB, Family::GPipe, Family::Zb1p, Family::Zbv, Family::Interleaved1F1B] {
             let mut request = PlanRequest::new(family, n, c);
             if family == Family::Interleaved1F1B {
@@ -218,7 +224,7 @@ proptest! {
             if dualpipe_planner::check(&request).is_err() {
                 continue;
             }
-            let stages = plan(&request).unwrap().num_stages;
+            let stages = plan(&request).unwrap().schedule().num_stages;
             let mut costs = Costs::default();
             costs.uniform.f = f;
             costs.uniform.b = b;
@@ -230,9 +236,8 @@ proptest! {
                 w: Some(b * w_share * heavy),
                 ..StageOverride::default()
             });
-            let schedule = dualpipe_planner::plan_for(&request, &costs)
-                .unwrap_or_else(|e| panic!("{request:?}: {e}"));
-            let valid = ValidSchedule::new(schedule).unwrap_or_else(|e| panic!("{request:?} {costs:?}: {e}"));
+            let valid = dualpipe_planner::plan_for(&request, &costs)
+                .unwrap_or_else(|e| panic!("{request:?} {costs:?}: {e}"));
             let blocking = simulate(&valid, &costs, ExecutionModel::Blocking).unwrap().makespan;
             let overlapped = simulate(&valid, &costs, ExecutionModel::Async).unwrap().makespan;
             prop_assert!(overlapped <= blocking + 1e-9, "{:?}", request);

@@ -12,9 +12,7 @@ fn readme_costs() -> Costs {
 }
 
 fn planned(family: Family, n: u32, c: u32) -> ValidSchedule {
-    let schedule = plan(&PlanRequest::new(family, n, c))
-        .unwrap_or_else(|e| panic!("{family} ({n}, {c}): {e}"));
-    ValidSchedule::new(schedule).unwrap_or_else(|e| panic!("{family} ({n}, {c}): {e}"))
+    plan(&PlanRequest::new(family, n, c)).unwrap_or_else(|e| panic!("{family} ({n}, {c}): {e}"))
 }
 
 fn run(valid: &ValidSchedule, costs: &Costs, model: ExecutionModel) -> Simulation {
@@ -168,10 +166,9 @@ fn cost_models() -> Vec<Costs> {
 fn async_is_never_slower_than_blocking() {
     for family in families() {
         for (n, c) in [(2, 4), (4, 8), (4, 12)] {
-            let Ok(schedule) = plan(&PlanRequest::new(family, n, c)) else {
+            let Ok(valid) = plan(&PlanRequest::new(family, n, c)) else {
                 continue;
             };
-            let valid = ValidSchedule::new(schedule).unwrap();
             for costs in cost_models() {
                 let blocking = run(&valid, &costs, ExecutionModel::Blocking);
                 let overlapped = run(&valid, &costs, ExecutionModel::Async);

@@ -16,8 +16,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn valid(request: PlanRequest) -> ValidSchedule {
-    ValidSchedule::new(plan(&request).unwrap_or_else(|e| panic!("{request:?}: {e}")))
-        .unwrap_or_else(|e| panic!("{request:?}: {e}"))
+    plan(&request).unwrap_or_else(|e| panic!("{request:?}: {e}"))
 }
 
 /// Imports a compute-only CSV as `dualpipe convert --from torch-csv` does.

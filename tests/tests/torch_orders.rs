@@ -1,7 +1,7 @@
 //! Our compute orders against the orders torch's own schedules produce (fixtures/torch).
 
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::{ValidSchedule, to_torch_csv};
+use dualpipe_schedule::to_torch_csv;
 
 /// The non-empty cells of each row of a torch CSV.
 fn cells(text: &str) -> Vec<Vec<String>> {
@@ -21,7 +21,7 @@ fn check(file: &str, request: PlanRequest) {
     let path = dualpipe_tests::fixtures().join("torch").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let theirs = cells(&text);
-    let valid = ValidSchedule::new(plan(&request).unwrap()).unwrap();
+    let valid = plan(&request).unwrap();
     let ours = cells(&to_torch_csv(&valid, false).unwrap());
     assert_eq!(theirs.len(), ours.len(), "{file}: rank count");
     for (rank, (ours, theirs)) in ours.iter().zip(&theirs).enumerate() {

@@ -64,9 +64,8 @@ fn schedules() -> Result<(), String> {
     let dir = root().join("schedules");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     for (file, request) in dualpipe_tests::canonical() {
-        let schedule = plan(&request).map_err(|e| format!("{file}: {e}"))?;
-        dualpipe_schedule::validate(&schedule).map_err(|e| format!("{file}: {e}"))?;
-        write(&dir.join(file), &schedule.to_json())?;
+        let valid = plan(&request).map_err(|e| format!("{file}: {e}"))?;
+        write(&dir.join(file), &valid.schedule().to_json())?;
     }
     write(
         &root().join("docs").join("schedule-v1.schema.json"),

@@ -101,6 +101,89 @@ fn runs_a_schedule_file_and_writes_a_trace_only_when_allowed() {
 }
 
 #[test]
+fn render_draws_the_trace_of_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let schedule = dir.path().join("z.json");
+    let other = dir.path().join("other.json");
+    let trace = dir.path().join("trace.json");
+    let (schedule_arg, other_arg, trace_arg) = (
+        schedule.to_str().unwrap(),
+        other.to_str().unwrap(),
+        trace.to_str().unwrap(),
+    );
+    for (family, path) in [("zb1p", schedule_arg), ("1f1b", other_arg)] {
+        let planned = dualpipe(&["plan", "-s", family, "-n", "2", "-c", "4", "-o", path]);
+        assert!(planned.status.success(), "{}", text(&planned.stderr));
+    }
+    let out = run_small(&[schedule_arg, "--trace", trace_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let out = dualpipe(&["render", schedule_arg, "--trace", trace_arg]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let drawn = text(&out.stdout);
+    assert!(
+        drawn.starts_with("zb1p: 2 ranks, 2 stages, 4 micro-batches; measured; step time "),
+        "{drawn}"
+    );
+    assert!(drawn.contains(" us; "), "{drawn}");
+    for rank in ["rank 0 ", "rank 1 "] {
+        let row = drawn.lines().find(|l| l.starts_with(rank)).unwrap();
+        assert!(row.contains("F0") && row.contains("W3"), "{drawn}");
+    }
+
+    let out = dualpipe(&[
+        "render",
+        schedule_arg,
+        "--trace",
+        trace_arg,
+        "--format",
+        "svg",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("measured, step time"));
+
+    let out = dualpipe(&[
+        "render",
+        schedule_arg,
+        "--trace",
+        trace_arg,
+        "--format",
+        "chrome",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let spans = |v: &serde_json::Value| {
+        v["traceEvents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["ph"] == "X")
+            .count()
+    };
+    assert_eq!(spans(&again), spans(&original));
+
+    // The trace of another schedule, and costs beside a trace, are refused.
+    let out = dualpipe(&["render", other_arg, "--trace", trace_arg]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("trace of another schedule"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = dualpipe(&[
+        "render",
+        schedule_arg,
+        "--trace",
+        trace_arg,
+        "--cost",
+        "f=2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
 fn bad_requests_are_refused_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.json");

@@ -530,11 +530,7 @@ mod tests {
     fn schedule(family: Family, n: u32, c: u32, forward_only: bool) -> Option<ValidSchedule> {
         let mut request = PlanRequest::new(family, n, c);
         request.forward_only = forward_only;
-        if family == Family::Interleaved1F1B {
-            request.chunks_per_rank = Some(2);
-        }
-        let planned = dualpipe_planner::plan(&request).ok()?;
-        Some(ValidSchedule::new(planned).unwrap())
+        dualpipe_planner::plan(&request).ok()
     }
 
     fn options() -> Vec<PlanOptions> {

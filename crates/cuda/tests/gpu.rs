@@ -18,7 +18,7 @@ use dualpipe_reference::model::{Batch, ModelSpec, Sequential};
 use dualpipe_schedule::{ExecutionModel, ValidSchedule};
 
 fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
-    ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
+    plan(&PlanRequest::new(family, n, c)).unwrap()
 }
 
 fn options(spec: &ModelSpec) -> Options {

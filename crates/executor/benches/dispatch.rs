@@ -56,7 +56,7 @@ impl Stage for Trivial {
 }
 
 fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
-    ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
+    plan(&PlanRequest::new(family, n, c)).unwrap()
 }
 
 fn options(model: ExecutionModel) -> Options {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use dualpipe_executor::{CpuPipeline, Options};
 use dualpipe_planner::{Family, PlanRequest, plan};
 use dualpipe_reference::model::{Batch, ModelSpec, ReferenceStage, Sequential};
-use dualpipe_schedule::{ExecutionModel, ValidSchedule};
+use dualpipe_schedule::ExecutionModel;
 
 const HIDDEN: usize = 256;
 const ROWS: usize = 128;
@@ -60,8 +60,7 @@ fn main() {
 }
 
 fn row(family: Family, ranks: u32, model: ExecutionModel, rounds: usize) {
-    let schedule =
-        ValidSchedule::new(plan(&PlanRequest::new(family, ranks, MICROBATCHES)).unwrap()).unwrap();
+    let schedule = plan(&PlanRequest::new(family, ranks, MICROBATCHES)).unwrap();
     let stages = schedule.schedule().num_stages;
     let spec = ModelSpec {
         hidden: HIDDEN,

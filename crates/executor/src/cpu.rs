@@ -384,7 +384,7 @@ impl<B> Transport for InProcess<B> {
 /// use dualpipe_planner::{plan, Family, PlanRequest};
 /// use dualpipe_schedule::ValidSchedule;
 ///
-/// let schedule = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap()).unwrap();
+/// let schedule = plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap();
 /// let spec = ModelSpec { hidden: 8, rows: 4, stages: 4, seed: 1 };
 /// let options = Options { message_shape: Some(spec.message_shape()), ..Options::default() };
 /// let mut pipeline = CpuPipeline::new(schedule, options, |_rank, stage| Ok(ReferenceStage::new(&spec, stage))).unwrap();

@@ -166,16 +166,15 @@ impl Executor {
     /// ```compile_fail
     /// use dualpipe_executor::{Executor, Options};
     /// let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
-    ///     dualpipe_planner::Family::OneFOneB, 2, 2)).unwrap();
+    ///     dualpipe_planner::Family::OneFOneB, 2, 2)).unwrap().into_inner();
     /// Executor::new(schedule, Options::default()); // a `Schedule`, not a `ValidSchedule`
     /// ```
     ///
     /// ```
     /// use dualpipe_executor::{Executor, Options};
-    /// use dualpipe_schedule::ValidSchedule;
     /// let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
     ///     dualpipe_planner::Family::OneFOneB, 2, 2)).unwrap();
-    /// let executor = Executor::new(ValidSchedule::new(schedule).unwrap(), Options::default());
+    /// let executor = Executor::new(schedule, Options::default());
     /// assert_eq!(executor.stages_of(1), &[1]);
     /// ```
     pub fn new(schedule: ValidSchedule, options: Options) -> Self {

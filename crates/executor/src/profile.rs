@@ -3,7 +3,7 @@
 //! Chrome trace (the same layout as the simulator's).
 
 use dualpipe_schedule::{
-    Costs, Instruction, Lane, Schedule, Span, StageCosts, StageOverride, ValidSchedule,
+    Costs, Instruction, Lane, Schedule, Span, StageCosts, StageOverride, Timeline, ValidSchedule,
     chrome_trace,
 };
 
@@ -279,7 +279,7 @@ impl Profile {
         }
     }
 
-    /// The timeline as spans: computes on the compute lane, commits on the communication
+    /// The timeline as spans, in microseconds: computes on the compute lane, commits on the communication
     /// lane, and, where a compute waited for received data, that wait on the communication
     /// lane under the commit that posted the receive.
     pub fn spans(&self, schedule: &Schedule) -> Vec<Span> {
@@ -293,24 +293,24 @@ impl Profile {
                             rank,
                             index: commit,
                             lane: Lane::Comm,
-                            start_us: t.start_us,
-                            end_us: t.ready_us,
+                            start: t.start_us,
+                            end: t.ready_us,
                         });
                     }
                     spans.push(Span {
                         rank,
                         index: t.index,
                         lane: Lane::Compute,
-                        start_us: t.ready_us,
-                        end_us: t.end_us,
+                        start: t.ready_us,
+                        end: t.end_us,
                     });
                 } else {
                     spans.push(Span {
                         rank,
                         index: t.index,
                         lane: Lane::Comm,
-                        start_us: t.start_us,
-                        end_us: t.end_us,
+                        start: t.start_us,
+                        end: t.end_us,
                     });
                 }
             }
@@ -318,14 +318,24 @@ impl Profile {
         spans
     }
 
+    /// The measured timeline of `schedule` (the schedule run), in microseconds (unit `"us"`):
+    /// the type the simulator produces too, which `render` draws. The makespan is
+    /// [`Profile::makespan_us`] and each rank's busy time its summary's.
+    pub fn timeline(&self, schedule: &ValidSchedule) -> Timeline {
+        let doc = schedule.schedule();
+        Timeline {
+            source: dualpipe_schedule::Source::Measured,
+            unit: "us".into(),
+            makespan: self.makespan_us(),
+            busy: self.summary(doc).iter().map(|s| s.busy_us).collect(),
+            spans: self.spans(doc),
+        }
+    }
+
     /// The timeline as a Chrome trace (chrome://tracing, Perfetto), laid out as the
     /// simulator's `render --format chrome`.
     pub fn chrome_trace(&self, schedule: &ValidSchedule) -> String {
-        chrome_trace(
-            schedule.schedule(),
-            schedule.links(),
-            &self.spans(schedule.schedule()),
-        )
+        chrome_trace(schedule, &self.timeline(schedule))
     }
 }
 
@@ -435,7 +445,9 @@ mod tests {
         use dualpipe_planner::{Family, PlanRequest, plan};
         // ZB-H1 on 2 ranks: F, deferred B and W on both stages. Stage s takes
         // (s + 1) ms per F, 2 (s + 1) ms per deferred B and (s + 1) ms per W.
-        let schedule = plan(&PlanRequest::new(Family::Zb1p, 2, 2)).unwrap();
+        let schedule = plan(&PlanRequest::new(Family::Zb1p, 2, 2))
+            .unwrap()
+            .into_inner();
         let mut profile = Profile::default();
         for list in &schedule.ranks {
             let mut clock = 0.0;
@@ -483,14 +495,11 @@ mod tests {
         );
         assert_eq!(intersection(&[(0.0, 2.5), (3.0, 4.0)], &[(2.0, 3.5)]), 1.0);
         // One rank of 1F1B on 2 ranks: F, send, commit, ...: build its list from the planner.
-        let schedule = ValidSchedule::new(
-            dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
-                dualpipe_planner::Family::OneFOneB,
-                2,
-                1,
-            ))
-            .unwrap(),
-        )
+        let schedule = dualpipe_planner::plan(&dualpipe_planner::PlanRequest::new(
+            dualpipe_planner::Family::OneFOneB,
+            2,
+            1,
+        ))
         .unwrap();
         let doc = schedule.schedule();
         let kinds = |rank: usize| -> (Vec<usize>, Vec<usize>) {

@@ -14,7 +14,7 @@ fn schedule(family: Family, n: u32, c: u32) -> ValidSchedule {
     if family == Family::Interleaved1F1B {
         request.chunks_per_rank = Some(2);
     }
-    ValidSchedule::new(plan(&request).unwrap()).unwrap()
+    plan(&request).unwrap()
 }
 
 fn spec(schedule: &ValidSchedule) -> ModelSpec {

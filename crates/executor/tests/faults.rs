@@ -33,7 +33,7 @@ fn schedule(family: Family, n: u32, c: u32, forward_only: bool) -> ValidSchedule
     if family == Family::Interleaved1F1B {
         request.chunks_per_rank = Some(2);
     }
-    ValidSchedule::new(plan(&request).unwrap()).unwrap()
+    plan(&request).unwrap()
 }
 
 fn spec(schedule: &ValidSchedule) -> ModelSpec {
@@ -289,7 +289,7 @@ fn a_buffer_of_the_wrong_shape_is_caught_where_it_is_made() {
             let schedule = if n == 1 {
                 let mut request = PlanRequest::new(Family::Interleaved1F1B, 1, c);
                 request.chunks_per_rank = Some(2);
-                ValidSchedule::new(plan(&request).unwrap()).unwrap()
+                plan(&request).unwrap()
             } else {
                 schedule(family, n, c, false)
             };

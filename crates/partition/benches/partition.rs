@@ -7,7 +7,6 @@
 use divan::Bencher;
 use dualpipe_partition::{Layer, Layers, Options, partition};
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::ValidSchedule;
 
 fn main() {
     divan::main();
@@ -52,7 +51,7 @@ const CASES: [(Family, u32, u32); 3] = [
 
 fn run(bencher: Bencher, case: usize, max_evaluations: usize) {
     let (family, n, c) = CASES[case];
-    let valid = ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap();
+    let valid = plan(&PlanRequest::new(family, n, c)).unwrap();
     let layers = layers();
     let options = Options {
         memory_cap: None,

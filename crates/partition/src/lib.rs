@@ -34,7 +34,7 @@
 //! let layers = Layers::from_json(r#"{"layers": [
 //!     {"f": 4, "b": 8}, {"f": 1, "b": 2}, {"f": 1, "b": 2}, {"f": 1, "b": 2},
 //!     {"f": 1, "b": 2}, {"f": 1, "b": 2}, {"f": 1, "b": 2}, {"f": 4, "b": 8}]}"#).unwrap();
-//! let valid = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 2, 8)).unwrap()).unwrap();
+//! let valid = plan(&PlanRequest::new(Family::DualPipeV, 2, 8)).unwrap();
 //! let result = partition(&layers, &valid, &Options::default()).unwrap();
 //! assert_eq!(result.ranges().len(), 4);
 //! assert!(result.predicted_step <= result.equal_cut_step);

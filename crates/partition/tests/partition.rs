@@ -11,7 +11,7 @@ fn planned(family: Family, n: u32, c: u32) -> ValidSchedule {
     if family == Family::Interleaved1F1B {
         request = request.chunks_per_rank(2);
     }
-    ValidSchedule::new(plan(&request).unwrap()).unwrap()
+    plan(&request).unwrap()
 }
 
 /// A small deterministic generator (no dependency, same cases on every run).

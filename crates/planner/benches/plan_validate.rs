@@ -20,22 +20,11 @@ fn label(i: usize) -> String {
     format!("{family} ({n},{c})")
 }
 
-/// Plan and validate, the whole path of `dualpipe plan`.
+/// Plan, which validates too: the whole path of `dualpipe plan`.
 #[divan::bench(args = [0, 1, 2, 3], sample_count = 10, sample_size = 1)]
 fn plan_and_validate(bencher: divan::Bencher, i: usize) {
     let (family, n, c) = CONFIGS[i];
     let _ = label(i);
-    bencher.bench(|| {
-        let schedule = plan(&PlanRequest::new(family, n, c)).unwrap();
-        validate(&schedule).unwrap();
-        schedule
-    });
-}
-
-/// Planning alone.
-#[divan::bench(args = [0, 1, 2, 3], sample_count = 10, sample_size = 1)]
-fn plan_only(bencher: divan::Bencher, i: usize) {
-    let (family, n, c) = CONFIGS[i];
     bencher.bench(|| plan(&PlanRequest::new(family, n, c)).unwrap());
 }
 
@@ -43,6 +32,6 @@ fn plan_only(bencher: divan::Bencher, i: usize) {
 #[divan::bench(args = [0, 1, 2, 3], sample_count = 10, sample_size = 1)]
 fn validate_only(bencher: divan::Bencher, i: usize) {
     let (family, n, c) = CONFIGS[i];
-    let schedule = plan(&PlanRequest::new(family, n, c)).unwrap();
+    let schedule = plan(&PlanRequest::new(family, n, c)).unwrap().into_inner();
     bencher.bench(|| validate(&schedule).unwrap());
 }

@@ -5,7 +5,8 @@ fn main() {
         64,
         512,
     ))
-    .unwrap();
+    .unwrap()
+    .into_inner();
     let n: usize = schedule.ranks.iter().map(Vec::len).sum();
     let start = std::time::Instant::now();
     for _ in 0..5 {

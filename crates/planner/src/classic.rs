@@ -1,13 +1,29 @@
 //! Compute orders of the single-direction families. Sends, receives and commits are added by
 //! [`crate::lower`].
 
-use dualpipe_schedule::Instruction;
+use dualpipe_schedule::{ComputeOrder, ComputeOrderError, Header, Instruction};
 
-use crate::Family;
+use crate::{Family, PlanRequest};
+
+/// The compute order `request` asks for, under `header` (the request's). Parameters are
+/// already checked.
+pub(crate) fn compute_order(
+    header: Header,
+    request: &PlanRequest,
+) -> Result<ComputeOrder, ComputeOrderError> {
+    let ranks = rank_orders(
+        request.family,
+        request.ranks,
+        request.microbatches,
+        request.chunks(),
+        request.forward_only,
+    );
+    ComputeOrder::new(header, ranks)
+}
 
 /// Per-rank compute orders of `family` with `n` ranks, `c` micro-batches and `v` stages per
-/// rank (interleaved only). Parameters are already checked.
-pub(crate) fn compute_order(
+/// rank (interleaved only).
+fn rank_orders(
     family: Family,
     n: u32,
     c: u32,

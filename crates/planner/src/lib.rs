@@ -6,14 +6,14 @@
 //! - `1f1b`, `gpipe`, `zb1p`, `zbv` and `interleaved-1f1b` are generated as compute orders and
 //!   lowered by [`lower`], which inserts the sends, receives and commits.
 //!
-//! The planner does no I/O and never prints; every schedule it returns passes
-//! [`dualpipe_schedule::validate`] (the CLI checks again before writing).
+//! The planner does no I/O and never prints; it validates every schedule it plans and returns
+//! a [`ValidSchedule`]. The families, their constraints and their stage counts are one table,
+//! [`FAMILIES`], which `--help`, the errors, the Python binding and the README read.
 //!
 //! ```
 //! use dualpipe_planner::{plan, Family, PlanRequest};
-//! let schedule = plan(&PlanRequest::new(Family::DualPipeV, 4, 10)).unwrap();
-//! assert_eq!(schedule.num_stages, 8);
-//! dualpipe_schedule::validate(&schedule).unwrap();
+//! let valid = plan(&PlanRequest::new(Family::DualPipeV, 4, 10)).unwrap();
+//! assert_eq!(valid.schedule().num_stages, 8);
 //! ```
 
 mod classic;
@@ -23,7 +23,7 @@ pub mod lower;
 use std::fmt;
 use std::str::FromStr;
 
-use dualpipe_schedule::{Costs, Format, Pipeline, Schedule};
+use dualpipe_schedule::{Costs, Header, Pipeline, Schedule, ValidSchedule, ValidationErrors};
 
 /// A schedule family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +45,105 @@ pub enum Family {
     Interleaved1F1B,
 }
 
+/// The chunks per rank (stages per rank, V) of `interleaved-1f1b` when a request names none.
+pub const DEFAULT_CHUNKS_PER_RANK: u32 = 2;
+
+/// One row of the family table: what `plan --help`, the planner's errors, the Python
+/// binding's `families()` and the README say about a family. [`FAMILIES`] holds every row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FamilyInfo {
+    /// The family.
+    pub family: Family,
+    /// The name used on the command line and in the `schedule` field.
+    pub name: &'static str,
+    /// What the ranks N must be, in short (`"even, >= 2"`).
+    pub ranks: &'static str,
+    /// What the micro-batches C must be, in short (`"even, >= 2N"`).
+    pub microbatches: &'static str,
+    /// The number of stages as a formula of N and the chunks per rank V.
+    pub stages: &'static str,
+    /// The whole constraint in words, as errors state it.
+    pub constraint: &'static str,
+    /// Whether the family takes `--chunks-per-rank` (default [`DEFAULT_CHUNKS_PER_RANK`]).
+    pub takes_chunks: bool,
+    /// A remark for the README's table (may be empty).
+    pub notes: &'static str,
+}
+
+/// Every family, in [`Family::ALL`]'s order; `FAMILIES[f as usize].family == f`.
+pub const FAMILIES: [FamilyInfo; 7] = [
+    FamilyInfo {
+        family: Family::DualPipe,
+        name: "dualpipe",
+        ranks: "even, >= 2",
+        microbatches: "even, >= 2N",
+        stages: "N",
+        constraint: "an even number of ranks N >= 2 and an even number of micro-batches C >= 2N",
+        takes_chunks: false,
+        notes: "two directions, each stage on two ranks",
+    },
+    FamilyInfo {
+        family: Family::DualPipeV,
+        name: "dualpipev",
+        ranks: ">= 1",
+        microbatches: ">= 2N",
+        stages: "2N",
+        constraint: "ranks N >= 1 and micro-batches C >= 2N",
+        takes_chunks: false,
+        notes: "one pipeline folded into a V",
+    },
+    FamilyInfo {
+        family: Family::OneFOneB,
+        name: "1f1b",
+        ranks: ">= 1",
+        microbatches: ">= 1",
+        stages: "N",
+        constraint: "ranks N >= 1 and micro-batches C >= 1",
+        takes_chunks: false,
+        notes: "",
+    },
+    FamilyInfo {
+        family: Family::GPipe,
+        name: "gpipe",
+        ranks: ">= 1",
+        microbatches: ">= 1",
+        stages: "N",
+        constraint: "ranks N >= 1 and micro-batches C >= 1",
+        takes_chunks: false,
+        notes: "",
+    },
+    FamilyInfo {
+        family: Family::Zb1p,
+        name: "zb1p",
+        ranks: ">= 1",
+        microbatches: ">= 1",
+        stages: "N",
+        constraint: "ranks N >= 1 and micro-batches C >= 1",
+        takes_chunks: false,
+        notes: "ZB-H1: split backward, 1F1B memory",
+    },
+    FamilyInfo {
+        family: Family::Zbv,
+        name: "zbv",
+        ranks: ">= 1",
+        microbatches: ">= 1",
+        stages: "2N",
+        constraint: "ranks N >= 1 and micro-batches C >= 1",
+        takes_chunks: false,
+        notes: "ZB-V: V-shaped, split backward",
+    },
+    FamilyInfo {
+        family: Family::Interleaved1F1B,
+        name: "interleaved-1f1b",
+        ranks: ">= 1",
+        microbatches: "<= N, or a multiple of C div N (rounds of equal size)",
+        stages: "N x V",
+        constraint: "ranks N >= 1, chunks per rank V >= 1, and micro-batches C >= 1 that split into rounds of equal size: C up to N, or a multiple of C / N rounded down (with N = 4: 8 and 12, not 9)",
+        takes_chunks: true,
+        notes: "",
+    },
+];
+
 impl Family {
     /// Every family, in the order `--help` lists them.
     pub const ALL: [Family; 7] = [
@@ -57,46 +156,77 @@ impl Family {
         Family::Interleaved1F1B,
     ];
 
+    /// The family's row of [`FAMILIES`].
+    pub const fn info(self) -> &'static FamilyInfo {
+        &FAMILIES[self as usize]
+    }
+
     /// The name used on the command line and in the `schedule` field.
     pub const fn name(self) -> &'static str {
-        match self {
-            Family::DualPipe => "dualpipe",
-            Family::DualPipeV => "dualpipev",
-            Family::OneFOneB => "1f1b",
-            Family::GPipe => "gpipe",
-            Family::Zb1p => "zb1p",
-            Family::Zbv => "zbv",
-            Family::Interleaved1F1B => "interleaved-1f1b",
-        }
+        self.info().name
     }
 
     /// What the family requires of its parameters, in words.
     pub const fn constraint(self) -> &'static str {
-        match self {
-            Family::DualPipe => {
-                "an even number of ranks N >= 2 and an even number of micro-batches C >= 2N"
-            }
-            Family::DualPipeV => "ranks N >= 1 and micro-batches C >= 2N",
-            Family::OneFOneB | Family::GPipe | Family::Zb1p | Family::Zbv => {
-                "ranks N >= 1 and micro-batches C >= 1"
-            }
-            Family::Interleaved1F1B => {
-                "ranks N >= 1, chunks per rank V >= 1, and micro-batches C >= 1 that split into rounds of equal size: C up to N, or a multiple of C / N rounded down (with N = 4: 8 and 12, not 9)"
-            }
-        }
+        self.info().constraint
     }
-}
 
-impl Family {
     /// How many stages the family cuts the model into, as a formula of the ranks N and the
     /// chunks per rank V: `N`, `2N` or `N x V`.
     pub const fn stages_formula(self) -> &'static str {
-        match self {
-            Family::DualPipeV | Family::Zbv => "2N",
-            Family::Interleaved1F1B => "N x V",
-            Family::DualPipe | Family::OneFOneB | Family::GPipe | Family::Zb1p => "N",
-        }
+        self.info().stages
     }
+}
+
+/// The families and their constraints as `plan --help` lists them, one line each.
+pub fn families_help() -> String {
+    let width = FAMILIES.iter().map(|f| f.name.len()).max().unwrap_or(0);
+    let mut text =
+        String::from("Schedules and what they need (N ranks, C micro-batches, V chunks per rank):");
+    for f in &FAMILIES {
+        let chunks = if f.takes_chunks {
+            format!(
+                "\n  {:width$}  --chunks-per-rank V >= 1 (default {DEFAULT_CHUNKS_PER_RANK})",
+                ""
+            )
+        } else {
+            String::new()
+        };
+        text.push_str(&format!(
+            "\n  {:width$}  N {}; C {}; {} stages{chunks}",
+            f.name, f.ranks, f.microbatches, f.stages
+        ));
+    }
+    text
+}
+
+/// The families as the README's markdown table (one line per row, ending with a newline).
+pub fn families_markdown() -> String {
+    let mut text = String::from(
+        "| schedule | ranks N | micro-batches C | stages | notes |\n|---|---|---|---|---|\n",
+    );
+    for f in &FAMILIES {
+        let notes = if f.takes_chunks {
+            format!("`--chunks-per-rank V` (default {DEFAULT_CHUNKS_PER_RANK})")
+        } else {
+            f.notes.to_string()
+        };
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" {notes}")
+        };
+        text.push_str(&format!(
+            "| `{}` | {} | {} | {} |{notes} |\n",
+            f.name, f.ranks, f.microbatches, f.stages
+        ));
+    }
+    text
+}
+
+/// The family names, comma separated, in [`Family::ALL`]'s order.
+pub fn family_names() -> String {
+    Family::ALL.map(Family::name).join(", ")
 }
 
 impl fmt::Display for Family {
@@ -154,15 +284,28 @@ impl PlanRequest {
         self.chunks_per_rank = Some(v);
         self
     }
+
+    /// The chunks per rank V the plan uses: the request's for `interleaved-1f1b`, else
+    /// [`DEFAULT_CHUNKS_PER_RANK`]; 1 for every other family.
+    pub const fn chunks(&self) -> u32 {
+        match (self.family, self.chunks_per_rank) {
+            (Family::Interleaved1F1B, Some(v)) => v,
+            (Family::Interleaved1F1B, None) => DEFAULT_CHUNKS_PER_RANK,
+            _ => 1,
+        }
+    }
+
+    /// The number of stages the plan has: N, 2N or N x V, by family.
+    pub const fn num_stages(&self) -> u32 {
+        stages(self.family, self.ranks, self.chunks())
+    }
 }
 
 /// Why a request cannot be planned.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     /// The family name is not known.
-    #[error(
-        "unknown schedule `{0}`; known schedules: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b"
-    )]
+    #[error("unknown schedule `{0}`; known schedules: {names}", names = family_names())]
     UnknownFamily(String),
     /// The parameters break the family's constraint.
     #[error("{family} needs {}; got {ranks} ranks and {microbatches} micro-batches{}", family.constraint(), chunks.map(|v| format!(" with {v} chunks per rank")).unwrap_or_default())]
@@ -187,6 +330,9 @@ pub enum PlanError {
     /// A generator produced a compute order that does not lower: a bug in the planner.
     #[error("internal planner error, please report it: {0}")]
     Internal(String),
+    /// The planned schedule failed validation: a bug in the planner.
+    #[error("internal planner error, please report it: the planned schedule is invalid: {0}")]
+    Invalid(ValidationErrors),
     /// The costs to place the messages for do not fit the family's stages or are invalid.
     #[error("costs to plan for: {0}")]
     Costs(String),
@@ -196,8 +342,9 @@ pub enum PlanError {
 }
 
 /// Plans one step, placing the messages of the lowered families for the default costs
-/// ([`Costs::default`]). Pure: no I/O.
-pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
+/// ([`Costs::default`]), and validates it. Pure: no I/O. `.schedule()` of the result is the
+/// document; `.into_inner()` gives it back.
+pub fn plan(request: &PlanRequest) -> Result<ValidSchedule, PlanError> {
     plan_for(request, &Costs::default())
 }
 
@@ -211,23 +358,24 @@ pub fn plan(request: &PlanRequest) -> Result<Schedule, PlanError> {
 /// use dualpipe_schedule::Costs;
 /// let mut costs = Costs::default();
 /// costs.apply_assignments("f=1,b=1,w=0.5").unwrap();
-/// let schedule = plan_for(&PlanRequest::new(Family::Zbv, 4, 8), &costs).unwrap();
-/// dualpipe_schedule::validate(&schedule).unwrap();
+/// let valid = plan_for(&PlanRequest::new(Family::Zbv, 4, 8), &costs).unwrap();
+/// assert_eq!(valid.schedule().num_stages, 8);
 /// ```
 ///
 /// Costs with per-stage overrides must name stages of the planned family; costs that do not
-/// fit are an error ([`PlanError::Costs`]).
-pub fn plan_for(request: &PlanRequest, costs: &Costs) -> Result<Schedule, PlanError> {
+/// fit are an error ([`PlanError::Costs`]). The result is validated: a schedule that fails is a
+/// planner bug, [`PlanError::Invalid`].
+pub fn plan_for(request: &PlanRequest, costs: &Costs) -> Result<ValidSchedule, PlanError> {
+    let schedule = plan_unchecked(request, costs)?;
+    ValidSchedule::new(schedule).map_err(PlanError::Invalid)
+}
+
+/// [`plan_for`] without the final validation: the bare document.
+fn plan_unchecked(request: &PlanRequest, costs: &Costs) -> Result<Schedule, PlanError> {
     check(request)?;
     costs
         .check()
-        .and_then(|()| {
-            costs.check_stages(stages(
-                request.family,
-                request.ranks,
-                request.chunks_per_rank.unwrap_or(1),
-            ))
-        })
+        .and_then(|()| costs.check_stages(request.num_stages()))
         .map_err(|e| PlanError::Costs(e.to_string()))?;
     let PlanRequest {
         family,
@@ -236,6 +384,14 @@ pub fn plan_for(request: &PlanRequest, costs: &Costs) -> Result<Schedule, PlanEr
         forward_only,
         ..
     } = *request;
+    let header = Header {
+        schedule: family.name().to_string(),
+        num_ranks: n,
+        num_stages: request.num_stages(),
+        num_microbatches: c,
+        forward_only,
+        pipelines: pipelines(family, n, c, request.chunks()),
+    };
     let schedule = match family {
         Family::DualPipe | Family::DualPipeV => {
             let variant = if family == Family::DualPipe {
@@ -243,32 +399,16 @@ pub fn plan_for(request: &PlanRequest, costs: &Costs) -> Result<Schedule, PlanEr
             } else {
                 dualpipe::Variant::DualPipeV
             };
-            Schedule {
-                format: Format::V1,
-                schedule: family.name().to_string(),
-                num_ranks: n,
-                num_stages: stages(family, n, 1),
-                num_microbatches: c,
-                forward_only,
-                pipelines: pipelines(family, n, c, 1),
-                ranks: (0..n)
+            header.with_ranks(
+                (0..n)
                     .map(|r| dualpipe::rank_program(variant, n, c, r, forward_only))
                     .collect(),
-            }
+            )
         }
         _ => {
-            let v = request.chunks_per_rank.unwrap_or(1);
-            let order = classic::compute_order(family, n, c, v, forward_only);
-            let header = lower::Header {
-                schedule: family.name().to_string(),
-                num_ranks: n,
-                num_stages: stages(family, n, v),
-                num_microbatches: c,
-                forward_only,
-                pipelines: pipelines(family, n, c, v),
-            };
-            lower::lower_for(header, order, costs)
-                .map_err(|e| PlanError::Internal(e.to_string()))?
+            let order = classic::compute_order(header, request)
+                .map_err(|e| PlanError::Internal(e.to_string()))?;
+            lower::lower_for(order, costs).map_err(|e| PlanError::Internal(e.to_string()))?
         }
     };
     Ok(schedule)
@@ -292,7 +432,7 @@ pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
     if chunks_per_rank.is_some() && family != Family::Interleaved1F1B {
         return Err(PlanError::ChunksNotAccepted { family });
     }
-    let v = chunks_per_rank.unwrap_or(2);
+    let v = request.chunks();
     let fits = match family {
         Family::DualPipe => n >= 2 && n % 2 == 0 && c % 2 == 0 && c >= 2 * n,
         Family::DualPipeV => n >= 1 && c >= 2 * n,
@@ -318,10 +458,10 @@ pub fn check(request: &PlanRequest) -> Result<(), PlanError> {
 }
 
 /// Number of stages of `family` on `n` ranks with `v` chunks per rank.
-fn stages(family: Family, n: u32, v: u32) -> u32 {
+const fn stages(family: Family, n: u32, v: u32) -> u32 {
     match family {
         Family::DualPipeV | Family::Zbv => 2 * n,
-        Family::Interleaved1F1B => n * v,
+        Family::Interleaved1F1B => n.saturating_mul(v),
         _ => n,
     }
 }
@@ -359,6 +499,31 @@ fn pipelines(family: Family, n: u32, c: u32, v: u32) -> Vec<Pipeline> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_family_table_is_in_the_order_of_all() {
+        for (info, family) in FAMILIES.iter().zip(Family::ALL) {
+            assert_eq!(info.family, family);
+            assert_eq!(family.info().name, family.name());
+        }
+    }
+
+    #[test]
+    fn help_and_planner_agree_on_zbv() {
+        // The planner accepts zbv with fewer micro-batches than 2N, and the help says so.
+        plan(&PlanRequest::new(Family::Zbv, 4, 3)).unwrap();
+        let help = families_help();
+        let line = help.lines().find(|l| l.contains("zbv")).unwrap();
+        assert!(line.contains("C >= 1"), "{line}");
+    }
+
+    #[test]
+    fn interleaved_takes_the_default_chunks_per_rank() {
+        let valid = plan(&PlanRequest::new(Family::Interleaved1F1B, 4, 8)).unwrap();
+        assert_eq!(valid.schedule().num_stages, 4 * DEFAULT_CHUNKS_PER_RANK);
+        let request = PlanRequest::new(Family::Interleaved1F1B, 4, 8).chunks_per_rank(3);
+        assert_eq!(plan(&request).unwrap().schedule().num_stages, 12);
+    }
 
     #[test]
     fn sizes_that_would_not_fit_are_refused_up_front() {

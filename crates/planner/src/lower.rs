@@ -46,26 +46,11 @@
 use std::fmt;
 
 use dualpipe_schedule::{
-    Costs, Format, Instruction, Kind, Pipeline, Schedule, StageCosts, Topology, TorchOrder, Work,
-    works,
+    ComputeOrder, Costs, Instruction, Kind, Schedule, StageCosts, Topology, Work, works,
 };
 
-/// The header of the schedule to produce.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Header {
-    /// Family name or label.
-    pub schedule: String,
-    /// Number of ranks.
-    pub num_ranks: u32,
-    /// Number of stages.
-    pub num_stages: u32,
-    /// Number of micro-batches.
-    pub num_microbatches: u32,
-    /// Inference only.
-    pub forward_only: bool,
-    /// Routes.
-    pub pipelines: Vec<Pipeline>,
-}
+/// The header of the schedule to produce (the schedule crate's, re-exported here).
+pub use dualpipe_schedule::Header;
 
 /// Why a compute order cannot be lowered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,12 +86,12 @@ struct Placed {
     to: u32,
 }
 
-/// Lowers per-rank compute orders (F, B, W, FB only) into a schedule, with the messages placed
-/// for the default costs ([`Costs::default`]; [`lower_for`] takes others).
+/// Lowers a compute order into a schedule, with the messages placed for the default costs
+/// ([`Costs::default`]; [`lower_for`] takes others).
 ///
 /// ```
 /// use dualpipe_planner::lower::{lower, Header};
-/// use dualpipe_schedule::{parse_program, validate, Pipeline};
+/// use dualpipe_schedule::{parse_program, validate, ComputeOrder, Pipeline};
 /// let header = Header {
 ///     schedule: "demo".into(),
 ///     num_ranks: 2,
@@ -116,12 +101,12 @@ struct Placed {
 ///     pipelines: vec![Pipeline { route: vec![0, 1], microbatches: vec![0] }],
 /// };
 /// let order = vec![parse_program("F s0 m0 | B s0 m0").unwrap(), parse_program("F s1 m0 | B s1 m0").unwrap()];
-/// let schedule = lower(header, order).unwrap();
+/// let schedule = lower(ComputeOrder::new(header, order).unwrap()).unwrap();
 /// validate(&schedule).unwrap();
 /// assert_eq!(schedule.ranks[0].len(), 6); // F, send, commit, recv, commit, B
 /// ```
-pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, LowerError> {
-    lower_for(header, order, &Costs::default())
+pub fn lower(order: ComputeOrder) -> Result<Schedule, LowerError> {
+    lower_for(order, &Costs::default())
 }
 
 /// Like [`lower`], with the messages placed for `costs` (see the module documentation): when
@@ -129,40 +114,9 @@ pub fn lower(header: Header, order: Vec<Vec<Instruction>>) -> Result<Schedule, L
 /// flight, the blocking execution of the result under those costs, messages free, follows the
 /// as-soon-as-possible run of the compute order. Costs that fail [`Costs::check`] or override
 /// a stage the schedule does not have are [`LowerError::Invalid`].
-pub fn lower_for(
-    header: Header,
-    order: Vec<Vec<Instruction>>,
-    costs: &Costs,
-) -> Result<Schedule, LowerError> {
-    let mut schedule = Schedule {
-        format: Format::V1,
-        schedule: header.schedule,
-        num_ranks: header.num_ranks,
-        num_stages: header.num_stages,
-        num_microbatches: header.num_microbatches,
-        forward_only: header.forward_only,
-        pipelines: header.pipelines,
-        ranks: order,
-    };
-    let topology = Topology::new(&schedule).map_err(|problems| {
-        LowerError::Invalid(
-            problems
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })?;
-    if let Some((rank, index, instruction)) = schedule
-        .ranks
-        .iter()
-        .enumerate()
-        .find_map(|(r, l)| l.iter().position(|i| !i.is_compute()).map(|i| (r, i, l[i])))
-    {
-        return Err(LowerError::Invalid(format!(
-            "rank {rank} instruction {index}: `{instruction}` is not a compute; lowering takes compute orders only"
-        )));
-    }
+pub fn lower_for(order: ComputeOrder, costs: &Costs) -> Result<Schedule, LowerError> {
+    let topology = order.topology().clone();
+    let mut schedule = order.into_document();
     costs
         .check()
         .and_then(|()| costs.check_stages(schedule.num_stages))
@@ -454,21 +408,9 @@ fn resolve(
 }
 
 /// Lowers a compute order read from torch's CSV (`dualpipe_schedule::read_torch_csv`) into a
-/// schedule labelled `name`: one pipeline along the order's stage placement, every micro-batch
-/// on it.
-pub fn lower_torch_order(order: TorchOrder, name: &str) -> Result<Schedule, LowerError> {
-    let header = Header {
-        schedule: name.to_string(),
-        num_ranks: order.num_ranks,
-        num_stages: order.num_stages,
-        num_microbatches: order.num_microbatches,
-        forward_only: order.forward_only,
-        pipelines: vec![Pipeline {
-            route: order.route,
-            microbatches: (0..order.num_microbatches).collect(),
-        }],
-    };
-    lower(header, order.order)
+/// schedule labelled `name`.
+pub fn lower_torch_order(order: ComputeOrder, name: &str) -> Result<Schedule, LowerError> {
+    lower(order.named(name))
 }
 
 /// The computes as a graph: each waits for the previous compute of its rank, for the computes

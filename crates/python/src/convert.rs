@@ -202,9 +202,13 @@ mod tests {
 
     #[test]
     fn instruction_values_are_the_wire_objects_with_defer_w_spelled_out() {
-        let schedule = plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap();
+        let schedule = plan(&PlanRequest::new(Family::DualPipeV, 2, 4))
+            .unwrap()
+            .into_inner();
         let mut seen = std::collections::BTreeSet::new();
-        let zb = plan(&PlanRequest::new(Family::Zb1p, 2, 4)).unwrap();
+        let zb = plan(&PlanRequest::new(Family::Zb1p, 2, 4))
+            .unwrap()
+            .into_inner();
         for instruction in schedule.ranks.iter().chain(&zb.ranks).flatten() {
             let mut wire = serde_json::to_value(instruction).unwrap();
             if let Value::Object(fields) = &mut wire
@@ -222,7 +226,9 @@ mod tests {
 
     #[test]
     fn problems_name_rank_index_instruction_and_rule() {
-        let mut schedule = plan(&PlanRequest::new(Family::OneFOneB, 2, 2)).unwrap();
+        let mut schedule = plan(&PlanRequest::new(Family::OneFOneB, 2, 2))
+            .unwrap()
+            .into_inner();
         schedule.ranks[1] = parse_program("F s1 m0 | B s1 m0 | F s1 m1 | B s1 m1").unwrap();
         let errors = validate(&schedule).unwrap_err();
         let problems = validation_problems(&errors);
@@ -240,6 +246,7 @@ mod tests {
     fn parse_problems_keep_the_place_of_a_bad_instruction() {
         let text = plan(&PlanRequest::new(Family::OneFOneB, 2, 2))
             .unwrap()
+            .schedule()
             .to_json()
             .replacen(r#""op": "F""#, r#""op": "X""#, 1);
         let error = Schedule::from_json(&text).unwrap_err();

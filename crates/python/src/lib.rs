@@ -224,20 +224,15 @@ fn plan(
         .filter(|v| !v.is_none())
         .map(|v| count("chunks_per_rank", v))
         .transpose()?;
-    // As `dualpipe plan`: interleaved 1F1B takes two stages per rank unless told otherwise.
-    if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
-        request.chunks_per_rank = Some(2);
-    }
-    let planned =
-        py.detach(|| dualpipe_planner::plan_for(&request, &costs).map(ValidSchedule::new));
-    match planned {
-        Err(e) => Err(PyValueError::new_err(e.to_string())),
-        Ok(Err(errors)) => Err(validation_error(
+    // Interleaved 1F1B takes the planner's default chunks per rank unless told otherwise.
+    match py.detach(|| dualpipe_planner::plan_for(&request, &costs)) {
+        Err(dualpipe_planner::PlanError::Invalid(errors)) => Err(validation_error(
             py,
             Some("internal planner error, please report it: the planned schedule is invalid"),
             &errors,
         )),
-        Ok(Ok(valid)) => Ok(PySchedule::new(valid)),
+        Err(e) => Err(PyValueError::new_err(e.to_string())),
+        Ok(valid) => Ok(PySchedule::new(valid)),
     }
 }
 

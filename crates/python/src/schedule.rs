@@ -286,8 +286,8 @@ impl PySchedule {
         let (_, sim) = self.run(py, costs, model)?;
         let valid = &self.valid;
         Ok(py.detach(|| match format {
-            "text" => timeline_text(valid, &sim, None),
-            "svg" => timeline_svg(valid, &sim),
+            "text" => timeline_text(valid, &sim.timeline(valid.schedule()), None),
+            "svg" => timeline_svg(valid, &sim.timeline(valid.schedule())),
             _ => sim.chrome_trace(valid),
         }))
     }

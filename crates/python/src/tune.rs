@@ -1,14 +1,13 @@
 //! `dualpipe_rs.tune`: the auto-tuner of `dualpipe tune`, its report as a dict.
 
 use dualpipe_planner::plan_for;
-use dualpipe_schedule::ValidSchedule;
 use dualpipe_tune::{Report, TuneError, TuneRequest, tune as run_tune};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::convert::parse_model;
 use crate::schedule::{PySchedule, costs_argument};
-use crate::{count, to_python, validation_error};
+use crate::{count, to_python};
 
 /// Ranks every schedule family at every micro-batch size dividing `global_batch` under
 /// measured `costs`, as `dualpipe tune --json` does, and returns that report as a dict, with
@@ -75,20 +74,11 @@ pub(crate) fn tune<'py>(
     let best = match tuning.best() {
         None => py.None().into_bound(py),
         Some(best) => {
-            let planned = py
-                .detach(|| plan_for(&best.request, &best.costs).map(ValidSchedule::new))
+            let valid = py
+                .detach(|| plan_for(&best.request, &best.costs))
                 .map_err(|e| {
                     PyValueError::new_err(format!("internal error, please report it: {e}"))
                 })?;
-            let valid = planned.map_err(|errors| {
-                validation_error(
-                    py,
-                    Some(
-                        "internal planner error, please report it: the planned schedule is invalid",
-                    ),
-                    &errors,
-                )
-            })?;
             Bound::new(py, PySchedule::new(valid))?.into_any()
         }
     };

@@ -22,7 +22,7 @@
 //! use dualpipe_schedule::ValidSchedule;
 //!
 //! // DualPipe on 4 ranks with 8 micro-batches: 4 stages, each held by two ranks.
-//! let schedule = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipe, 4, 8)).unwrap()).unwrap();
+//! let schedule = plan(&PlanRequest::new(Family::DualPipe, 4, 8)).unwrap();
 //! let spec = ModelSpec { hidden: 16, rows: 4, stages: 4, seed: 233 };
 //! let options = Options { message_shape: Some(spec.message_shape()), ..Options::default() };
 //! let mut backend = CpuBackend::new(schedule, options, &spec).unwrap();

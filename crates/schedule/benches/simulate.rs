@@ -13,8 +13,7 @@ fn main() {
 }
 
 fn planned(family: Family, n: u32, c: u32) -> ValidSchedule {
-    let schedule = plan(&PlanRequest::new(family, n, c)).expect("plannable");
-    ValidSchedule::new(schedule).expect("valid")
+    plan(&PlanRequest::new(family, n, c)).expect("plannable")
 }
 
 fn instructions(valid: &ValidSchedule) -> usize {

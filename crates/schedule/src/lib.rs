@@ -17,20 +17,27 @@
 //! validate(&schedule).unwrap();
 //! ```
 
+mod batches;
+mod compute_order;
 mod costs;
+mod diagnostics;
 mod format;
 mod json;
 mod order;
 mod render;
 mod simulate;
+mod timeline;
 mod topology;
 mod torch;
 mod trace;
 mod validate;
 
+pub use batches::Batches;
+pub use compute_order::{ComputeOrder, ComputeOrderError, Header};
 pub use costs::{
     CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS, unit_us,
 };
+pub use diagnostics::{ExecutionModel, Location, Rule, Violation};
 pub use format::{
     FORMAT_V1, Format, Instruction, Kind, Message, ParseInstructionError, Pipeline, Schedule, Work,
     parse_program,
@@ -40,14 +47,12 @@ pub use order::{
     RankStats, Round, Stalled, compute_rounds, compute_times, order_grid, rank_stats, works,
 };
 pub use render::{timeline_svg, timeline_text};
-pub use simulate::{Interval, RankSummary, SimulateError, Simulation, TRACE_UNIT_US, simulate};
+pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
+pub use timeline::{Lane, Source, Span, TRACE_UNIT_US, Timeline, TraceError};
 pub use topology::Topology;
-pub use torch::{TorchCsvError, TorchOrder, read_torch_csv, to_torch_csv};
-pub use trace::{Lane, Span, chrome_trace};
-pub use validate::{
-    ExecutionModel, Links, Location, Report, Rule, ValidSchedule, ValidationErrors, Violation,
-    validate,
-};
+pub use torch::{TorchCsvError, read_torch_csv, to_torch_csv};
+pub use trace::chrome_trace;
+pub use validate::{Links, Report, ValidSchedule, ValidationErrors, validate};
 
 /// The JSON Schema of format v1, pretty-printed; checked in as `docs/schedule-v1.schema.json`.
 pub fn json_schema() -> String {

@@ -1,8 +1,8 @@
 //! Pictures of a timed schedule: a time-scaled text grid (like the DualPipe README figures) and
 //! an SVG with one colour per kind of compute and direction, and a legend.
 //!
-//! Both take the schedule and a [`Simulation`] (or any timing of the same shape, such as a
-//! measured one) and label computes as the `inspect` grid does: `F` forward, `B` full backward,
+//! Both take the schedule and a [`Timeline`], simulated ([`crate::Simulation::timeline`]) or
+//! measured (a profile, or a Chrome trace read back), and label computes as the `inspect` grid does: `F` forward, `B` full backward,
 //! `I` backward with deferred weights, `W` weight gradient, then the micro-batch; upper case on
 //! the first stage a rank holds along the route (leg 0), lower case on the second (leg 1).
 
@@ -10,7 +10,8 @@ use std::fmt::Write as _;
 
 use crate::format::{Instruction, Work};
 use crate::order::Legs;
-use crate::simulate::Simulation;
+use crate::timeline::Lane;
+use crate::timeline::Timeline;
 use crate::validate::ValidSchedule;
 
 /// Widest grid chosen automatically, in columns: labels are cut beyond this.
@@ -33,12 +34,12 @@ const MAX_COLUMNS: f64 = 20000.0;
 /// };
 /// let valid = ValidSchedule::new(schedule).unwrap();
 /// let sim = simulate(&valid, &Costs::default(), ExecutionModel::Blocking).unwrap();
-/// let text = timeline_text(&valid, &sim, Some(3.0));
+/// let text = timeline_text(&valid, &sim.timeline(valid.schedule()), Some(3.0));
 /// assert!(text.contains("rank 0 F0 F1 B0    B1"));
 /// ```
 pub fn timeline_text(
     valid: &ValidSchedule,
-    sim: &Simulation,
+    sim: &Timeline,
     columns_per_unit: Option<f64>,
 ) -> String {
     let schedule = valid.schedule();
@@ -55,12 +56,12 @@ pub fn timeline_text(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{}: {} ranks, {} stages, {} micro-batches; {} model; step time {}{}; {} columns per {}",
+        "{}: {} ranks, {} stages, {} micro-batches; {}; step time {}{}; {} columns per {}",
         schedule.schedule,
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
-        sim.model,
+        sim.source,
         number(sim.makespan),
         unit_suffix(&sim.unit),
         number(scale),
@@ -164,8 +165,9 @@ impl Part {
     }
 }
 
-fn computes(valid: &ValidSchedule, sim: &Simulation, legs: &Legs) -> Vec<Vec<Compute>> {
+fn computes(valid: &ValidSchedule, sim: &Timeline, legs: &Legs) -> Vec<Vec<Compute>> {
     let schedule = valid.schedule();
+    let times = sim.computes(valid);
     schedule
         .ranks
         .iter()
@@ -175,8 +177,10 @@ fn computes(valid: &ValidSchedule, sim: &Simulation, legs: &Legs) -> Vec<Vec<Com
             let part = |kind: Part, w: Work| (kind, legs.leg(rank_id, w), w.mb);
             list.iter()
                 .enumerate()
-                .filter(|(_, i)| i.is_compute())
-                .map(|(index, &instruction)| {
+                .filter_map(|(index, &instruction)| {
+                    times[rank][index].map(|(start, end)| (start, end, instruction))
+                })
+                .map(|(start, end, instruction)| {
                     let parts = match instruction {
                         Instruction::Forward(w) => vec![part(Part::Forward, w)],
                         Instruction::Backward { work, defer_w } => vec![part(
@@ -193,10 +197,9 @@ fn computes(valid: &ValidSchedule, sim: &Simulation, legs: &Legs) -> Vec<Vec<Com
                         }
                         _ => Vec::new(),
                     };
-                    let t = sim.times[rank][index];
                     Compute {
-                        start: t.start,
-                        end: t.end,
+                        start,
+                        end,
                         label: legs.label(rank_id, instruction),
                         parts,
                     }
@@ -268,7 +271,7 @@ const MAX_WIDTH: f64 = 4000.0;
 /// (dark: first stage along the route, light: second), labelled with their micro-batch when
 /// there is room; an FB is split into its forward (top) and backward (bottom) halves; a grey
 /// line under a row marks time in communication batches. A time axis and a legend are included.
-pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
+pub fn timeline_svg(valid: &ValidSchedule, sim: &Timeline) -> String {
     let schedule = valid.schedule();
     let legs = Legs::new(valid.topology());
     let computes = computes(valid, sim, &legs);
@@ -289,15 +292,15 @@ pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
         out,
         r#"<rect x="0" y="0" width="{width:.0}" height="{height:.0}" fill="white"/>"#
     );
-    let idle: f64 = sim.ranks.iter().map(|r| r.idle).sum();
+    let idle: f64 = sim.busy.iter().map(|busy| sim.makespan - busy).sum();
     let _ = writeln!(
         out,
-        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">{}: {} ranks, {} stages, {} micro-batches, {} model, step time {}{}, bubble {:.1}%</text>"#,
+        r#"<text x="{LEFT}" y="20" font-size="14" font-weight="bold">{}: {} ranks, {} stages, {} micro-batches, {}, step time {}{}, bubble {:.1}%</text>"#,
         escape(&schedule.schedule),
         schedule.num_ranks,
         schedule.num_stages,
         schedule.num_microbatches,
-        sim.model,
+        sim.source,
         number(sim.makespan),
         escape(&unit_suffix(&sim.unit)),
         100.0 * idle / (span * rows)
@@ -328,9 +331,12 @@ pub fn timeline_svg(valid: &ValidSchedule, sim: &Simulation) -> String {
             y + BAR / 2.0
         );
         // Communication batches that took time: a thin line under the row.
-        for (index, instruction) in schedule.ranks[rank].iter().enumerate() {
-            let t = sim.times[rank][index];
-            if matches!(instruction, Instruction::Commit) && t.end > t.start {
+        let comm = sim
+            .spans
+            .iter()
+            .filter(|s| s.rank as usize == rank && s.lane == Lane::Comm);
+        for t in comm {
+            if t.end > t.start {
                 let _ = writeln!(
                     out,
                     r##"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="3" fill="#9a9a9a"/>"##,
@@ -449,10 +455,10 @@ fn escape(text: &str) -> String {
 mod tests {
     use super::*;
     use crate::costs::Costs;
+    use crate::diagnostics::ExecutionModel;
     use crate::format::{Format, Pipeline, Schedule};
     use crate::parse_program;
     use crate::simulate::simulate;
-    use crate::validate::ExecutionModel;
 
     fn one_rank() -> ValidSchedule {
         ValidSchedule::new(Schedule {
@@ -479,6 +485,7 @@ mod tests {
             let mut costs = Costs::default();
             costs.apply_assignments(list).unwrap();
             let sim = simulate(&valid, &costs, ExecutionModel::Blocking).unwrap();
+            let sim = sim.timeline(valid.schedule());
             let text = timeline_text(&valid, &sim, None);
             assert!(text.contains("rank 0 F0"), "{list}: {text}");
             let axis = text.lines().nth(1).unwrap();

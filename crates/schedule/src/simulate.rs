@@ -28,10 +28,11 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::costs::{CostError, Costs};
+use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
+use crate::timeline::{Lane, Source, Span, Timeline};
 use crate::topology::Topology;
-use crate::trace::{Lane, Span};
-use crate::validate::{ExecutionModel, ValidSchedule};
+use crate::validate::ValidSchedule;
 
 /// When one instruction ran. For a send or receive, from the post (blocking) or start (async)
 /// of its batch to the completion of the op; for a commit, the whole batch.
@@ -85,9 +86,9 @@ impl Simulation {
         }
     }
 
-    /// The computes and commits as trace spans (for [`crate::chrome_trace`]), with one time unit
-    /// written as `unit_us` microseconds.
-    pub fn spans(&self, schedule: &Schedule, unit_us: f64) -> Vec<Span> {
+    /// The simulated timeline: every compute and commit of `schedule` (the schedule simulated)
+    /// with its times, in the costs' unit.
+    pub fn timeline(&self, schedule: &Schedule) -> Timeline {
         let mut spans = Vec::new();
         for (rank, list) in schedule.ranks.iter().enumerate() {
             for (index, instruction) in list.iter().enumerate() {
@@ -101,17 +102,20 @@ impl Simulation {
                     rank: rank as u32,
                     index,
                     lane,
-                    start_us: t.start * unit_us,
-                    end_us: t.end * unit_us,
+                    start: t.start,
+                    end: t.end,
                 });
             }
         }
-        spans
+        Timeline {
+            source: Source::Simulated(self.model),
+            unit: self.unit.clone(),
+            makespan: self.makespan,
+            busy: self.ranks.iter().map(|r| r.busy).collect(),
+            spans,
+        }
     }
 }
-
-/// Microseconds per abstract time unit in Chrome traces: one unit reads as one millisecond.
-pub const TRACE_UNIT_US: f64 = 1000.0;
 
 impl Simulation {
     /// The simulation of `valid` as the JSON document `dualpipe simulate --json` prints:
@@ -181,14 +185,9 @@ impl Simulation {
 
     /// The simulated timeline of `valid` as a Chrome trace ([`crate::chrome_trace`]), in real
     /// time when the costs named their unit, else one abstract time unit written as
-    /// [`TRACE_UNIT_US`] microseconds.
+    /// [`crate::TRACE_UNIT_US`] microseconds.
     pub fn chrome_trace(&self, valid: &ValidSchedule) -> String {
-        let unit_us = crate::costs::unit_us(&self.unit).unwrap_or(TRACE_UNIT_US);
-        crate::trace::chrome_trace(
-            valid.schedule(),
-            valid.links(),
-            &self.spans(valid.schedule(), unit_us),
-        )
+        crate::trace::chrome_trace(valid, &self.timeline(valid.schedule()))
     }
 }
 
@@ -278,8 +277,8 @@ struct Op {
     producer: u32,
 }
 
-/// Batches and their ops, laid out flat.
-struct Batches {
+/// The batches of [`ValidSchedule::batches`] with their ops and message times, laid out flat.
+struct BatchOps {
     /// Per rank: global id of its first batch.
     first: Vec<u32>,
     /// Per global batch: range of its ops in `ops` (`op_start[g]..op_start[g + 1]`).
@@ -289,34 +288,15 @@ struct Batches {
     commit: Vec<(u32, u32)>,
 }
 
-impl Batches {
-    fn new(valid: &ValidSchedule, costs: &Costs, topology: &Topology) -> Batches {
+impl BatchOps {
+    fn new(valid: &ValidSchedule, costs: &Costs, topology: &Topology) -> BatchOps {
         let schedule = valid.schedule();
         let links = valid.links();
-        // Per rank, per instruction: commits before it.
-        let before: Vec<Vec<u32>> = schedule
-            .ranks
-            .iter()
-            .map(|list| {
-                let mut count = 0u32;
-                list.iter()
-                    .map(|i| {
-                        let at = count;
-                        count += u32::from(matches!(i, Instruction::Commit));
-                        at
-                    })
-                    .collect()
-            })
+        let numbering = valid.batches();
+        let total = numbering.total();
+        let first: Vec<u32> = (0..schedule.ranks.len())
+            .map(|rank| numbering.first(rank))
             .collect();
-        let mut first = Vec::with_capacity(schedule.ranks.len());
-        let mut total = 0u32;
-        for list in &schedule.ranks {
-            first.push(total);
-            total += list
-                .iter()
-                .filter(|i| matches!(i, Instruction::Commit))
-                .count() as u32;
-        }
         let mut op_start = Vec::with_capacity(total as usize + 1);
         let mut commit = Vec::with_capacity(total as usize);
         let mut ops = Vec::new();
@@ -347,7 +327,7 @@ impl Batches {
                         };
                         ops.push(Op {
                             index: index as u32,
-                            partner: first[peer] + before[peer][partner],
+                            partner: numbering.of(peer, partner),
                             time: boundary[sender_stage as usize],
                             producer,
                         });
@@ -364,7 +344,7 @@ impl Batches {
             op_start.pop();
         }
         op_start.push(ops.len() as u32);
-        Batches {
+        BatchOps {
             first,
             op_start,
             ops,
@@ -469,7 +449,7 @@ pub fn simulate(
     let topology = valid.topology();
     costs.check()?;
     costs.check_stages(topology.num_stages())?;
-    let batches = Batches::new(valid, costs, topology);
+    let batches = BatchOps::new(valid, costs, topology);
     let compute = ComputeCosts::new(costs, topology.num_stages());
     let mut simulation = Run::new(schedule, topology, &batches, &compute, model).run()?;
     simulation.unit.clone_from(&costs.unit);
@@ -479,7 +459,7 @@ pub fn simulate(
 struct Run<'a> {
     schedule: &'a Schedule,
     topology: &'a Topology,
-    batches: &'a Batches,
+    batches: &'a BatchOps,
     compute: &'a ComputeCosts,
     model: ExecutionModel,
     /// Per global batch: when it was posted (blocking) or started (async); NaN until known.
@@ -509,7 +489,7 @@ impl<'a> Run<'a> {
     fn new(
         schedule: &'a Schedule,
         topology: &'a Topology,
-        batches: &'a Batches,
+        batches: &'a BatchOps,
         compute: &'a ComputeCosts,
         model: ExecutionModel,
     ) -> Self {
@@ -981,14 +961,20 @@ mod tests {
     fn spans_cover_computes_and_commits() {
         let valid = straight(false, 1, &ROUND_TRIP);
         let sim = simulate(&valid, &Costs::default(), ExecutionModel::Blocking).unwrap();
-        let spans = sim.spans(valid.schedule(), 1000.0);
+        let timeline = sim.timeline(valid.schedule());
+        let spans = &timeline.spans;
         assert_eq!(spans.len(), 8);
         let last = spans.iter().find(|s| s.rank == 0 && s.index == 5).unwrap();
         assert_eq!(
-            (last.lane, last.start_us, last.end_us),
+            (
+                last.lane,
+                last.start * timeline.unit_us(),
+                last.end * timeline.unit_us()
+            ),
             (Lane::Compute, 4000.0, 6000.0)
         );
         assert_eq!(sim.bubble_share(), 0.5);
+        assert_eq!(timeline.bubble_share(), 0.5);
     }
 
     #[test]

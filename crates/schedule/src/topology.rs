@@ -1,7 +1,7 @@
 //! Where each stage of each micro-batch runs, read off a document's header.
 
+use crate::diagnostics::{Location, Rule, Violation, abbreviate, plural};
 use crate::format::{Schedule, Work};
-use crate::validate::{Location, Rule, Violation, plural};
 
 /// The placement of work on ranks: which pipeline each micro-batch takes and which rank runs
 /// each of its stages. Built from a document's header by [`Topology::new`], which checks that
@@ -219,19 +219,5 @@ impl Topology {
             counts[rank as usize] += 1;
         }
         counts
-    }
-}
-
-/// Shortens a long list of items for an error message.
-pub(crate) fn abbreviate(items: &[String]) -> String {
-    const SHOWN: usize = 8;
-    if items.len() <= SHOWN {
-        items.join(", ")
-    } else {
-        format!(
-            "{} and {} more",
-            items[..SHOWN].join(", "),
-            items.len() - SHOWN
-        )
     }
 }

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use crate::compute_order::{ComputeOrder, Header};
 use crate::format::{Instruction, Kind, Message, Pipeline, Work};
 use crate::validate::ValidSchedule;
 
@@ -119,24 +120,6 @@ fn single_placement(pipelines: &[Pipeline], name: &str) -> Result<(), TorchCsvEr
     Ok(())
 }
 
-/// A compute-only torch CSV, read: per rank, its compute order, and what the header of a v1
-/// document needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TorchOrder {
-    /// Number of ranks (rows).
-    pub num_ranks: u32,
-    /// Number of stages (the highest stage plus one).
-    pub num_stages: u32,
-    /// Number of micro-batches (the highest micro-batch plus one).
-    pub num_microbatches: u32,
-    /// No backward and no weight gradient anywhere.
-    pub forward_only: bool,
-    /// `route[s]`: the rank whose row holds stage `s`.
-    pub route: Vec<u32>,
-    /// Per rank, F, B (with `defer_w` for torch's `I`), W and FB in row order.
-    pub order: Vec<Vec<Instruction>>,
-}
-
 /// One parsed cell.
 enum Cell {
     Compute(Instruction),
@@ -144,18 +127,21 @@ enum Cell {
     Bookkeeping,
 }
 
-/// Reads a compute-only torch CSV (torch's `pipeline_order`). Empty cells (idle slots) and the
-/// runtime's `UNSHARD`, `RESHARD` and `REDUCE_GRAD` are skipped; sends and receives are refused
-/// (the lowering pass places them). Every error names the row (rank), the column and the cell.
+/// Reads a compute-only torch CSV (torch's `pipeline_order`) into a compute order named
+/// `torch` ([`ComputeOrder::named`] renames it): one row per rank, one pipeline along the
+/// stages' placement that every micro-batch takes. Empty cells (idle slots) and the runtime's
+/// `UNSHARD`, `RESHARD` and `REDUCE_GRAD` are skipped; sends and receives are refused (the
+/// lowering pass places them). Every error names the row (rank), the column and the cell.
 ///
 /// ```
 /// use dualpipe_schedule::read_torch_csv;
 /// let order = read_torch_csv("0F0,0F1,0I0,0W0,0B1\n,1F0,(1F1;1B0)OVERLAP_F_B,1B1\n").unwrap();
-/// assert_eq!((order.num_ranks, order.num_stages, order.num_microbatches), (2, 2, 2));
-/// assert_eq!(order.route, vec![0, 1]);
-/// assert_eq!(order.order[1][1].to_string(), "FB F s1 m1 + B s1 m0");
+/// let doc = order.document();
+/// assert_eq!((doc.num_ranks, doc.num_stages, doc.num_microbatches), (2, 2, 2));
+/// assert_eq!(doc.pipelines[0].route, vec![0, 1]);
+/// assert_eq!(order.ranks()[1][1].to_string(), "FB F s1 m1 + B s1 m0");
 /// ```
-pub fn read_torch_csv(text: &str) -> Result<TorchOrder, TorchCsvError> {
+pub fn read_torch_csv(text: &str) -> Result<ComputeOrder, TorchCsvError> {
     let mut rows: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
     while rows.last().is_some_and(|l| l.trim().is_empty()) {
         rows.pop();
@@ -232,14 +218,18 @@ pub fn read_torch_csv(text: &str) -> Result<TorchOrder, TorchCsvError> {
             microbatches - 1
         )));
     }
-    Ok(TorchOrder {
+    let header = Header {
+        schedule: "torch".into(),
         num_ranks: order.len() as u32,
         num_stages: owner.len() as u32,
         num_microbatches: microbatches,
         forward_only: !backward,
-        route: owner.values().map(|&(rank, _)| rank).collect(),
-        order,
-    })
+        pipelines: vec![Pipeline {
+            route: owner.values().map(|&(rank, _)| rank).collect(),
+            microbatches: (0..microbatches).collect(),
+        }],
+    };
+    ComputeOrder::new(header, order).map_err(|e| TorchCsvError(e.to_string()))
 }
 
 fn unquote(cell: &str) -> &str {
@@ -350,7 +340,7 @@ mod tests {
             "0UNSHARD,0F0,0F1,0I0,,0W0,(0F2;0B1)OVERLAP_F_B,0B2,0REDUCE_GRAD,0RESHARD\r\n",
         )
         .unwrap();
-        let text: Vec<String> = order.order[0].iter().map(ToString::to_string).collect();
+        let text: Vec<String> = order.ranks()[0].iter().map(ToString::to_string).collect();
         assert_eq!(
             text,
             [
@@ -362,9 +352,10 @@ mod tests {
                 "B s0 m2"
             ]
         );
-        assert_eq!((order.num_stages, order.num_microbatches), (1, 3));
-        assert!(!order.forward_only);
-        assert!(read_torch_csv("0F0,0F1\n").unwrap().forward_only);
+        let doc = order.document();
+        assert_eq!((doc.num_stages, doc.num_microbatches), (1, 3));
+        assert!(!doc.forward_only);
+        assert!(read_torch_csv("0F0,0F1\n").unwrap().document().forward_only);
     }
 
     #[test]

@@ -6,45 +6,28 @@
 use std::collections::HashMap;
 
 use crate::format::{Instruction, Schedule};
-use crate::validate::Links;
+use crate::timeline::{Lane, Span, Timeline};
+use crate::validate::{Links, ValidSchedule};
 
-/// Which stream of a rank an interval ran on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Lane {
-    /// F, B, W and FB.
-    Compute,
-    /// Commit batches (their sends and receives).
-    Comm,
+/// Writes `timeline` of `valid` as a Chrome trace (JSON object format), in microseconds
+/// ([`Timeline::unit_us`] per time unit). Flow arrows join the sending and the receiving commit
+/// of every message whose two commits both have spans.
+pub fn chrome_trace(valid: &ValidSchedule, timeline: &Timeline) -> String {
+    let unit_us = timeline.unit_us();
+    let spans: Vec<Span> = timeline
+        .spans
+        .iter()
+        .map(|s| Span {
+            start: s.start * unit_us,
+            end: s.end * unit_us,
+            ..*s
+        })
+        .collect();
+    spans_trace(valid.schedule(), valid.links(), &spans)
 }
 
-impl Lane {
-    fn tid(self) -> u32 {
-        match self {
-            Lane::Compute => 0,
-            Lane::Comm => 1,
-        }
-    }
-}
-
-/// One timed instruction: a compute on the compute lane, or a commit's batch on the
-/// communication lane.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Span {
-    /// The rank.
-    pub rank: u32,
-    /// Index of the instruction in the rank's list (a compute or a commit).
-    pub index: usize,
-    /// The stream it ran on.
-    pub lane: Lane,
-    /// Start, in microseconds from the beginning of the step.
-    pub start_us: f64,
-    /// End, in microseconds.
-    pub end_us: f64,
-}
-
-/// Writes `spans` of `schedule` as a Chrome trace (JSON object format). Flow arrows join the
-/// sending and the receiving commit of every message whose two commits both have spans.
-pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> String {
+/// [`chrome_trace`] of spans already in microseconds.
+fn spans_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> String {
     let mut out = String::with_capacity(128 + spans.len() * 160);
     out.push_str("{\"displayTimeUnit\": \"ms\", \"traceEvents\": [\n");
     let mut first = true;
@@ -96,8 +79,8 @@ pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> Strin
                 json_string(&name),
                 span.rank,
                 span.lane.tid(),
-                span.start_us,
-                (span.end_us - span.start_us).max(0.0),
+                span.start,
+                (span.end - span.start).max(0.0),
                 span.index
             ),
         );
@@ -148,8 +131,8 @@ pub fn chrome_trace(schedule: &Schedule, links: &Links, spans: &[Span]) -> Strin
 /// batch's span), never back in time. When the two spans overlap, both ends go to the middle of
 /// the overlap; otherwise each to the middle of its span, the end no earlier than the start.
 fn flow_ends(from: &Span, to: &Span) -> (f64, f64) {
-    let lo = from.start_us.max(to.start_us);
-    let hi = from.end_us.min(to.end_us);
+    let lo = from.start.max(to.start);
+    let hi = from.end.min(to.end);
     if lo < hi {
         let both = (lo + hi) / 2.0;
         return (both, both);
@@ -162,7 +145,7 @@ fn flow_ends(from: &Span, to: &Span) -> (f64, f64) {
 /// the thread at their timestamp, and a slice that ends, or the next that starts, exactly there
 /// would be ambiguous).
 fn middle(span: &Span) -> f64 {
-    (span.start_us + span.end_us.max(span.start_us)) / 2.0
+    (span.start + span.end.max(span.start)) / 2.0
 }
 
 fn category(instruction: Instruction) -> &'static str {
@@ -224,12 +207,12 @@ mod tests {
             ],
         };
         let report = validate(&schedule).unwrap();
-        let span = |rank, index, lane, start_us, end_us| Span {
+        let span = |rank, index, lane, start, end| Span {
             rank,
             index,
             lane,
-            start_us,
-            end_us,
+            start,
+            end,
         };
         let spans = [
             span(0, 0, Lane::Compute, 0.0, 10.0),
@@ -237,7 +220,7 @@ mod tests {
             span(1, 1, Lane::Comm, 0.0, 12.0),
             span(1, 2, Lane::Compute, 12.0, 20.0),
         ];
-        let text = chrome_trace(&schedule, &report.links, &spans);
+        let text = spans_trace(&schedule, &report.links, &spans);
         let json: serde_json::Value = serde_json::from_str(&text).unwrap();
         let events = json["traceEvents"].as_array().unwrap();
         let phase = |ph: &str| events.iter().filter(|e| e["ph"] == ph).count();
@@ -256,12 +239,12 @@ mod tests {
 
     #[test]
     fn flows_never_go_back_in_time() {
-        let span = |start_us, end_us| Span {
+        let span = |start, end| Span {
             rank: 0,
             index: 0,
             lane: Lane::Comm,
-            start_us,
-            end_us,
+            start,
+            end,
         };
         // The receiver posted long before the sender and finished with it: the middle of the
         // receiving span (6) lies before the middle of the sending one (11).

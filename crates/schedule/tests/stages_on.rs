@@ -2,10 +2,9 @@
 //! states the number of stages each plans.
 
 use dualpipe_planner::{Family, PlanRequest, plan};
-use dualpipe_schedule::ValidSchedule;
 
 fn stages(request: PlanRequest) -> Vec<Vec<u32>> {
-    let valid = ValidSchedule::new(plan(&request).unwrap()).unwrap();
+    let valid = plan(&request).unwrap();
     let n = valid.schedule().num_ranks;
     (0..n).map(|r| valid.topology().stages_on(r)).collect()
 }
@@ -33,7 +32,7 @@ fn every_family_follows_its_convention() {
                     })
                     .collect();
                 assert_eq!(stages(request), expected, "{family} on {n} ranks");
-                let planned = plan(&request).unwrap().num_stages;
+                let planned = plan(&request).unwrap().schedule().num_stages;
                 let formula = match family.stages_formula() {
                     "N" => n,
                     "2N" => 2 * n,
@@ -53,7 +52,6 @@ fn every_family_follows_its_convention() {
 
 #[test]
 fn a_rank_out_of_range_runs_nothing() {
-    let valid =
-        ValidSchedule::new(plan(&PlanRequest::new(Family::OneFOneB, 2, 2)).unwrap()).unwrap();
+    let valid = plan(&PlanRequest::new(Family::OneFOneB, 2, 2)).unwrap();
     assert!(valid.topology().stages_on(2).is_empty());
 }

@@ -55,15 +55,16 @@ pub struct TuneRequest {
 }
 
 impl TuneRequest {
-    /// Every micro-batch size dividing `global_batch`, no memory cap, two chunks per rank for
-    /// interleaved 1F1B, the blocking model.
+    /// Every micro-batch size dividing `global_batch`, no memory cap, the planner's default
+    /// chunks per rank for interleaved 1F1B ([`dualpipe_planner::DEFAULT_CHUNKS_PER_RANK`]),
+    /// the blocking model.
     pub fn new(ranks: u32, global_batch: u32) -> TuneRequest {
         TuneRequest {
             ranks,
             global_batch,
             microbatch_sizes: None,
             memory_cap: None,
-            chunks_per_rank: 2,
+            chunks_per_rank: dualpipe_planner::DEFAULT_CHUNKS_PER_RANK,
             model: ExecutionModel::Blocking,
         }
     }
@@ -325,12 +326,9 @@ fn evaluate(
     model: ExecutionModel,
 ) -> Result<Candidate, TuneError> {
     let family = request.family;
-    let default = ValidSchedule::new(plan(&request).map_err(|e| internal(family, e))?)
-        .map_err(|e| internal(family, e))?;
+    let default = plan(&request).map_err(|e| internal(family, e))?;
     let (stage_costs, basis) = stage_costs(costs, &default);
-    let valid =
-        ValidSchedule::new(plan_for(&request, &stage_costs).map_err(|e| internal(family, e))?)
-            .map_err(|e| internal(family, e))?;
+    let valid = plan_for(&request, &stage_costs).map_err(|e| internal(family, e))?;
     let sim = simulate(&valid, &stage_costs, model).map_err(|e| internal(family, e))?;
     let topology = valid.topology();
     let stages = topology.num_stages();
@@ -380,7 +378,7 @@ fn evaluate(
 /// use dualpipe_schedule::{Costs, ValidSchedule};
 /// use dualpipe_tune::{Basis, stage_costs};
 /// let costs = Costs::from_json(r#"{"f": 8, "b": 16, "w": 8, "param_bytes": 800}"#).unwrap();
-/// let valid = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap()).unwrap();
+/// let valid = plan(&PlanRequest::new(Family::DualPipeV, 2, 4)).unwrap();
 /// let (per_stage, basis) = stage_costs(&costs, &valid);
 /// assert_eq!(basis, Basis::Model);
 /// assert_eq!((per_stage.stage(3).f, per_stage.stage(3).param_bytes), (2.0, 200.0));
@@ -478,7 +476,7 @@ mod tests {
     use super::*;
 
     fn valid(family: Family, n: u32, c: u32) -> ValidSchedule {
-        ValidSchedule::new(plan(&PlanRequest::new(family, n, c)).unwrap()).unwrap()
+        plan(&PlanRequest::new(family, n, c)).unwrap()
     }
 
     #[test]

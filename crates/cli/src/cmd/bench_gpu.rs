@@ -42,9 +42,7 @@ pub struct Args {
 }
 
 fn schedule(family: Family, ranks: u32, microbatches: u32) -> Result<ValidSchedule, Failure> {
-    let planned = plan(&PlanRequest::new(family, ranks, microbatches))
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    ValidSchedule::new(planned).map_err(|e| Failure::invalid(e.to_string()))
+    plan(&PlanRequest::new(family, ranks, microbatches)).map_err(crate::cmd::plan::failure)
 }
 
 fn median(mut values: Vec<f64>) -> f64 {

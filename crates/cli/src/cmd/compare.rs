@@ -2,8 +2,8 @@
 
 use std::fmt::Write as _;
 
-use dualpipe_planner::{Family, PlanRequest, check, plan, plan_for};
-use dualpipe_schedule::{Costs, ValidSchedule, rank_stats};
+use dualpipe_planner::{Family, PlanRequest, check, plan_for};
+use dualpipe_schedule::{Costs, rank_stats};
 use serde::Serialize;
 
 use crate::io::{Failure, write_stdout};
@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long, short = 'c')]
     microbatches: u32,
     /// Stages per rank for interleaved-1f1b.
-    #[arg(long, short = 'v', default_value_t = 2)]
+    #[arg(long, short = 'v', default_value_t = dualpipe_planner::DEFAULT_CHUNKS_PER_RANK)]
     chunks_per_rank: u32,
     /// Whole-model costs for one micro-batch as name=value pairs (f, b, w, fb, comm, bytes,
     /// bandwidth as in --cost); f, b, w and fb are divided over each family's stages. Default:
@@ -156,13 +156,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             });
             continue;
         }
-        let schedule = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
-        let valid = ValidSchedule::new(schedule).map_err(|e| {
-            Failure::invalid(format!(
-                "internal planner error, please report it: {family} is invalid: {e}"
-            ))
-        })?;
-        let stages = valid.topology().num_stages();
+        let stages = request.num_stages();
         let costs = match basis.for_stages(stages) {
             Ok(costs) => costs,
             Err(reason) => {
@@ -175,14 +169,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
             }
         };
         // Place the messages for the costs the families are compared under.
-        let valid = ValidSchedule::new(
-            plan_for(&request, &costs).map_err(|e| Failure::usage(e.to_string()))?,
-        )
-        .map_err(|e| {
-            Failure::invalid(format!(
-                "internal planner error, please report it: {family} is invalid: {e}"
-            ))
-        })?;
+        let valid = plan_for(&request, &costs).map_err(crate::cmd::plan::failure)?;
         let per_stage = f64::from(n) / f64::from(stages);
         let sim = options::run(&valid, &costs, model, family.name())?;
         let peak = sim

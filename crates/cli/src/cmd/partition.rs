@@ -44,8 +44,10 @@ pub struct Args {
     /// Number of micro-batches, with --schedule.
     #[arg(long, short = 'c')]
     microbatches: Option<u32>,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Most bytes any rank may hold (parameters plus peak activations), e.g. 8e9.
     #[arg(long, value_name = "BYTES")]
@@ -73,10 +75,7 @@ fn schedule(args: &Args) -> Result<ValidSchedule, Failure> {
                 args.microbatches.unwrap_or_default(),
             );
             request.chunks_per_rank = args.chunks_per_rank;
-            if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
-                request.chunks_per_rank = Some(2);
-            }
-            plan(&request).map_err(|e| Failure::usage(e.to_string()))?
+            return plan(&request).map_err(crate::cmd::plan::failure);
         }
         (None, None) => {
             return Err(Failure::usage(

@@ -2,15 +2,14 @@
 
 use std::path::PathBuf;
 
-use dualpipe_planner::{Family, PlanRequest, plan_for};
-use dualpipe_schedule::validate;
+use dualpipe_planner::{Family, PlanError, PlanRequest, families_help, plan_for};
 
 use crate::io::{Failure, check_output, write_output};
 use crate::options::{CostOptions, Model};
 
 /// Generate a schedule and write it as format-v1 JSON.
 #[derive(clap::Args)]
-#[command(after_help = "\
+#[command(after_help = format!("\
 Examples:
   dualpipe plan --schedule dualpipe --ranks 8 --microbatches 20
   dualpipe plan --schedule dualpipev --ranks 4 --microbatches 10 -o dualpipev-4x10.json
@@ -18,14 +17,9 @@ Examples:
   dualpipe plan --schedule zb1p --ranks 4 --microbatches 8 --forward-only
   dualpipe plan --schedule zbv --ranks 4 --microbatches 8 --cost f=1,b=1,w=0.5
 
-Schedules and what they need:
-  dualpipe          N even >= 2, C even >= 2N
-  dualpipev         N >= 1, C >= 2N
-  1f1b, gpipe, zb1p N >= 1, C >= 1
-  zbv               N >= 1, C >= 2N
-  interleaved-1f1b  N >= 1, C up to N or a multiple of C / N rounded down, --chunks-per-rank V >= 1 (default 2)")]
+{families}", families = families_help()))]
 pub struct Args {
-    /// Schedule family: dualpipe, dualpipev, 1f1b, gpipe, zb1p, zbv, interleaved-1f1b.
+    /// Schedule family (the list below).
     #[arg(long, short = 's', value_parser = parse_family)]
     schedule: Family,
     /// Number of ranks (pipeline-parallel processes).
@@ -34,8 +28,10 @@ pub struct Args {
     /// Number of micro-batches per step.
     #[arg(long, short = 'c')]
     microbatches: u32,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Place the messages for these uniform costs (name=value pairs as for `simulate`); the
     /// compute order does not change. dualpipe and dualpipev carry the reference's messages
@@ -67,22 +63,25 @@ pub fn run(args: Args) -> Result<(), Failure> {
     let mut request = PlanRequest::new(args.schedule, args.ranks, args.microbatches);
     request.forward_only = args.forward_only;
     request.chunks_per_rank = args.chunks_per_rank;
-    if request.family == dualpipe_planner::Family::Interleaved1F1B
-        && request.chunks_per_rank.is_none()
-    {
-        request.chunks_per_rank = Some(2);
-    }
     let costs = CostOptions {
         cost: args.cost,
         costs: args.costs,
         model: Model::Blocking,
     }
     .costs()?;
-    let schedule = plan_for(&request, &costs).map_err(|e| Failure::usage(e.to_string()))?;
-    if let Err(errors) = validate(&schedule) {
-        return Err(Failure::invalid(format!(
-            "internal planner error, please report it: the planned schedule is invalid: {errors}"
-        )));
+    let valid = plan_for(&request, &costs).map_err(failure)?;
+    write_output(
+        args.output.as_deref(),
+        &valid.schedule().to_json(),
+        args.force,
+    )
+}
+
+/// A planner error as the command's failure: a planned schedule that fails validation is a
+/// planner bug (exit 1); everything else is a request the planner refuses (exit 2).
+pub fn failure(error: PlanError) -> Failure {
+    match error {
+        PlanError::Invalid(_) => Failure::invalid(error.to_string()),
+        _ => Failure::usage(error.to_string()),
     }
-    write_output(args.output.as_deref(), &schedule.to_json(), args.force)
 }

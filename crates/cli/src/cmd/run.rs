@@ -57,8 +57,10 @@ pub struct Args {
     /// Number of micro-batches per step.
     #[arg(long, short = 'c')]
     microbatches: Option<u32>,
-    /// Stages per rank, for interleaved-1f1b (default 2).
-    #[arg(long, short = 'v')]
+    #[arg(long, short = 'v', help = format!(
+        "Stages per rank, for interleaved-1f1b (default {})",
+        dualpipe_planner::DEFAULT_CHUNKS_PER_RANK
+    ))]
     chunks_per_rank: Option<u32>,
     /// Plan an inference step: forwards only (outputs are compared instead of gradients).
     #[arg(long)]
@@ -378,15 +380,7 @@ fn schedule(args: &Args) -> Result<(String, ValidSchedule), Failure> {
             let mut request = PlanRequest::new(family, ranks, microbatches);
             request.forward_only = args.forward_only;
             request.chunks_per_rank = args.chunks_per_rank;
-            if family == Family::Interleaved1F1B && request.chunks_per_rank.is_none() {
-                request.chunks_per_rank = Some(2);
-            }
-            let planned = plan(&request).map_err(|e| Failure::usage(e.to_string()))?;
-            let valid = ValidSchedule::new(planned).map_err(|errors| {
-                Failure::invalid(format!(
-                    "internal planner error, please report it: the planned schedule is invalid: {errors}"
-                ))
-            })?;
+            let valid = plan(&request).map_err(crate::cmd::plan::failure)?;
             Ok((format!("{family} {ranks}x{microbatches}"), valid))
         }
         _ => Err(Failure::usage(

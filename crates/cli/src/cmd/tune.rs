@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use dualpipe_planner::plan_for;
-use dualpipe_schedule::{Costs, ValidSchedule};
+use dualpipe_schedule::Costs;
 use dualpipe_tune::{Report, Row, TuneError, TuneRequest, tune};
 
 use crate::io::{Failure, check_output, read_input, source_name, write_output, write_stdout};
@@ -50,7 +50,7 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS")]
     synthesize: Option<f64>,
     /// Stages per rank for interleaved-1f1b.
-    #[arg(long, short = 'v', default_value_t = 2)]
+    #[arg(long, short = 'v', default_value_t = dualpipe_planner::DEFAULT_CHUNKS_PER_RANK)]
     chunks_per_rank: u32,
     /// Execution model simulated.
     #[arg(long, value_enum, default_value_t = Model::Blocking)]
@@ -127,14 +127,8 @@ pub fn run(args: Args) -> Result<(), Failure> {
         )));
     };
     if let Some(output) = &args.output {
-        let schedule = plan_for(&best.request, &best.costs)
+        let valid = plan_for(&best.request, &best.costs)
             .map_err(|e| Failure::invalid(format!("internal error, please report it: {e}")))?;
-        let valid = ValidSchedule::new(schedule).map_err(|e| {
-            Failure::invalid(format!(
-                "internal planner error, please report it: {} is invalid: {e}",
-                best.family()
-            ))
-        })?;
         write_output(Some(output), &valid.schedule().to_json(), args.force)?;
     }
     Ok(())

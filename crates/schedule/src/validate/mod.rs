@@ -11,98 +11,10 @@ mod progress;
 use std::collections::HashMap;
 use std::fmt;
 
+use crate::batches::Batches;
+use crate::diagnostics::{ExecutionModel, Location, Rule, Violation, abbreviate, plural};
 use crate::format::{Instruction, Kind, Message, Schedule, Work};
-use crate::topology::{Topology, abbreviate};
-
-pub use progress::ExecutionModel;
-
-/// Which rule a violation breaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Rule {
-    /// The header or an instruction's fields are inconsistent (counts, routes, ids in range).
-    Structure,
-    /// Rule 1: every forward, backward and weight gradient exactly once, where the route says.
-    Completeness,
-    /// Rule 2: every compute after the data it needs.
-    DataDependency,
-    /// Rule 3: one send and one matching receive per cross-rank edge, in the same order on
-    /// both sides of every channel.
-    Communication,
-    /// Rule 4: the schedule runs to the end under both execution models.
-    Progress,
-}
-
-impl fmt::Display for Rule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Rule::Structure => "structure",
-            Rule::Completeness => "rule 1 (completeness)",
-            Rule::DataDependency => "rule 2 (data dependency)",
-            Rule::Communication => "rule 3 (communication)",
-            Rule::Progress => "rule 4 (progress)",
-        })
-    }
-}
-
-/// Where a violation is.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Location {
-    /// The document header.
-    Document,
-    /// A rank as a whole (for example something missing from its list).
-    Rank(u32),
-    /// One instruction.
-    Instruction {
-        /// The rank.
-        rank: u32,
-        /// Index in the rank's list.
-        index: usize,
-        /// The instruction itself.
-        instruction: Instruction,
-    },
-}
-
-impl fmt::Display for Location {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Location::Document => f.write_str("document"),
-            Location::Rank(rank) => write!(f, "rank {rank}"),
-            Location::Instruction {
-                rank,
-                index,
-                instruction,
-            } => write!(f, "rank {rank}, instruction {index} `{instruction}`"),
-        }
-    }
-}
-
-/// One broken rule.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Violation {
-    /// The rule.
-    pub rule: Rule,
-    /// Where.
-    pub location: Location,
-    /// What is wrong, in words.
-    pub message: String,
-}
-
-impl Violation {
-    /// A violation of `rule` at `location`.
-    pub fn new(rule: Rule, location: Location, message: impl Into<String>) -> Self {
-        Violation {
-            rule,
-            location,
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for Violation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}: {}", self.location, self.rule, self.message)
-    }
-}
+use crate::topology::Topology;
 
 /// Every violation found in a schedule, in the order found (header first, then rank by rank).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,6 +83,8 @@ pub struct Report {
     pub topology: Topology,
     /// How messages pair up.
     pub links: Links,
+    /// Which commit batch posts each send and receive.
+    pub batches: Batches,
 }
 
 /// A schedule that passed [`validate`]. The executor and the simulator take this type, so a
@@ -201,6 +115,11 @@ impl ValidSchedule {
     /// How messages pair up.
     pub fn links(&self) -> &Links {
         &self.report.links
+    }
+
+    /// The numbering of the commit batches, shared by the progress check and the simulator.
+    pub fn batches(&self) -> &Batches {
+        &self.report.batches
     }
 
     /// Gives the schedule back.
@@ -244,7 +163,7 @@ pub fn validate(schedule: &Schedule) -> Result<Report, ValidationErrors> {
         });
     }
     let links = links.expect("channels match when no problem was found");
-    let batches = progress::Batches::new(schedule);
+    let batches = Batches::new(schedule);
     let check = |model| progress::check(schedule, &topology, &links, &batches, model);
     // The two models are independent checks: on large schedules, run them side by side.
     let instructions: usize = schedule.ranks.iter().map(Vec::len).sum();
@@ -272,16 +191,11 @@ pub fn validate(schedule: &Schedule) -> Result<Report, ValidationErrors> {
             violations: problems,
         });
     }
-    Ok(Report { topology, links })
-}
-
-/// `1 stage`, `2 stages`, `1 micro-batch`, `3 micro-batches`.
-pub(crate) fn plural(n: u32, noun: &str) -> String {
-    match (n, noun.ends_with('h')) {
-        (1, _) => format!("1 {noun}"),
-        (_, true) => format!("{n} {noun}es"),
-        _ => format!("{n} {noun}s"),
-    }
+    Ok(Report {
+        topology,
+        links,
+        batches,
+    })
 }
 
 /// The position of an instruction.

@@ -18,77 +18,11 @@ use std::fmt::Write as _;
 use petgraph::Directed;
 use petgraph::csr::Csr;
 
-use super::{Links, Location, Rule, Violation};
+use super::Links;
+use crate::batches::Batches;
+use crate::diagnostics::{ExecutionModel, Location, Rule, Violation};
 use crate::format::{Instruction, Kind, Schedule, Work};
 use crate::topology::Topology;
-
-/// How communication and computation interleave when a schedule runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExecutionModel {
-    /// A commit returns when every op of its batch has met its partner (the reference
-    /// implementation's `batch_isend_irecv` followed by `wait`).
-    Blocking,
-    /// A commit launches its batch on a communication stream; compute waits only for the data
-    /// it needs.
-    Async,
-}
-
-impl std::fmt::Display for ExecutionModel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ExecutionModel::Blocking => "blocking",
-            ExecutionModel::Async => "async",
-        })
-    }
-}
-
-/// Per rank, the number of commits before each instruction: a send or recv at index `i` is
-/// posted by batch `before[i]` of its rank.
-pub(crate) struct Batches {
-    /// Per rank, per instruction: commits strictly before it.
-    before: Vec<Vec<u32>>,
-    /// Per rank: instruction index of each commit.
-    commits: Vec<Vec<u32>>,
-    /// Per rank: global id of its first batch.
-    first: Vec<u32>,
-    total: u32,
-}
-
-impl Batches {
-    pub(crate) fn new(schedule: &Schedule) -> Self {
-        let mut before = Vec::with_capacity(schedule.ranks.len());
-        let mut commits = Vec::with_capacity(schedule.ranks.len());
-        let mut first = Vec::with_capacity(schedule.ranks.len());
-        let mut total = 0u32;
-        for list in &schedule.ranks {
-            let mut count = 0u32;
-            let mut at = Vec::with_capacity(list.len());
-            let mut indices = Vec::new();
-            for (i, instruction) in list.iter().enumerate() {
-                at.push(count);
-                if matches!(instruction, Instruction::Commit) {
-                    indices.push(i as u32);
-                    count += 1;
-                }
-            }
-            first.push(total);
-            total += count;
-            before.push(at);
-            commits.push(indices);
-        }
-        Batches {
-            before,
-            commits,
-            first,
-            total,
-        }
-    }
-
-    /// Global id of the batch that posts the send or recv at `(rank, index)`.
-    fn of(&self, rank: usize, index: usize) -> u32 {
-        self.first[rank] + self.before[rank][index]
-    }
-}
 
 /// The event graph of one model, with what is needed to explain a stall.
 struct EventGraph {
@@ -220,20 +154,16 @@ fn done(g: u32) -> Node {
 /// The event after which batch `g` is posted, under the blocking model: `None` if it is its
 /// rank's first batch (posted at the start).
 fn posted_after(batches: &Batches, g: u32) -> Option<Node> {
-    batches
-        .first
-        .binary_search(&g)
-        .is_err()
-        .then(|| done(g - 1))
+    (!batches.is_first_of_rank(g)).then(|| done(g - 1))
 }
 
 fn blocking_graph(schedule: &Schedule, links: &Links, batches: &Batches) -> EventGraph {
-    let n = batches.total as usize;
+    let n = batches.total() as usize;
     let mut graph = Builder::with_nodes(n, 4 * n);
     let mut host = Vec::with_capacity(schedule.ranks.len());
     for (rank, list) in schedule.ranks.iter().enumerate() {
-        let first = batches.first[rank];
-        let commits = &batches.commits[rank];
+        let first = batches.first(rank);
+        let commits = batches.commits(rank);
         for k in 1..commits.len() as u32 {
             graph.add_edge(done(first + k - 1), done(first + k));
         }
@@ -285,12 +215,12 @@ fn async_graph(
         let k = usize::from(kind == Kind::Grad);
         k * slots + topology.slot(work)
     };
-    let n = 3 * batches.total as usize;
+    let n = 3 * batches.total() as usize;
     let mut graph = Builder::with_nodes(n, 5 * n);
     let mut host = Vec::with_capacity(schedule.ranks.len());
     for (rank, list) in schedule.ranks.iter().enumerate() {
-        let first = batches.first[rank];
-        for k in 0..batches.commits[rank].len() as u32 {
+        let first = batches.first(rank);
+        for k in 0..batches.count(rank) {
             let g = first + k;
             graph.add_edge(launch(g), start(g));
             graph.add_edge(start(g), finish(g));
@@ -313,7 +243,7 @@ fn async_graph(
                     continue;
                 }
                 Instruction::Commit => {
-                    let g = first + batches.before[rank][index];
+                    let g = batches.of(rank, index);
                     if let Some(&(previous, _)) = chain.last() {
                         graph.add_edge(previous, launch(g));
                     }
@@ -387,8 +317,8 @@ fn explain(
         });
         // The first batch of this rank that never completes, and an op in it whose partner
         // batch is never posted (or started).
-        let first = batches.first[rank];
-        let unfinished = (0..batches.commits[rank].len() as u32).find(|&k| {
+        let first = batches.first(rank);
+        let unfinished = (0..batches.count(rank)).find(|&k| {
             let g = first + k;
             match model {
                 ExecutionModel::Blocking => !fired[done(g) as usize],
@@ -400,12 +330,12 @@ fn explain(
             list[stuck_at]
         );
         if let Some(k) = unfinished {
-            let commit = batches.commits[rank][k as usize] as usize;
+            let commit = batches.commits(rank)[k as usize] as usize;
             let blocker = list.iter().enumerate().find_map(|(i, instruction)| {
                 let (Instruction::Send(m) | Instruction::Recv(m)) = instruction else {
                     return None;
                 };
-                if batches.before[rank][i] != k {
+                if batches.before(rank, i) != k {
                     return None;
                 }
                 let j = links.partner(rank, i)?;

@@ -184,7 +184,7 @@ mod tests {
     use dualpipe_planner::{Family, PlanRequest, plan};
 
     fn schedule(ranks: u32) -> ValidSchedule {
-        ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, ranks, 4)).unwrap()).unwrap()
+        plan(&PlanRequest::new(Family::DualPipeV, ranks, 4)).unwrap()
     }
 
     fn check(launch: bool, gpu: usize, timeout: f64, vars: &str) -> Result<GpuRun, Failure> {
