@@ -27,6 +27,8 @@
 //! assert_eq!(best.microbatch_size * best.microbatches, 32);
 //! ```
 
+pub mod synth;
+
 use std::fmt;
 
 use dualpipe_partition::{Layer, Layers, Options, partition};
