@@ -47,7 +47,8 @@ pub struct Args {
     /// Most bytes one rank may hold: parameters plus live activations.
     #[arg(long, value_name = "BYTES")]
     memory_cap: Option<f64>,
-    /// Also search schedules with the synthesiser for this many seconds (not available yet).
+    /// Also synthesise a schedule at every micro-batch size, searching this many seconds in
+    /// all (shared equally by the sizes); it is ranked as the row `synthesized`.
     #[arg(long, value_name = "SECONDS")]
     synthesize: Option<f64>,
     /// Stages per rank for interleaved-1f1b.
@@ -67,7 +68,7 @@ pub struct Args {
     force: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct Row {
     family: String,
     microbatch_size: u32,
@@ -131,10 +132,12 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
-    if args.synthesize.is_some() {
-        return Err(Failure::usage(
-            "--synthesize: the schedule synthesiser is not available yet; tune searches the planned families only (drop --synthesize)",
-        ));
+    if let Some(t) = args.synthesize
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(Failure::usage(format!(
+            "--synthesize {t}: give a number of seconds, not negative"
+        )));
     }
     check_output(args.output.as_deref(), args.force)?;
     let name = args.costs.display().to_string();
@@ -173,7 +176,17 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         other => Failure::usage(other.to_string()),
     })?;
-    let report = Report {
+    // The synthesiser: one row per micro-batch size, the seconds shared equally.
+    let mut synthesized: Vec<(Row, ValidSchedule)> = Vec::new();
+    if let Some(seconds) = args.synthesize {
+        let each = seconds / tuning.sizes.len().max(1) as f64;
+        for &size in &tuning.sizes {
+            if let Some(found) = synthesize_row(&request, &costs, size, each)? {
+                synthesized.push(found);
+            }
+        }
+    }
+    let mut report = Report {
         ranks: args.ranks,
         global_batch: args.global_batch,
         model: dualpipe_schedule::ExecutionModel::from(args.model).to_string(),
@@ -196,6 +209,33 @@ pub fn run(args: Args) -> Result<(), Failure> {
             })
             .collect(),
     };
+    let mut schedules: Vec<(u32, ValidSchedule)> = Vec::new();
+    for (row, valid) in synthesized {
+        schedules.push((row.microbatch_size, valid));
+        if args.memory_cap.is_some_and(|cap| row.peak_memory > cap) {
+            let at = report
+                .over_cap
+                .partition_point(|r| r.peak_memory <= row.peak_memory);
+            report.over_cap.insert(at, row);
+        } else {
+            let at = report.ranked.partition_point(|r| {
+                (r.step_time, r.peak_memory) <= (row.step_time, row.peak_memory)
+            });
+            report.ranked.insert(at, row);
+        }
+    }
+    report.best = report.ranked.first().cloned();
+    // The synthesised schedule when it ranks first.
+    let synthesized_best = report
+        .best
+        .as_ref()
+        .filter(|b| b.family == dualpipe_tune::synth::LABEL)
+        .and_then(|b| {
+            schedules
+                .iter()
+                .find(|(size, _)| *size == b.microbatch_size)
+                .map(|(_, v)| v.clone())
+        });
     let text = if args.json {
         let mut text = serde_json::to_string_pretty(&report).expect("report serializes");
         text.push('\n');
@@ -204,6 +244,10 @@ pub fn run(args: Args) -> Result<(), Failure> {
         table(&report, &name, &costs)
     };
     write_stdout(&text)?;
+    if let (Some(output), Some(valid)) = (&args.output, &synthesized_best) {
+        write_output(Some(output), &valid.schedule().to_json(), args.force)?;
+        return Ok(());
+    }
     let Some(best) = tuning.best() else {
         let least = &report.over_cap[0];
         return Err(Failure::usage(format!(
@@ -351,4 +395,89 @@ fn table(report: &Report, name: &str, costs: &Costs) -> String {
         );
     }
     out
+}
+
+/// The synthesiser at one micro-batch size, as a row of the table, with its schedule; `None`
+/// when no start point fits the memory cap there.
+fn synthesize_row(
+    request: &TuneRequest,
+    costs: &Costs,
+    size: u32,
+    seconds: f64,
+) -> Result<Option<(Row, ValidSchedule)>, Failure> {
+    use dualpipe_planner::{Family, PlanRequest, plan};
+    use dualpipe_tune::synth::{LABEL, MemoryCap, SynthCosts, SynthError, SynthRequest};
+    let internal = |e: &dyn std::fmt::Display| {
+        Failure::invalid(format!("internal error, please report it: {e}"))
+    };
+    let scaled = costs
+        .at_microbatch_size(f64::from(size))
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let n = request.ranks;
+    let c = request.global_batch / size;
+    // The cap in bytes as activation memory in N-ths of the model: what is left beside one
+    // N-th of the parameters, over one N-th of the activations of a micro-batch.
+    let layout = plan(&PlanRequest::new(Family::Zbv, n, c))
+        .map_err(|e| internal(&e))
+        .and_then(|s| ValidSchedule::new(s).map_err(|e| internal(&e)))?;
+    let (per_stage, _) = dualpipe_tune::stage_costs(&scaled, &layout);
+    let stages = layout.topology().num_stages();
+    let params: f64 = (0..stages).map(|s| per_stage.stage(s).param_bytes).sum();
+    let activations: f64 = (0..stages).map(|s| per_stage.stage(s).activation_bytes).sum();
+    let memory = match request.memory_cap {
+        Some(cap) if activations > 0.0 => {
+            let share = (cap - params / f64::from(n)) / (activations / f64::from(n));
+            if share <= 0.0 {
+                return Ok(None);
+            }
+            MemoryCap::Share(share)
+        }
+        _ => MemoryCap::None,
+    };
+    let mut synth = SynthRequest::new(n, c);
+    synth.memory = memory;
+    synth.evaluations = 1_000_000;
+    synth.seconds = Some(seconds);
+    let scaled_for_basis = scaled.clone();
+    let result = match dualpipe_tune::synth::synthesize(&synth, &SynthCosts::File(scaled)) {
+        Ok(result) => result,
+        Err(SynthError::Internal(why)) => return Err(internal(&why)),
+        Err(_) => return Ok(None),
+    };
+    let valid = result.schedule;
+    let sim = dualpipe_schedule::simulate(&valid, &result.costs, request.model)
+        .map_err(|e| internal(&e))?;
+    let topology = valid.topology();
+    let (mut peak_memory, mut parameter_bytes, mut peak_activations) = (0.0f64, 0.0, 0);
+    for (rank, summary) in sim.ranks.iter().enumerate() {
+        let held: Vec<_> = topology
+            .stages_on(rank as u32)
+            .into_iter()
+            .map(|s| result.costs.stage(s))
+            .collect();
+        let p: f64 = held.iter().map(|c| c.param_bytes).sum();
+        let largest = held.iter().map(|c| c.activation_bytes).fold(0.0, f64::max);
+        let m = p + f64::from(summary.peak_activations) * largest;
+        if m > peak_memory || rank == 0 {
+            peak_memory = m;
+            parameter_bytes = p;
+        }
+        peak_activations = peak_activations.max(summary.peak_activations);
+    }
+    let row = Row {
+        family: LABEL.to_string(),
+        microbatch_size: size,
+        microbatches: c,
+        stages: topology.num_stages(),
+        basis: dualpipe_tune::stage_costs(&scaled_for_basis, &valid).1.name(),
+        step_time: sim.makespan,
+        time_per_sample: sim.makespan / f64::from(request.global_batch),
+        bubble_share: sim.bubble_share(),
+        peak_memory,
+        parameter_bytes,
+        activation_bytes: peak_memory - parameter_bytes,
+        peak_activations,
+        parameter_copies: result.copies,
+    };
+    Ok(Some((row, valid)))
 }

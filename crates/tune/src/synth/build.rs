@@ -302,19 +302,38 @@ mod tests {
     use dualpipe_schedule::{Costs, ValidSchedule};
 
     #[test]
-    fn dbg_build() {
-        let valid = ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 8, 32)).unwrap()).unwrap();
-        let mut model = Costs::default();
-        model.apply_assignments("f=0.5,b=1,w=0.5,fb=1.2,comm=0.1").unwrap();
-        let figures = Figures::new(valid.topology(), &model);
+    fn built_orders_are_complete_and_keep_the_cap() {
+        let valid =
+            ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 4, 12)).unwrap()).unwrap();
+        let mut costs = Costs::default();
+        costs.apply_assignments("f=1,b=2,w=1,fb=2.4,comm=0.1").unwrap();
+        let figures = Figures::new(valid.topology(), &costs);
         let mut rng = Rng::new(3);
-        for cap in [f64::INFINITY, 8.5] {
-            for _ in 0..5 {
+        let mut built = 0;
+        for cap in [f64::INFINITY, 4.5, 3.0] {
+            for _ in 0..40 {
                 let policy = Policy::random(&mut rng);
-                let got = build(&figures, 8, cap, &policy, &mut rng);
+                let Some(order) = build(&figures, 4, cap, &policy, &mut rng) else {
+                    continue;
+                };
+                built += 1;
+                assert!(figures.peak_memory(&order) <= cap + 1e-9, "{policy:?}");
                 let mut scratch = crate::synth::order::Scratch::default();
-                eprintln!("{cap} {policy:?}: {:?}", got.as_ref().map(|o| (figures.makespan(o, &mut scratch), figures.peak_memory(o), o.iter().map(|l| l.len()).sum::<usize>())));
+                assert!(figures.makespan(&order, &mut scratch).is_some(), "{policy:?}");
+                // Every forward and backward once: 2 stages x 12 micro-batches each per rank.
+                for list in &order {
+                    let f: usize = list
+                        .iter()
+                        .map(|i| match i {
+                            Instruction::Forward(_) => 1,
+                            Instruction::ForwardBackward { .. } => 1,
+                            _ => 0,
+                        })
+                        .sum();
+                    assert_eq!(f, 24);
+                }
             }
         }
+        assert!(built > 60, "only {built} of 120 policies built an order");
     }
 }
