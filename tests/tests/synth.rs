@@ -185,7 +185,7 @@ fn bad_parameters_say_which() {
     r.copies = 1;
     r.stages = Some(6);
     assert!(error(r.clone()).to_string().contains("stages: 6"));
-    r.stages = None;
+    r.stages = Some(4);
     r.start = Some(Family::DualPipe);
     assert!(error(r.clone()).to_string().contains("copies 2"));
     r.seconds = Some(f64::NAN);

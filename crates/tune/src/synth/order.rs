@@ -317,6 +317,9 @@ fn same_mb(a: Instruction, b: Instruction) -> bool {
 /// before its backward, a backward before its W); waits across ranks are checked by the
 /// evaluator.
 pub(crate) fn random_move(order: &mut [Vec<Instruction>], rng: &mut Rng, allow_fb: bool) -> bool {
+    if allow_fb && order.len() > 1 && rng.below(8) == 0 {
+        return shift_ranks(order, rng);
+    }
     let r = rng.below(order.len());
     let list = &mut order[r];
     if list.len() < 2 {
@@ -486,7 +489,17 @@ fn shift_pairing(list: &mut Vec<Instruction>, rng: &mut Rng) -> bool {
     } else {
         1 + rng.below(run.len())
     };
-    let run = &run[..k];
+    let earlier = rng.below(2) == 0;
+    shift(list, &run[..k], forward_half, earlier)
+}
+
+/// Shifts the pairing of the FBs at `run` (ascending indices of FBs whose `forward_half` halves
+/// are one stage's, in order) by one; see [`shift_pairing`].
+fn shift(list: &mut Vec<Instruction>, run: &[usize], forward_half: bool, earlier: bool) -> bool {
+    let k = run.len();
+    if k == 0 {
+        return false;
+    }
     let halves: Vec<(Work, Work)> = run
         .iter()
         .map(|&i| match list[i] {
@@ -494,7 +507,6 @@ fn shift_pairing(list: &mut Vec<Instruction>, rng: &mut Rng) -> bool {
             _ => unreachable!("filtered to FBs"),
         })
         .collect();
-    let earlier = rng.below(2) == 0;
     // The moving halves (of the kind chosen) and the fixed ones.
     let moving: Vec<Work> = halves
         .iter()
@@ -552,4 +564,41 @@ fn shift_pairing(list: &mut Vec<Instruction>, rng: &mut Rng) -> bool {
         list.insert(run[k - 1] + 1, alone(moving[k - 1], forward_half));
     }
     true
+}
+
+/// [`shift_pairing`] on a range of ranks at once, each on the whole run of FBs whose chosen
+/// halves belong to its lower (or higher) stage: a whole steady phase moves one step against the
+/// other stream on those ranks together, which one rank alone could not do without waiting.
+fn shift_ranks(order: &mut [Vec<Instruction>], rng: &mut Rng) -> bool {
+    let n = order.len();
+    let (a, b) = (rng.below(n), rng.below(n));
+    let (lo, hi) = (a.min(b), a.max(b));
+    let forward_half = rng.below(2) == 0;
+    let higher = rng.below(2) == 0;
+    let earlier = rng.below(2) == 0;
+    let mut changed = false;
+    for list in &mut order[lo..=hi] {
+        let key = |i: &Instruction| match *i {
+            Instruction::ForwardBackward { f, b } => Some(if forward_half { f.stage } else { b.stage }),
+            _ => None,
+        };
+        let stages: Vec<u32> = list.iter().filter_map(key).collect();
+        let Some(stage) = (if higher {
+            stages.iter().max()
+        } else {
+            stages.iter().min()
+        })
+        .copied() else {
+            continue;
+        };
+        let run: Vec<usize> = (0..list.len())
+            .filter(|&i| key(&list[i]) == Some(stage))
+            .collect();
+        let mut copy = list.clone();
+        if shift(&mut copy, &run, forward_half, earlier) {
+            *list = copy;
+            changed = true;
+        }
+    }
+    changed
 }
