@@ -9,7 +9,9 @@ use dualpipe_reference::conformance::{CpuReference, ReferenceBackend, compare};
 use dualpipe_reference::model::{Batch, ModelSpec};
 use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
 use dualpipe_tests::brute;
-use dualpipe_tune::synth::{MemoryCap, SynthCosts, SynthError, SynthRequest, Synthesis, synthesize};
+use dualpipe_tune::synth::{
+    MemoryCap, SynthCosts, SynthError, SynthRequest, Synthesis, synthesize,
+};
 
 fn model(list: &str) -> SynthCosts {
     let mut costs = Costs::default();
@@ -39,10 +41,18 @@ fn check(result: &Synthesis, what: &str) {
     // The reported steps are the simulator's.
     let b = simulate(&valid, &result.costs, ExecutionModel::Blocking).unwrap();
     let a = simulate(&valid, &result.costs, ExecutionModel::Async).unwrap();
-    assert_eq!((b.makespan, a.makespan), (result.blocking, result.async_step), "{what}");
+    assert_eq!(
+        (b.makespan, a.makespan),
+        (result.blocking, result.async_step),
+        "{what}"
+    );
     // Memory cap, and never slower than the start.
     if let Some(cap) = result.memory_cap {
-        assert!(result.peak_memory <= cap + 1e-9, "{what}: {} > {cap}", result.peak_memory);
+        assert!(
+            result.peak_memory <= cap + 1e-9,
+            "{what}: {} > {cap}",
+            result.peak_memory
+        );
     }
     assert!(
         result.objective() <= result.start_objective() + 1e-9,
@@ -70,7 +80,8 @@ fn check(result: &Synthesis, what: &str) {
             .pipelined(valid.clone(), &spec, &batch, options)
             .unwrap_or_else(|e| panic!("{what} {model}: {e}"));
         let reference = cpu.sequential(&spec, &batch, true).unwrap();
-        let agreement = compare(&ours, &reference).unwrap_or_else(|e| panic!("{what} {model}: {e}"));
+        let agreement =
+            compare(&ours, &reference).unwrap_or_else(|e| panic!("{what} {model}: {e}"));
         assert_eq!(agreement.losses, doc.num_microbatches as usize, "{what}");
     }
 }
@@ -84,7 +95,12 @@ fn synthesised_schedules_run_on_every_checker() {
     ];
     let cases = [
         (2, 4, MemoryCap::None, None),
-        (2, 6, MemoryCap::Like(Family::DualPipeV), Some(Family::DualPipeV)),
+        (
+            2,
+            6,
+            MemoryCap::Like(Family::DualPipeV),
+            Some(Family::DualPipeV),
+        ),
         (3, 6, MemoryCap::Like(Family::DualPipeV), None),
         (4, 8, MemoryCap::Share(4.0), Some(Family::Zbv)),
         (4, 8, MemoryCap::None, Some(Family::Interleaved1F1B)),
@@ -149,7 +165,10 @@ fn the_same_seed_gives_the_same_schedule() {
     let one = synthesize(&r, &costs).unwrap();
     let two = synthesize(&r, &costs).unwrap();
     assert_eq!(one.schedule.schedule(), two.schedule.schedule());
-    assert_eq!((one.blocking, one.async_step), (two.blocking, two.async_step));
+    assert_eq!(
+        (one.blocking, one.async_step),
+        (two.blocking, two.async_step)
+    );
     assert_eq!(one.evaluations, two.evaluations);
     // A zero wall-time cap stops at once and still returns a valid schedule.
     let mut quick = r.clone();
@@ -192,7 +211,11 @@ fn bad_parameters_say_which() {
     assert!(error(r).to_string().contains("seconds"));
     let mut bad = Costs::default();
     bad.uniform.f = -1.0;
-    let e = synthesize(&request(2, 4, MemoryCap::None, None), &SynthCosts::Model(bad)).unwrap_err();
+    let e = synthesize(
+        &request(2, 4, MemoryCap::None, None),
+        &SynthCosts::Model(bad),
+    )
+    .unwrap_err();
     assert!(matches!(e, SynthError::Costs(_)), "{e}");
 }
 

@@ -77,7 +77,13 @@ fn json_report_and_the_schedule_written() {
         .iter()
         .find(|b| b["name"] == doc["start"])
         .unwrap();
-    assert!(worst <= start["blocking"].as_f64().unwrap().max(start["async"].as_f64().unwrap()));
+    assert!(
+        worst
+            <= start["blocking"]
+                .as_f64()
+                .unwrap()
+                .max(start["async"].as_f64().unwrap())
+    );
     let valid = dualpipe(&["validate", out]);
     assert!(valid.status.success(), "{}", text(&valid.stderr));
     // The same seed writes the same schedule; an existing file is kept without --force.
@@ -124,7 +130,15 @@ fn usage_errors_name_the_flag() {
         "--memory-like",
     );
     assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--costs", "/nonexistent/c.json"]),
+        &dualpipe(&[
+            "synthesize",
+            "-n",
+            "4",
+            "-c",
+            "8",
+            "--costs",
+            "/nonexistent/c.json",
+        ]),
         "c.json",
     );
 }

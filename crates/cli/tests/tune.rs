@@ -246,8 +246,17 @@ fn the_synthesiser_is_ranked_as_a_row() {
     assert_eq!(schedule["schedule"], doc["best"]["family"]);
     // The table shows it too.
     let output = dualpipe(&[
-        "tune", "-n", "2", "-g", "8", "--microbatch-sizes", "2", "--costs", &costs,
-        "--synthesize", "1",
+        "tune",
+        "-n",
+        "2",
+        "-g",
+        "8",
+        "--microbatch-sizes",
+        "2",
+        "--costs",
+        &costs,
+        "--synthesize",
+        "1",
     ]);
     assert!(output.status.success(), "{}", text(&output.stderr));
     assert!(text(&output.stdout).contains("synthesized"));

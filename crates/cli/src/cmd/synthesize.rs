@@ -298,7 +298,11 @@ fn table(report: &Report, source: &str) -> String {
         let over = report
             .memory_cap
             .is_some_and(|cap| b.peak_memory > cap + 1e-9);
-        let _ = writeln!(out, "{}", line(b, if over { "  (over the cap)" } else { "" }));
+        let _ = writeln!(
+            out,
+            "{}",
+            line(b, if over { "  (over the cap)" } else { "" })
+        );
     }
     let best_other = report
         .baselines

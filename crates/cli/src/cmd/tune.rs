@@ -423,7 +423,9 @@ fn synthesize_row(
     let (per_stage, _) = dualpipe_tune::stage_costs(&scaled, &layout);
     let stages = layout.topology().num_stages();
     let params: f64 = (0..stages).map(|s| per_stage.stage(s).param_bytes).sum();
-    let activations: f64 = (0..stages).map(|s| per_stage.stage(s).activation_bytes).sum();
+    let activations: f64 = (0..stages)
+        .map(|s| per_stage.stage(s).activation_bytes)
+        .sum();
     let memory = match request.memory_cap {
         Some(cap) if activations > 0.0 => {
             let share = (cap - params / f64::from(n)) / (activations / f64::from(n));
@@ -469,7 +471,9 @@ fn synthesize_row(
         microbatch_size: size,
         microbatches: c,
         stages: topology.num_stages(),
-        basis: dualpipe_tune::stage_costs(&scaled_for_basis, &valid).1.name(),
+        basis: dualpipe_tune::stage_costs(&scaled_for_basis, &valid)
+            .1
+            .name(),
         step_time: sim.makespan,
         time_per_sample: sim.makespan / f64::from(request.global_batch),
         bubble_share: sim.bubble_share(),

@@ -64,7 +64,8 @@ pub(crate) fn build(
         let r = figures.rank_of[slot(s, 0)] as usize;
         held[r].push(s);
     }
-    if (0..s_count).any(|s| (0..c).any(|m| figures.rank_of[slot(s, m)] != figures.rank_of[slot(s, 0)]))
+    if (0..s_count)
+        .any(|s| (0..c).any(|m| figures.rank_of[slot(s, m)] != figures.rank_of[slot(s, 0)]))
     {
         return None;
     }
@@ -141,7 +142,8 @@ pub(crate) fn build(
                 .map(|&o| figures.activation[o as usize])
                 .sum();
             let need = live + figures.activation[s as usize] + reserve;
-            need <= cap * (1.0 - policy.margin) + 1e-9 || need <= cap + 1e-9 && s == held[r][held[r].len() - 1]
+            need <= cap * (1.0 - policy.margin) + 1e-9
+                || need <= cap + 1e-9 && s == held[r][held[r].len() - 1]
         };
         let pick = |list: &[(u32, u32, f64)], late: bool, rng: &mut Rng| -> Option<(u32, u32)> {
             if list.is_empty() {
@@ -163,7 +165,11 @@ pub(crate) fn build(
             .copied()
             .filter(|&(s, _, a)| a <= t + 1e-12 && room(s, live[r]))
             .collect();
-        let ready_b: Vec<_> = bs.iter().copied().filter(|&(_, _, a)| a <= t + 1e-12).collect();
+        let ready_b: Vec<_> = bs
+            .iter()
+            .copied()
+            .filter(|&(_, _, a)| a <= t + 1e-12)
+            .collect();
         let mut chosen: Option<Instruction> = None;
         if !ready_b.is_empty() && !ready_f.is_empty() && rng.unit() < policy.fb {
             let (sb, mb) = pick(&ready_b, policy.b_late, rng)?;
@@ -241,10 +247,14 @@ pub(crate) fn build(
         };
         // Run it.
         let ready = match instruction {
-            Instruction::Forward(w) => fs.iter().find(|x| (x.0, x.1) == (w.stage, w.mb)).map(|x| x.2),
-            Instruction::Backward { work, .. } => {
-                bs.iter().find(|x| (x.0, x.1) == (work.stage, work.mb)).map(|x| x.2)
-            }
+            Instruction::Forward(w) => fs
+                .iter()
+                .find(|x| (x.0, x.1) == (w.stage, w.mb))
+                .map(|x| x.2),
+            Instruction::Backward { work, .. } => bs
+                .iter()
+                .find(|x| (x.0, x.1) == (work.stage, work.mb))
+                .map(|x| x.2),
             _ => Some(t),
         }
         .unwrap_or(t);
@@ -306,7 +316,9 @@ mod tests {
         let valid =
             ValidSchedule::new(plan(&PlanRequest::new(Family::DualPipeV, 4, 12)).unwrap()).unwrap();
         let mut costs = Costs::default();
-        costs.apply_assignments("f=1,b=2,w=1,fb=2.4,comm=0.1").unwrap();
+        costs
+            .apply_assignments("f=1,b=2,w=1,fb=2.4,comm=0.1")
+            .unwrap();
         let figures = Figures::new(valid.topology(), &costs);
         let mut rng = Rng::new(3);
         let mut built = 0;
@@ -319,7 +331,10 @@ mod tests {
                 built += 1;
                 assert!(figures.peak_memory(&order) <= cap + 1e-9, "{policy:?}");
                 let mut scratch = crate::synth::order::Scratch::default();
-                assert!(figures.makespan(&order, &mut scratch).is_some(), "{policy:?}");
+                assert!(
+                    figures.makespan(&order, &mut scratch).is_some(),
+                    "{policy:?}"
+                );
                 // Every forward and backward once: 2 stages x 12 micro-batches each per rank.
                 for list in &order {
                     let f: usize = list

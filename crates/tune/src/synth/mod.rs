@@ -265,8 +265,8 @@ struct Planned {
 fn plan_family(request: &PlanRequest, costs: &SynthCosts) -> Result<Planned, SynthError> {
     let family = request.family;
     let internal = |e: &dyn fmt::Display| SynthError::Internal(format!("{family}: {e}"));
-    let default = ValidSchedule::new(plan(request).map_err(|e| internal(&e))?)
-        .map_err(|e| internal(&e))?;
+    let default =
+        ValidSchedule::new(plan(request).map_err(|e| internal(&e))?).map_err(|e| internal(&e))?;
     let layout = costs.for_layout(&default);
     let schedule = plan_for(request, &layout).map_err(|e| internal(&e))?;
     let valid = ValidSchedule::new(schedule).map_err(|e| internal(&e))?;
@@ -441,7 +441,14 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
         climbs.push(climb);
     }
     let leader = (0..climbs.len())
-        .min_by(|&x, &y| climbs[x].best.0.partial_cmp(&climbs[y].best.0).unwrap_or(std::cmp::Ordering::Equal).then(x.cmp(&y)))
+        .min_by(|&x, &y| {
+            climbs[x]
+                .best
+                .0
+                .partial_cmp(&climbs[y].best.0)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(x.cmp(&y))
+        })
         .expect("at least one start point");
     let spent: u64 = climbs.iter().map(|c| c.used).sum();
     if !cut_short {
@@ -450,7 +457,14 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
     let evaluations: u64 = climbs.iter().map(|c| c.used).sum();
     let lowered: u64 = climbs.iter().map(|c| c.lowered).sum();
     let index = (0..climbs.len())
-        .min_by(|&x, &y| climbs[x].best.0.partial_cmp(&climbs[y].best.0).unwrap_or(std::cmp::Ordering::Equal).then(x.cmp(&y)))
+        .min_by(|&x, &y| {
+            climbs[x]
+                .best
+                .0
+                .partial_cmp(&climbs[y].best.0)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(x.cmp(&y))
+        })
         .expect("at least one start point");
     let ((_, _), blocking, async_step, valid) = climbs.swap_remove(index).best;
     let start = &starts[index];
@@ -472,7 +486,6 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
         cut_short,
     })
 }
-
 
 /// The schedule with the batches posted back to back in one gap between computes merged into
 /// one: a commit followed only by sends and receives up to the next commit is dropped, so the
@@ -609,8 +622,13 @@ impl Climb {
                 spent += BUILD_COST;
                 let policy = Policy::random(&mut self.rng);
                 let ranks = self.judge.header.num_ranks;
-                let Some(order) = build(&self.judge.figures, ranks, self.judge.cap, &policy, &mut self.rng)
-                else {
+                let Some(order) = build(
+                    &self.judge.figures,
+                    ranks,
+                    self.judge.cap,
+                    &policy,
+                    &mut self.rng,
+                ) else {
                     continue;
                 };
                 if self.judge.figures.peak_memory(&order) > self.judge.cap + EPS {

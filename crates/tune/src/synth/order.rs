@@ -202,7 +202,11 @@ impl Figures {
                             return None;
                         }
                         let cross = self.rank_of[self.slot(next)] != r as u32;
-                        Some(own.max(if cross { t + self.comm[w.stage as usize] } else { t }))
+                        Some(own.max(if cross {
+                            t + self.comm[w.stage as usize]
+                        } else {
+                            t
+                        }))
                     };
                     let ready = match i {
                         Instruction::Forward(w) => f_ready(w, scratch),
@@ -401,9 +405,7 @@ pub(crate) fn random_move(order: &mut [Vec<Instruction>], rng: &mut Rng, allow_f
             let x = list.remove(i);
             let b = list
                 .iter()
-                .position(|&y| {
-                    matches!(y, Instruction::Backward { work: v, .. } if v == work)
-                })
+                .position(|&y| matches!(y, Instruction::Backward { work: v, .. } if v == work))
                 .unwrap_or(0);
             let span = list.len() - b;
             let j = b + 1 + rng.below(span.max(1)).min(span);
@@ -443,10 +445,8 @@ pub(crate) fn random_move(order: &mut [Vec<Instruction>], rng: &mut Rng, allow_f
             if f.mb == bw.mb {
                 return false;
             }
-            let deferred = matches!(
-                a,
-                Instruction::Backward { defer_w: true, .. }
-            ) || matches!(b, Instruction::Backward { defer_w: true, .. });
+            let deferred = matches!(a, Instruction::Backward { defer_w: true, .. })
+                || matches!(b, Instruction::Backward { defer_w: true, .. });
             list.splice(i..=i + 1, [Instruction::ForwardBackward { f, b: bw }]);
             if deferred {
                 if let Some(j) = list.iter().position(|&x| x == Instruction::Weight(bw)) {
@@ -579,7 +579,9 @@ fn shift_ranks(order: &mut [Vec<Instruction>], rng: &mut Rng) -> bool {
     let mut changed = false;
     for list in &mut order[lo..=hi] {
         let key = |i: &Instruction| match *i {
-            Instruction::ForwardBackward { f, b } => Some(if forward_half { f.stage } else { b.stage }),
+            Instruction::ForwardBackward { f, b } => {
+                Some(if forward_half { f.stage } else { b.stage })
+            }
             _ => None,
         };
         let stages: Vec<u32> = list.iter().filter_map(key).collect();
