@@ -35,7 +35,8 @@ pub struct Args {
     /// Micro-batches per step C.
     #[arg(long, short = 'c')]
     microbatches: u32,
-    /// Number of stages S (default 2N; a multiple of N).
+    /// Number of stages S, a multiple of N (default: every family's own layout, N or 2N
+    /// stages).
     #[arg(long)]
     stages: Option<u32>,
     /// Whole-model costs for one micro-batch as name=value pairs (f, b, w, fb, comm, bytes,

@@ -96,7 +96,8 @@ pub struct SynthRequest {
     pub ranks: u32,
     /// Micro-batches per step C.
     pub microbatches: u32,
-    /// Stages S; `None`: 2N.
+    /// Stages S (a multiple of N); `None`: every family's own layout, N or 2N stages
+    /// (interleaved 1F1B with two chunks per rank).
     pub stages: Option<u32>,
     /// The activation-memory cap.
     pub memory: MemoryCap,
@@ -114,7 +115,7 @@ pub struct SynthRequest {
 }
 
 impl SynthRequest {
-    /// S = 2N, no memory cap, one copy, every start family, seed 0, 20 000 evaluations, no
+    /// Every family's layout, no memory cap, one copy, every start family, seed 0, 20 000 evaluations, no
     /// wall-time cap.
     pub fn new(ranks: u32, microbatches: u32) -> SynthRequest {
         SynthRequest {
@@ -331,7 +332,7 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
         .map_err(|e| SynthError::Costs(e.to_string()))?;
     if let Some(start) = request.start {
         let own = family_stages(start, n);
-        if start != Family::Interleaved1F1B && own != stages {
+        if request.stages.is_some() && start != Family::Interleaved1F1B && own != stages {
             return Err(SynthError::Request(format!(
                 "start: {start} cuts the model into {} stages, not the {stages} asked for (--stages)",
                 start.stages_formula()
@@ -364,7 +365,9 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
         let eligible = match request.start {
             Some(s) => s == family,
             None => {
-                (family_stages(family, n) == stages || family == Family::Interleaved1F1B)
+                (request.stages.is_none()
+                    || family_stages(family, n) == stages
+                    || family == Family::Interleaved1F1B)
                     && (family != Family::DualPipe || request.copies >= 2)
                     && family != Family::GPipe
             }
