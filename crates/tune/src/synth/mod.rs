@@ -2,17 +2,19 @@
 //! from the planner's families, within an activation-memory cap.
 //!
 //! What is searched, for a fixed placement of stages on ranks (the start family's: V for
-//! `dualpipev` and `zbv`, a loop for `interleaved-1f1b`, one stage per rank for `1f1b`,
-//! `zb1p` and `gpipe`): each rank's order of computes, where forward and backward pairs are
-//! overlapped into `FB`, which backwards defer their weight gradient, and where each `W` goes.
-//! The search is simulated annealing over local moves (swap neighbours, move a compute a few
-//! places, defer or undo a `W`, move a `W` later or earlier, split or form an `FB`), judged by
-//! the as-soon-as-possible run of the compute order with message latencies, which is linear in
-//! the number of computes. Orders over the memory cap or that wait in a cycle are never
-//! accepted. The best orders met are then lowered by the planner's lowering pass for the
-//! costs, validated, and simulated under both execution models; the one with the least
-//! `max(blocking, async)` step wins, the start family's own planned schedule included, so the
-//! result is never slower than its start point.
+//! `dualpipev` and `zbv`, a loop for `interleaved-1f1b`, one stage per rank for `1f1b` and
+//! `zb1p`, DualPipe's two routes when two copies are allowed): each rank's order of computes,
+//! where forward and backward pairs are overlapped into `FB`, which backwards defer their
+//! weight gradient, and where each `W` goes. From each start point the search first builds
+//! orders by list scheduling with random policies (`build.rs`), judged by the fast timing of
+//! `order.rs` (the as-soon-as-possible run of the compute order with message latencies), and
+//! lowers the best few; then it climbs by local moves (swap neighbours, move a compute a few
+//! places, defer or undo a `W`, move a `W`, split or form an `FB`, shift the pairing of a run
+//! of `FB`s on one rank or on several). Every candidate is lowered by the planner's lowering
+//! pass for the costs, validated and simulated under both execution models, and kept when it
+//! is not slower by `max(blocking, async)`, then their sum. Orders over the memory cap or that
+//! wait in a cycle are never lowered. The start family's own planned schedule is a candidate
+//! too, so the result is never slower than its start point.
 //!
 //! Costs follow `compare --model-cost`: whole-model costs per micro-batch divided over each
 //! layout's stages ([`SynthCosts::Model`]), or a cost file's costs made per stage as the tuner
