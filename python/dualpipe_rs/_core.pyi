@@ -239,6 +239,7 @@ def tune(
     chunks_per_rank: Optional[int] = None,
     model: str = "blocking",
     measured_at: Optional[float] = None,
+    synthesize: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Ranks every schedule family at every micro-batch size dividing ``global_batch`` under
     measured costs: the document ``dualpipe tune --json`` prints, as a dict, plus the best
@@ -256,6 +257,9 @@ def tune(
         chunks_per_rank: stages per rank of ``interleaved-1f1b`` (default 2).
         model: ``"blocking"`` or ``"async"``.
         measured_at: the micro-batch size the costs were measured at, if they do not say.
+        synthesize: seconds for the schedule synthesiser (shared over the micro-batch
+            sizes): its rows, family ``"synthesized"``, are ranked with the families' and
+            ``"schedule"`` is its schedule when it ranks first.
 
     Returns:
         ``{"ranks", "global_batch", "model", "unit", "measured_microbatch_size", "memory_cap",

@@ -81,3 +81,15 @@ def test_errors():
         dualpipe_rs.tune(COSTS, "4", 16)
     with pytest.raises(ValueError, match="costs"):
         dualpipe_rs.tune({"f": -1, "b": 1, "microbatch_size": 1}, 4, 16)
+
+
+def test_synthesizer_rows():
+    report = dualpipe_rs.tune(COSTS, 2, 8, microbatch_sizes=[2], synthesize=2.0)
+    rows = [r for r in report["ranked"] + report["over_cap"] if r["family"] == "synthesized"]
+    assert len(rows) == 1 and rows[0]["microbatch_size"] == 2, report["ranked"]
+    families = [r for r in report["ranked"] if r["family"] != "synthesized" and r["parameter_copies"] == 1]
+    # Never slower than the one-copy families it starts from.
+    assert rows[0]["step_time"] <= min(r["step_time"] for r in families) + 1e-9
+    assert isinstance(report["schedule"], dualpipe_rs.Schedule)
+    with pytest.raises(ValueError, match="synthesize=-1"):
+        dualpipe_rs.tune(COSTS, 2, 8, synthesize=-1.0)

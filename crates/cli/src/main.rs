@@ -19,6 +19,7 @@ Examples:
   dualpipe compare --ranks 8 --microbatches 20
   dualpipe partition --layers layers.json --schedule dualpipev --ranks 4 --microbatches 16
   dualpipe tune --ranks 4 --global-batch 64 --costs costs.json -o best.json
+  dualpipe synthesize --ranks 8 --microbatches 32 --memory-like dualpipev -o s.json
   dualpipe convert v.json --to torch-csv -o v.csv
   dualpipe run --schedule dualpipev --ranks 4 --microbatches 10
   dualpipe bench-gpu
@@ -45,6 +46,7 @@ enum Command {
     Compare(cmd::compare::Args),
     Partition(cmd::partition::Args),
     Tune(cmd::tune::Args),
+    Synthesize(cmd::synthesize::Args),
     Convert(cmd::convert::Args),
     Run(cmd::run::Args),
     BenchGpu(cmd::bench_gpu::Args),
@@ -72,6 +74,7 @@ fn main() -> ExitCode {
         Command::Compare(args) => cmd::compare::run(args),
         Command::Partition(args) => cmd::partition::run(args),
         Command::Tune(args) => cmd::tune::run(args),
+        Command::Synthesize(args) => cmd::synthesize::run(args),
         Command::Convert(args) => cmd::convert::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::BenchGpu(args) => cmd::bench_gpu::run(args),

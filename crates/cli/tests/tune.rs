@@ -210,6 +210,59 @@ fn the_best_schedule_is_written_and_valid() {
 }
 
 #[test]
+fn the_synthesiser_is_ranked_as_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let costs = costs_file(dir.path(), COSTS);
+    let out = dir.path().join("best.json");
+    let out = out.to_str().unwrap();
+    let doc = json(&[
+        "tune",
+        "-n",
+        "2",
+        "-g",
+        "8",
+        "--microbatch-sizes",
+        "1,2",
+        "--costs",
+        &costs,
+        "--synthesize",
+        "2",
+        "--json",
+        "-o",
+        out,
+    ]);
+    let ranked = doc["ranked"].as_array().unwrap();
+    let synthesized: Vec<&Value> = ranked
+        .iter()
+        .filter(|r| r["family"] == "synthesized")
+        .collect();
+    assert_eq!(synthesized.len(), 2, "one row per micro-batch size: {doc}");
+    for pair in ranked.windows(2) {
+        assert!(pair[0]["step_time"].as_f64() <= pair[1]["step_time"].as_f64());
+    }
+    let output = dualpipe(&["validate", out]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let schedule: Value = serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();
+    assert_eq!(schedule["schedule"], doc["best"]["family"]);
+    // The table shows it too.
+    let output = dualpipe(&[
+        "tune",
+        "-n",
+        "2",
+        "-g",
+        "8",
+        "--microbatch-sizes",
+        "2",
+        "--costs",
+        &costs,
+        "--synthesize",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("synthesized"));
+}
+
+#[test]
 fn usage_errors_say_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let costs = costs_file(dir.path(), COSTS);
@@ -227,8 +280,8 @@ fn usage_errors_say_what_is_wrong() {
         "the global batch is 0 samples",
     );
     assert_usage_error(
-        &run(&["-n", "4", "-g", "8", "--synthesize", "10"]),
-        "--synthesize: the schedule synthesiser is not available yet",
+        &run(&["-n", "4", "-g", "8", "--synthesize=-1"]),
+        "--synthesize -1: give a number of seconds",
     );
     assert_usage_error(
         &run(&["-n", "4", "-g", "8", "--memory-cap=-1"]),

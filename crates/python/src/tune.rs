@@ -18,9 +18,11 @@ use crate::{count, to_python};
 /// `Schedule.simulate`) that says the micro-batch size it was measured at (`microbatch_size`),
 /// or pass `measured_at`. `microbatch_sizes` limits the sizes tried; `memory_cap` is in
 /// bytes per rank; `chunks_per_rank` is interleaved 1F1B's; `model` is `"blocking"` or
-/// `"async"`. Bad arguments raise `ValueError` with the message the CLI prints.
+/// `"async"`; `synthesize` (seconds, shared over the micro-batch sizes) adds the schedule
+/// synthesiser's row at each size, as `dualpipe tune --synthesize`. Bad arguments raise
+/// `ValueError` with the message the CLI prints.
 #[pyfunction]
-#[pyo3(signature = (costs, ranks, global_batch, *, microbatch_sizes = None, memory_cap = None, chunks_per_rank = None, model = "blocking", measured_at = None))]
+#[pyo3(signature = (costs, ranks, global_batch, *, microbatch_sizes = None, memory_cap = None, chunks_per_rank = None, model = "blocking", measured_at = None, synthesize = None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn tune<'py>(
     py: Python<'py>,
@@ -32,7 +34,15 @@ pub(crate) fn tune<'py>(
     chunks_per_rank: Option<&Bound<'py, PyAny>>,
     model: &str,
     measured_at: Option<f64>,
+    synthesize: Option<f64>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    if let Some(t) = synthesize
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(PyValueError::new_err(format!(
+            "synthesize={t}: give a number of seconds, not negative"
+        )));
+    }
     let mut costs = costs_argument(py, Some(costs))?;
     if let Some(size) = measured_at {
         match costs.microbatch_size {
@@ -67,13 +77,20 @@ pub(crate) fn tune<'py>(
             }
             other => PyValueError::new_err(other.to_string()),
         })?;
-    let report = Report::new(&request, &costs, &tuning);
+    let mut report = Report::new(&request, &costs, &tuning);
+    let synthesized = match synthesize {
+        Some(seconds) => py
+            .detach(|| report.add_synthesized(&request, &costs, seconds))
+            .map_err(|e| PyValueError::new_err(e.to_string()))?,
+        None => None,
+    };
     let value = serde_json::to_value(&report)
         .map_err(|e| PyValueError::new_err(format!("internal error: {e}")))?;
     let dict = to_python(py, &value)?;
-    let best = match tuning.best() {
-        None => py.None().into_bound(py),
-        Some(best) => {
+    let best = match (synthesized, tuning.best()) {
+        (Some(valid), _) => Bound::new(py, PySchedule::new(valid))?.into_any(),
+        (None, None) => py.None().into_bound(py),
+        (None, Some(best)) => {
             let valid = py
                 .detach(|| plan_for(&best.request, &best.costs))
                 .map_err(|e| {

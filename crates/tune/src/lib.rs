@@ -27,10 +27,12 @@
 //! assert_eq!(best.microbatch_size * best.microbatches, 32);
 //! ```
 
+pub mod synth;
+
 use std::fmt;
 
 mod report;
-pub use report::{Refusal, Report, Row};
+pub use report::{Refusal, Report, Row, synthesize_row};
 
 use dualpipe_partition::{Layer, Layers, Options, partition};
 use dualpipe_planner::{Family, PlanRequest, check, plan, plan_for};

@@ -10,5 +10,6 @@ pub mod plan;
 pub mod render;
 pub mod run;
 pub mod simulate;
+pub mod synthesize;
 pub mod tune;
 pub mod validate;

@@ -46,7 +46,8 @@ pub struct Args {
     /// Most bytes one rank may hold: parameters plus live activations.
     #[arg(long, value_name = "BYTES")]
     memory_cap: Option<f64>,
-    /// Also search schedules with the synthesiser for this many seconds (not available yet).
+    /// Also synthesise a schedule at every micro-batch size, searching this many seconds in
+    /// all (shared equally by the sizes); it is ranked as the row `synthesized`.
     #[arg(long, value_name = "SECONDS")]
     synthesize: Option<f64>,
     /// Stages per rank for interleaved-1f1b.
@@ -67,10 +68,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), Failure> {
-    if args.synthesize.is_some() {
-        return Err(Failure::usage(
-            "--synthesize: the schedule synthesiser is not available yet; tune searches the planned families only (drop --synthesize)",
-        ));
+    if let Some(t) = args.synthesize
+        && !(t.is_finite() && t >= 0.0)
+    {
+        return Err(Failure::usage(format!(
+            "--synthesize {t}: give a number of seconds, not negative"
+        )));
     }
     check_output(args.output.as_deref(), args.force)?;
     let name = args.costs.display().to_string();
@@ -109,13 +112,24 @@ pub fn run(args: Args) -> Result<(), Failure> {
         }
         other => Failure::usage(other.to_string()),
     })?;
-    let report = Report::new(&request, &costs, &tuning);
+    let mut report = Report::new(&request, &costs, &tuning);
+    // The synthesiser: one row per micro-batch size, the seconds shared equally.
+    let synthesized_best = match args.synthesize {
+        Some(seconds) => report
+            .add_synthesized(&request, &costs, seconds)
+            .map_err(|e| Failure::invalid(e.to_string()))?,
+        None => None,
+    };
     let text = if args.json {
         report.to_json()
     } else {
         table(&report, &name, &costs)
     };
     write_stdout(&text)?;
+    if let (Some(output), Some(valid)) = (&args.output, &synthesized_best) {
+        write_output(Some(output), &valid.schedule().to_json(), args.force)?;
+        return Ok(());
+    }
     let Some(best) = tuning.best() else {
         let least = &report.over_cap[0];
         return Err(Failure::usage(format!(

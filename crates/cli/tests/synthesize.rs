@@ -1,0 +1,144 @@
+//! `dualpipe synthesize` end to end: the table beside the families, the JSON report, the
+//! schedule written (and never overwritten without `--force`), `-o -`, and usage errors
+//! (exit code 2) that name the flag.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn dualpipe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dualpipe"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_usage_error(output: &Output, contains: &str) {
+    let stderr = text(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains(contains),
+        "expected `{contains}` in: {stderr}"
+    );
+}
+
+const BASE: [&str; 9] = [
+    "synthesize",
+    "-n",
+    "2",
+    "-c",
+    "6",
+    "--model-cost",
+    "f=4,b=8,w=4,fb=9.6,comm=0.1",
+    "--evaluations",
+    "200",
+];
+
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    [&BASE[..], extra].concat()
+}
+
+#[test]
+fn the_table_shows_the_result_beside_the_families() {
+    let output = dualpipe(&args(&["--memory-like", "dualpipev"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    assert!(stdout.contains("times in abstract units"), "{stdout}");
+    assert!(stdout.contains("memory in N-ths"), "{stdout}");
+    for name in ["synthesized", "dualpipev", "zbv", "zb1p", "dualpipe "] {
+        assert!(stdout.contains(name), "{name} in {stdout}");
+    }
+    assert!(stdout.contains("started from "), "{stdout}");
+}
+
+#[test]
+fn json_report_and_the_schedule_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.json");
+    let out = out.to_str().unwrap();
+    let output = dualpipe(&args(&["--memory-like", "dualpipev", "--json", "-o", out]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let result = &doc["result"];
+    assert_eq!(result["name"], "synthesized");
+    let cap = doc["memory_cap"].as_f64().unwrap();
+    assert!(result["peak_memory"].as_f64().unwrap() <= cap + 1e-9);
+    let worst = result["blocking"]
+        .as_f64()
+        .unwrap()
+        .max(result["async"].as_f64().unwrap());
+    let start = doc["baselines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == doc["start"])
+        .unwrap();
+    assert!(
+        worst
+            <= start["blocking"]
+                .as_f64()
+                .unwrap()
+                .max(start["async"].as_f64().unwrap())
+    );
+    let valid = dualpipe(&["validate", out]);
+    assert!(valid.status.success(), "{}", text(&valid.stderr));
+    // The same seed writes the same schedule; an existing file is kept without --force.
+    let again = dualpipe(&args(&["--memory-like", "dualpipev", "-o", out]));
+    assert_usage_error(&again, "already exists; pass --force");
+    let forced = dualpipe(&args(&["--memory-like", "dualpipev", "-o", "-"]));
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
+    assert_eq!(text(&forced.stdout), std::fs::read_to_string(out).unwrap());
+    assert!(text(&forced.stderr).contains("synthesized"));
+}
+
+#[test]
+fn usage_errors_name_the_flag() {
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "2", "-c", "0"]),
+        "--microbatches 0",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "6", "--start", "dualpipev"]),
+        "--start dualpipev",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-cap", "0.5"]),
+        "--memory-cap",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-cap=-2"]),
+        "--memory-cap -2",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--copies", "3"]),
+        "--copies 3",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--stages", "6"]),
+        "--stages 6",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--model-cost", "f=x"]),
+        "--model-cost",
+    );
+    assert_usage_error(
+        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-like", "nope"]),
+        "--memory-like",
+    );
+    assert_usage_error(
+        &dualpipe(&[
+            "synthesize",
+            "-n",
+            "4",
+            "-c",
+            "8",
+            "--costs",
+            "/nonexistent/c.json",
+        ]),
+        "c.json",
+    );
+}
