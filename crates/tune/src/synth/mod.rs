@@ -559,6 +559,10 @@ impl Judge {
     }
 }
 
+/// How much slower than the current order's, relatively, a candidate's fast timing may be for
+/// the candidate to be lowered.
+const SCREEN: f64 = 0.003;
+
 /// What building one order counts against the evaluation budget.
 const BUILD_COST: u64 = 1;
 
@@ -571,6 +575,8 @@ struct Climb {
     rng: Rng,
     current: Vec<Vec<Instruction>>,
     value: Key,
+    /// The fast timing of `current` ([`Figures::makespan`]).
+    fast: f64,
     /// The best schedule met: its key, blocking and async steps.
     best: (Key, f64, f64, ValidSchedule),
     used: u64,
@@ -588,6 +594,7 @@ impl Climb {
             rng,
             current: computes(start.valid.schedule()),
             value: (f64::INFINITY, f64::INFINITY),
+            fast: f64::INFINITY,
             best: (key(b, a), b, a, start.valid.clone()),
             used: 0,
             lowered: 0,
@@ -616,6 +623,11 @@ impl Climb {
             if let Some(k) = self.offer(&initial) {
                 self.value = k;
             }
+            self.fast = self
+                .judge
+                .figures
+                .makespan(&initial, &mut self.scratch)
+                .unwrap_or(f64::INFINITY);
             self.used += 1;
             // Building blocks: a tenth of this share; the best few by fast timing lowered.
             let builds = budget / 10;
@@ -646,12 +658,13 @@ impl Climb {
             }
             self.used += spent;
             built.sort_by(|x, y| x.0.total_cmp(&y.0));
-            for (_, order) in built.into_iter().take(4) {
+            for (fast, order) in built.into_iter().take(4) {
                 self.used += 1;
                 if let Some(k) = self.offer(&order)
                     && k < self.value
                 {
                     self.value = k;
+                    self.fast = fast;
                     self.current = order;
                 }
             }
@@ -666,12 +679,24 @@ impl Climb {
             if !random_move(&mut candidate, &mut self.rng, true) {
                 continue;
             }
+            // Screen by the fast timing: a move that it finds much slower than the current
+            // order, over the cap or waiting in a cycle is not lowered.
+            if self.judge.figures.peak_memory(&candidate) > self.judge.cap + EPS {
+                continue;
+            }
+            let Some(fast) = self.judge.figures.makespan(&candidate, &mut self.scratch) else {
+                continue;
+            };
+            if fast > self.fast + SCREEN * self.fast {
+                continue;
+            }
             let Some(k) = self.offer(&candidate) else {
                 continue;
             };
             if k <= self.value {
                 std::mem::swap(&mut self.current, &mut candidate);
                 self.value = k;
+                self.fast = fast;
             }
         }
         false
