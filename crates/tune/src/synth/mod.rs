@@ -10,9 +10,10 @@
 //! `order.rs` (the as-soon-as-possible run of the compute order with message latencies), and
 //! lowers the best few; then it climbs by local moves (swap neighbours, move a compute a few
 //! places, defer or undo a `W`, move a `W`, split or form an `FB`, shift the pairing of a run
-//! of `FB`s on one rank or on several). Every candidate is lowered by the planner's lowering
-//! pass for the costs, validated and simulated under both execution models, and kept when it
-//! is not slower by `max(blocking, async)`, then their sum. Orders over the memory cap or that
+//! of `FB`s on one rank or on several). A move whose fast timing is clearly slower than the
+//! current order's is dropped unlowered; every other candidate is lowered by the planner's
+//! lowering pass for the costs, validated and simulated under both execution models, and kept
+//! when it is not slower by `max(blocking, async)`, then their sum. Orders over the memory cap or that
 //! wait in a cycle are never lowered. The start family's own planned schedule is a candidate
 //! too, so the result is never slower than its start point.
 //!
