@@ -75,6 +75,43 @@ def test_split_equals_full_backward(make):
         assert torch.equal(a, b)
 
 
+class Linears(nn.Module):
+    """Linear layers in the shapes whose weight gradient the split computes directly (with and
+    without bias, a transposed weight, 3-d input) and one weight also used on a side path."""
+
+    def __init__(self, bias: bool, transposed: bool, side: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 10, bias=bias).double()
+        self.b = nn.Linear(10, 6, bias=bias).double()
+        if transposed:
+            self.b.weight = nn.Parameter(torch.randn(10, 6, dtype=torch.float64).t())
+        self.side = side
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        if self.side:
+            h = h + self.a.weight.sum()
+        return h
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("side", [False, True])
+@pytest.mark.parametrize("rows", [(5,), (3, 4)])
+def test_split_of_linear_layers_equals_full_backward(bias, transposed, side, rows):
+    torch.manual_seed(4)
+    module = Linears(bias, transposed, side)
+    twin = copy.deepcopy(module)
+    x = torch.randn(*rows, 6, dtype=torch.float64)
+    g = [torch.randn(*rows, 6, dtype=torch.float64)]
+    for _ in range(2):  # the second step reuses the analysis and accumulates
+        dx_full, g_full = _full(module, x, g)
+        dx, before, g_split = _split(twin, x, g)
+        assert torch.equal(dx, dx_full)
+        for a, b in zip(g_split, g_full):
+            assert torch.equal(a, b)
+
+
 def test_split_without_input_gradient_defers_everything():
     torch.manual_seed(1)
     module = Block().double()
