@@ -1,9 +1,9 @@
 //! The reference implementation's own schedules, run by the executor: the same losses as the
 //! single-process run, bit for bit, and gradients within the reference's bound.
 
-use dualpipe_executor::Options;
-use dualpipe_reference::conformance::{CpuReference, ReferenceBackend, compare};
-use dualpipe_reference::model::{Batch, ModelSpec};
+use dualpipe_reference::conformance::CpuReference;
+use dualpipe_reference::model::ModelSpec;
+use dualpipe_reference::suite::check;
 use dualpipe_schedule::{ExecutionModel, Schedule, ValidSchedule};
 
 fn golden(name: &str) -> ValidSchedule {
@@ -23,21 +23,8 @@ fn reference_schedules_run_and_match_the_single_process_run() {
             stages: doc.num_stages,
             seed: 233,
         };
-        let batch = Batch::synthetic(&spec, doc.num_microbatches, 0);
         for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
-            let options = Options {
-                message_shape: Some(spec.message_shape()),
-                model,
-                ..Options::default()
-            };
-            let mut cpu = CpuReference;
-            let ours = cpu
-                .pipelined(schedule.clone(), &spec, &batch, options)
-                .unwrap_or_else(|e| panic!("{name} {model}: {e}"));
-            let reference = cpu.sequential(&spec, &batch, true).unwrap();
-            let agreement =
-                compare(&ours, &reference).unwrap_or_else(|e| panic!("{name} {model}: {e}"));
-            assert_eq!(agreement.losses, doc.num_microbatches as usize);
+            check(&mut CpuReference, schedule.clone(), &spec, model, 0);
         }
     }
 }

@@ -3,10 +3,10 @@
 //! memory cap, are never slower than their start point, and the same seed gives the same
 //! schedule.
 
-use dualpipe_executor::Options;
 use dualpipe_planner::Family;
-use dualpipe_reference::conformance::{CpuReference, ReferenceBackend, compare};
-use dualpipe_reference::model::{Batch, ModelSpec};
+use dualpipe_reference::conformance::CpuReference;
+use dualpipe_reference::model::ModelSpec;
+use dualpipe_reference::suite::check as matches_single_process;
 use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
 use dualpipe_tests::brute;
 use dualpipe_tune::synth::{
@@ -68,21 +68,8 @@ fn check(result: &Synthesis, what: &str) {
         stages: doc.num_stages,
         seed: 233,
     };
-    let batch = Batch::synthetic(&spec, doc.num_microbatches, 0);
     for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
-        let options = Options {
-            message_shape: Some(spec.message_shape()),
-            model,
-            ..Options::default()
-        };
-        let mut cpu = CpuReference;
-        let ours = cpu
-            .pipelined(valid.clone(), &spec, &batch, options)
-            .unwrap_or_else(|e| panic!("{what} {model}: {e}"));
-        let reference = cpu.sequential(&spec, &batch, true).unwrap();
-        let agreement =
-            compare(&ours, &reference).unwrap_or_else(|e| panic!("{what} {model}: {e}"));
-        assert_eq!(agreement.losses, doc.num_microbatches as usize, "{what}");
+        matches_single_process(&mut CpuReference, valid.clone(), &spec, model, 0);
     }
 }
 

@@ -96,9 +96,10 @@ fn schedule(
     plan(&request).unwrap_or_else(|e| panic!("{family} {n}x{c}: {e}"))
 }
 
-/// Runs `schedule` and the single-process model on `backend` and compares them; panics with
-/// the configuration and what differs.
-fn check(
+/// Runs `schedule` and the single-process model on `backend` with a synthetic batch (drawn
+/// for `seed_step`) and compares them: losses and outputs bitwise, gradients within the
+/// reference's bound. Panics with the configuration and what differs (a test body).
+pub fn check(
     backend: &mut dyn ReferenceBackend,
     schedule: ValidSchedule,
     spec: &ModelSpec,
