@@ -18,6 +18,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+
+use crate::format::{Instruction, Work};
 use serde_json::{Map, Value};
 
 /// The time units a cost file may name, `""` being abstract units.
@@ -1015,5 +1017,51 @@ mod tests {
         assert_eq!(half.stage(0).fb, Some(1.5));
         assert_eq!(half.stage(1).b, 2.0);
         assert_eq!(half.message_time(0), 1.0);
+    }
+}
+
+/// Every stage's compute durations under some [`Costs`], resolved once: what the simulator
+/// charges for each compute instruction, for callers that time many orders.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ComputeCosts {
+    f: Vec<f64>,
+    b: Vec<f64>,
+    w: Vec<f64>,
+    fb: Vec<Option<f64>>,
+}
+
+impl ComputeCosts {
+    /// The durations of stages `0..num_stages` under `costs`.
+    pub fn new(costs: &Costs, num_stages: u32) -> Self {
+        let all: Vec<_> = (0..num_stages).map(|s| costs.stage(s)).collect();
+        ComputeCosts {
+            f: all.iter().map(|c| c.f).collect(),
+            b: all.iter().map(|c| c.b).collect(),
+            w: all.iter().map(|c| c.w).collect(),
+            fb: all.iter().map(|c| c.fb).collect(),
+        }
+    }
+
+    /// How long `instruction` computes, as the simulator counts it: a full B costs `b`, a
+    /// deferring B `b - w`, an FB its stage's `fb` or else `f + b`; 0 for anything that is
+    /// not a compute. Its stages must be below the `num_stages` it was built for.
+    pub fn duration(&self, instruction: Instruction) -> f64 {
+        let s = |w: Work| w.stage as usize;
+        match instruction {
+            Instruction::Forward(w) => self.f[s(w)],
+            Instruction::Backward {
+                work,
+                defer_w: false,
+            } => self.b[s(work)],
+            Instruction::Backward {
+                work,
+                defer_w: true,
+            } => self.b[s(work)] - self.w[s(work)],
+            Instruction::Weight(w) => self.w[s(w)],
+            Instruction::ForwardBackward { f, b } => {
+                self.fb[s(f)].unwrap_or(self.f[s(f)] + self.b[s(b)])
+            }
+            _ => 0.0,
+        }
     }
 }

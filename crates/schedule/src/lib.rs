@@ -35,7 +35,8 @@ mod validate;
 pub use batches::Batches;
 pub use compute_order::{ComputeOrder, ComputeOrderError, Header};
 pub use costs::{
-    CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS, unit_us,
+    ComputeCosts, CostError, Costs, LayerCost, LayerCosts, StageCosts, StageOverride, UNITS,
+    unit_us,
 };
 pub use diagnostics::{ExecutionModel, Location, Rule, Violation};
 pub use format::{

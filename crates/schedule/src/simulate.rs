@@ -27,7 +27,7 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::costs::{CostError, Costs};
+use crate::costs::{ComputeCosts, CostError, Costs};
 use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
 use crate::timeline::{Lane, Source, Span, Timeline};
@@ -357,46 +357,6 @@ impl BatchOps {
     }
 }
 
-/// Per-stage compute costs, resolved once.
-struct ComputeCosts {
-    f: Vec<f64>,
-    b: Vec<f64>,
-    w: Vec<f64>,
-    fb: Vec<Option<f64>>,
-}
-
-impl ComputeCosts {
-    fn new(costs: &Costs, num_stages: u32) -> Self {
-        let all: Vec<_> = (0..num_stages).map(|s| costs.stage(s)).collect();
-        ComputeCosts {
-            f: all.iter().map(|c| c.f).collect(),
-            b: all.iter().map(|c| c.b).collect(),
-            w: all.iter().map(|c| c.w).collect(),
-            fb: all.iter().map(|c| c.fb).collect(),
-        }
-    }
-
-    fn of(&self, instruction: Instruction) -> f64 {
-        let s = |w: Work| w.stage as usize;
-        match instruction {
-            Instruction::Forward(w) => self.f[s(w)],
-            Instruction::Backward {
-                work,
-                defer_w: false,
-            } => self.b[s(work)],
-            Instruction::Backward {
-                work,
-                defer_w: true,
-            } => self.b[s(work)] - self.w[s(work)],
-            Instruction::Weight(w) => self.w[s(w)],
-            Instruction::ForwardBackward { f, b } => {
-                self.fb[s(f)].unwrap_or(self.f[s(f)] + self.b[s(b)])
-            }
-            _ => 0.0,
-        }
-    }
-}
-
 /// Where one rank is.
 #[derive(Clone, Copy, Debug, Default)]
 struct RankState {
@@ -697,7 +657,7 @@ impl<'a> Run<'a> {
                     } else {
                         state.clock
                     };
-                    let cost = self.compute.of(compute);
+                    let cost = self.compute.duration(compute);
                     let end = start + cost;
                     self.times[rank][state.cursor] = Interval { start, end };
                     let r = &mut self.ranks[rank];

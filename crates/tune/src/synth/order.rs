@@ -3,7 +3,7 @@
 //! graph with message latencies, the limit the lowering pass and the async model aim at), their
 //! activation peak, and the local moves of the search.
 
-use dualpipe_schedule::{Costs, Instruction, Topology, Work};
+use dualpipe_schedule::{ComputeCosts, Costs, Instruction, Topology, Work};
 
 /// Per-stage figures the fast evaluator needs, resolved once.
 #[derive(Clone, Debug)]
@@ -12,10 +12,7 @@ pub(crate) struct Figures {
     pub microbatches: u32,
     /// Rank of each slot (stage-major: `stage * C + mb`).
     pub rank_of: Vec<u32>,
-    f: Vec<f64>,
-    b: Vec<f64>,
-    w: Vec<f64>,
-    fb: Vec<Option<f64>>,
+    compute: ComputeCosts,
     /// Message time across the boundary after each stage.
     comm: Vec<f64>,
     /// Activation of one micro-batch on each stage, in N-ths of the model's activations.
@@ -52,10 +49,7 @@ impl Figures {
             stages,
             microbatches: c,
             rank_of,
-            f: all.iter().map(|s| s.f).collect(),
-            b: all.iter().map(|s| s.b).collect(),
-            w: all.iter().map(|s| s.w).collect(),
-            fb: all.iter().map(|s| s.fb).collect(),
+            compute: ComputeCosts::new(costs, stages),
             comm: (0..stages).map(|s| costs.message_time(s)).collect(),
             activation,
         }
@@ -99,23 +93,7 @@ impl Figures {
 
     /// Duration of one compute, as the simulator counts it.
     pub fn duration(&self, i: Instruction) -> f64 {
-        let s = |w: Work| w.stage as usize;
-        match i {
-            Instruction::Forward(w) => self.f[s(w)],
-            Instruction::Backward {
-                work,
-                defer_w: false,
-            } => self.b[s(work)],
-            Instruction::Backward {
-                work,
-                defer_w: true,
-            } => self.b[s(work)] - self.w[s(work)],
-            Instruction::Weight(w) => self.w[s(w)],
-            Instruction::ForwardBackward { f, b } => {
-                self.fb[s(f)].unwrap_or(self.f[s(f)] + self.b[s(b)])
-            }
-            _ => 0.0,
-        }
+        self.compute.duration(i)
     }
 
     /// The most activation memory one rank holds, in N-ths of the model's activations per
