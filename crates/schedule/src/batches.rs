@@ -90,26 +90,11 @@ impl Batches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Format, Pipeline, parse_program};
+    use crate::format::{HAND_OVER, two_rank_schedule};
 
     #[test]
     fn numbers_batches_rank_by_rank() {
-        let schedule = Schedule {
-            format: Format::V1,
-            schedule: "demo".into(),
-            num_ranks: 2,
-            num_stages: 2,
-            num_microbatches: 1,
-            forward_only: true,
-            pipelines: vec![Pipeline {
-                route: vec![0, 1],
-                microbatches: vec![0],
-            }],
-            ranks: vec![
-                parse_program("F s0 m0 | send act s0 m0 -> r1 | commit").unwrap(),
-                parse_program("recv act s1 m0 <- r0 | commit | F s1 m0").unwrap(),
-            ],
-        };
+        let schedule = two_rank_schedule(true, HAND_OVER);
         let batches = Batches::new(&schedule);
         assert_eq!(batches.total(), 2);
         assert_eq!((batches.first(0), batches.first(1)), (0, 1));

@@ -451,6 +451,31 @@ impl JsonSchema for Instruction {
     }
 }
 
+/// A two-stage, one-micro-batch schedule on two ranks with the given programs, for tests.
+#[cfg(test)]
+pub(crate) fn two_rank_schedule(forward_only: bool, programs: [&str; 2]) -> Schedule {
+    Schedule {
+        format: Format::V1,
+        schedule: "demo".into(),
+        num_ranks: 2,
+        num_stages: 2,
+        num_microbatches: 1,
+        forward_only,
+        pipelines: vec![Pipeline {
+            route: vec![0, 1],
+            microbatches: vec![0],
+        }],
+        ranks: programs.map(|p| parse_program(p).unwrap()).to_vec(),
+    }
+}
+
+/// [`two_rank_schedule`]'s forward-only hand-over: rank 0 runs stage 0 and sends to rank 1.
+#[cfg(test)]
+pub(crate) const HAND_OVER: [&str; 2] = [
+    "F s0 m0 | send act s0 m0 -> r1 | commit",
+    "recv act s1 m0 <- r0 | commit | F s1 m0",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -228,33 +228,10 @@ impl serde_json::ser::Formatter for SpacedFormatter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Instruction, Kind};
+    use crate::format::{HAND_OVER, two_rank_schedule};
 
     fn tiny() -> Schedule {
-        Schedule {
-            format: Format::V1,
-            schedule: "demo".into(),
-            num_ranks: 2,
-            num_stages: 2,
-            num_microbatches: 1,
-            forward_only: true,
-            pipelines: vec![Pipeline {
-                route: vec![0, 1],
-                microbatches: vec![0],
-            }],
-            ranks: vec![
-                vec![
-                    Instruction::f(0, 0),
-                    Instruction::send(Kind::Act, 0, 0, 1),
-                    Instruction::Commit,
-                ],
-                vec![
-                    Instruction::recv(Kind::Act, 1, 0, 0),
-                    Instruction::Commit,
-                    Instruction::f(1, 0),
-                ],
-            ],
-        }
+        two_rank_schedule(true, HAND_OVER)
     }
 
     #[test]

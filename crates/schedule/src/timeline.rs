@@ -279,26 +279,17 @@ impl Timeline {
 mod tests {
     use super::*;
     use crate::costs::Costs;
-    use crate::format::{Format, Pipeline, Schedule, parse_program};
+    use crate::format::two_rank_schedule;
     use crate::simulate::simulate;
 
     fn two_ranks() -> ValidSchedule {
-        ValidSchedule::new(Schedule {
-            format: Format::V1,
-            schedule: "demo".into(),
-            num_ranks: 2,
-            num_stages: 2,
-            num_microbatches: 1,
-            forward_only: false,
-            pipelines: vec![Pipeline {
-                route: vec![0, 1],
-                microbatches: vec![0],
-            }],
-            ranks: vec![
-                parse_program("F s0 m0 | send act s0 m0 -> r1 | commit | recv grad s0 m0 <- r1 | commit | B s0 m0").unwrap(),
-                parse_program("recv act s1 m0 <- r0 | commit | F s1 m0 | B s1 m0 | send grad s1 m0 -> r0 | commit").unwrap(),
+        ValidSchedule::new(two_rank_schedule(
+            false,
+            [
+                "F s0 m0 | send act s0 m0 -> r1 | commit | recv grad s0 m0 <- r1 | commit | B s0 m0",
+                "recv act s1 m0 <- r0 | commit | F s1 m0 | B s1 m0 | send grad s1 m0 -> r0 | commit",
             ],
-        })
+        ))
         .unwrap()
     }
 

@@ -184,28 +184,12 @@ fn json_string(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::{Format, Pipeline};
-    use crate::parse_program;
+    use crate::format::{HAND_OVER, two_rank_schedule};
     use crate::validate::validate;
 
     #[test]
     fn trace_has_spans_threads_and_flows() {
-        let schedule = Schedule {
-            format: Format::V1,
-            schedule: "demo".into(),
-            num_ranks: 2,
-            num_stages: 2,
-            num_microbatches: 1,
-            forward_only: true,
-            pipelines: vec![Pipeline {
-                route: vec![0, 1],
-                microbatches: vec![0],
-            }],
-            ranks: vec![
-                parse_program("F s0 m0 | send act s0 m0 -> r1 | commit").unwrap(),
-                parse_program("recv act s1 m0 <- r0 | commit | F s1 m0").unwrap(),
-            ],
-        };
+        let schedule = two_rank_schedule(true, HAND_OVER);
         let report = validate(&schedule).unwrap();
         let span = |rank, index, lane, start, end| Span {
             rank,
