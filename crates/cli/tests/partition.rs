@@ -1,28 +1,9 @@
 //! `dualpipe partition` end to end: the table, the JSON document, a planned or given schedule,
 //! and usage errors (exit code 2) that say what is wrong.
 
-use std::io::Write;
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn dualpipe(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let mut input = child.stdin.take().unwrap();
-    if let Some(text) = stdin {
-        input.write_all(text.as_bytes()).unwrap();
-    }
-    drop(input);
-    child.wait_with_output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use common::{assert_usage_error, dualpipe_in as dualpipe, text};
 
 fn layers(count: usize) -> String {
     let mut items: Vec<String> = (0..count)
@@ -32,16 +13,6 @@ fn layers(count: usize) -> String {
         r#"{"name": "embed", "f": 5, "b": 10, "w": 5, "param_bytes": 100, "activation_bytes": 10}"#
             .into();
     format!(r#"{{"unit": "ms", "layers": [{}]}}"#, items.join(", "))
-}
-
-fn assert_usage_error(output: &Output, contains: &str) {
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(
-        stderr.contains(contains),
-        "expected `{contains}` in: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]

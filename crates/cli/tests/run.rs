@@ -1,17 +1,10 @@
 //! `dualpipe run` end to end: what it prints, what it refuses, and what it never overwrites.
 
-use std::process::{Command, Output};
+mod common;
 
-fn dualpipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
+use common::{dualpipe, text};
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use std::process::Output;
 
 const SMALL: &[&str] = &["--hidden", "16", "--rows", "4", "--steps", "2"];
 

@@ -2,29 +2,11 @@
 //! schedule written (and never overwritten without `--force`), `-o -`, and usage errors
 //! (exit code 2) that name the flag.
 
-use std::process::{Command, Output};
+mod common;
+
+use common::{assert_usage_error, dualpipe, text};
 
 use serde_json::Value;
-
-fn dualpipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_usage_error(output: &Output, contains: &str) {
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(
-        stderr.contains(contains),
-        "expected `{contains}` in: {stderr}"
-    );
-}
 
 const BASE: [&str; 9] = [
     "synthesize",

@@ -1,21 +1,13 @@
 //! `dualpipe tune` end to end: the ranking, the memory cap, the best schedule written, the JSON
 //! document, and usage errors (exit code 2) that say what is wrong.
 
+mod common;
+
+use common::{assert_usage_error, dualpipe, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use serde_json::Value;
-
-fn dualpipe(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .output()
-        .expect("the binary runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// Per-sample costs of a model measured on 4 stages (2 GB of parameters each).
 const COSTS: &str = r#"{"unit": "ms", "per": "sample", "f": 0.5, "b": 1.0, "w": 0.5,
@@ -26,15 +18,6 @@ fn costs_file(dir: &Path, text: &str) -> String {
     let path = dir.join("costs.json");
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
-}
-
-fn assert_usage_error(output: &Output, contains: &str) {
-    let stderr = text(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
-    assert!(
-        stderr.contains(contains),
-        "expected `{contains}` in: {stderr}"
-    );
 }
 
 fn json(args: &[&str]) -> Value {
