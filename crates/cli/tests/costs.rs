@@ -2,28 +2,13 @@
 //! costs (`compare --model-cost`), units in every header and `--json` document, the cost-file
 //! schema, and `run --costs-out` read back by `simulate --costs`.
 
-use std::io::Write;
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 /// Runs `dualpipe` with `args`, feeding `stdin`: exit code, stdout, stderr.
 fn dualpipe(args: &[&str], stdin: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin.as_bytes());
-    if let Err(e) = written {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-    }
-    let output = child.wait_with_output().expect("the binary ends");
+    let output = common::dualpipe_in(args, Some(stdin));
     let stderr = String::from_utf8(output.stderr).expect("UTF-8 errors");
     assert!(!stderr.contains("panicked"), "{stderr}");
     (

@@ -79,48 +79,36 @@ fn json_report_and_the_schedule_written() {
 
 #[test]
 fn usage_errors_name_the_flag() {
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "2", "-c", "0"]),
-        "--microbatches 0",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "6", "--start", "dualpipev"]),
-        "--start dualpipev",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-cap", "0.5"]),
-        "--memory-cap",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-cap=-2"]),
-        "--memory-cap -2",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--copies", "3"]),
-        "--copies 3",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--stages", "6"]),
-        "--stages 6",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--model-cost", "f=x"]),
-        "--model-cost",
-    );
-    assert_usage_error(
-        &dualpipe(&["synthesize", "-n", "4", "-c", "8", "--memory-like", "nope"]),
-        "--memory-like",
-    );
-    assert_usage_error(
-        &dualpipe(&[
-            "synthesize",
-            "-n",
-            "4",
-            "-c",
-            "8",
-            "--costs",
-            "/nonexistent/c.json",
-        ]),
-        "c.json",
-    );
+    let cases: [(&[&str], &str); 9] = [
+        (&["-n", "2", "-c", "0"], "--microbatches 0"),
+        (
+            &["-n", "4", "-c", "6", "--start", "dualpipev"],
+            "--start dualpipev",
+        ),
+        (
+            &["-n", "4", "-c", "8", "--memory-cap", "0.5"],
+            "--memory-cap",
+        ),
+        (
+            &["-n", "4", "-c", "8", "--memory-cap=-2"],
+            "--memory-cap -2",
+        ),
+        (&["-n", "4", "-c", "8", "--copies", "3"], "--copies 3"),
+        (&["-n", "4", "-c", "8", "--stages", "6"], "--stages 6"),
+        (
+            &["-n", "4", "-c", "8", "--model-cost", "f=x"],
+            "--model-cost",
+        ),
+        (
+            &["-n", "4", "-c", "8", "--memory-like", "nope"],
+            "--memory-like",
+        ),
+        (
+            &["-n", "4", "-c", "8", "--costs", "/nonexistent/c.json"],
+            "c.json",
+        ),
+    ];
+    for (args, names) in cases {
+        assert_usage_error(&dualpipe(&[&["synthesize"], args].concat()), names);
+    }
 }

@@ -1,8 +1,7 @@
-//! `dualpipe simulate`, `render`, `compare` and `convert` end to end: exit codes, outputs and errors.
-//! render, compare and convert subcommands.
+//! `dualpipe simulate`, `render`, `compare` and `convert` end to end: exit codes, outputs and
+//! errors.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
 
 /// What a run of `dualpipe` gave back.
 struct Run {
@@ -13,23 +12,7 @@ struct Run {
 
 /// Runs `dualpipe` with `args`, feeding `stdin`.
 fn dualpipe(args: &[&str], stdin: &str) -> Run {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dualpipe"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary runs");
-    // A command that fails before reading its input closes the pipe early: not an error here.
-    let written = child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin.as_bytes());
-    if let Err(e) = written {
-        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
-    }
-    let output = child.wait_with_output().expect("the binary ends");
+    let output = common::dualpipe_in(args, Some(stdin));
     Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8(output.stdout).expect("UTF-8 output"),
