@@ -294,6 +294,20 @@ fn plan_family(request: &PlanRequest, costs: &SynthCosts) -> Result<Planned, Syn
 /// Margin on memory comparisons, against rounding of the per-stage shares.
 const EPS: f64 = 1e-9;
 
+/// The climb with the best objective so far (the first of equals); `climbs` is not empty.
+fn leading(climbs: &[Climb]) -> usize {
+    (0..climbs.len())
+        .min_by(|&x, &y| {
+            climbs[x]
+                .best
+                .0
+                .partial_cmp(&climbs[y].best.0)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(x.cmp(&y))
+        })
+        .expect("at least one start point")
+}
+
 /// Synthesises a schedule; see the module documentation.
 pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesis, SynthError> {
     let began = Instant::now();
@@ -446,32 +460,14 @@ pub fn synthesize(request: &SynthRequest, costs: &SynthCosts) -> Result<Synthesi
         cut_short |= climb.run(first, deadline);
         climbs.push(climb);
     }
-    let leader = (0..climbs.len())
-        .min_by(|&x, &y| {
-            climbs[x]
-                .best
-                .0
-                .partial_cmp(&climbs[y].best.0)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(x.cmp(&y))
-        })
-        .expect("at least one start point");
+    let leader = leading(&climbs);
     let spent: u64 = climbs.iter().map(|c| c.used).sum();
     if !cut_short {
         cut_short |= climbs[leader].run(request.evaluations.saturating_sub(spent), deadline);
     }
     let evaluations: u64 = climbs.iter().map(|c| c.used).sum();
     let lowered: u64 = climbs.iter().map(|c| c.lowered).sum();
-    let index = (0..climbs.len())
-        .min_by(|&x, &y| {
-            climbs[x]
-                .best
-                .0
-                .partial_cmp(&climbs[y].best.0)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(x.cmp(&y))
-        })
-        .expect("at least one start point");
+    let index = leading(&climbs);
     let ((_, _), blocking, async_step, valid) = climbs.swap_remove(index).best;
     let start = &starts[index];
     let figures = Figures::new(valid.topology(), &start.costs);
