@@ -23,6 +23,7 @@
 pub mod api;
 pub mod detect;
 pub mod error;
+pub mod issue;
 pub mod kernels;
 pub mod launch;
 pub mod plan;
