@@ -9,8 +9,9 @@
 //! - [`CudaReference`]: the backend under the executor's shared conformance tests.
 //!
 //! The reference model runs on cuBLAS (matrix products) and kernels compiled at run time with
-//! NVRTC ([`kernels`]), in `f32` or bf16. Streams are ordered by the backend's own events, as
-//! laid out in [`plan`]; cudarc's per-buffer event tracking is off.
+//! NVRTC ([`kernels`]), in `f32` or bf16. Streams are ordered only by each rank's stream
+//! [`plan`], lowered once and issued operation by operation through the loop of [`issue`]
+//! (which [`replay`] runs on the CPU too); cudarc's per-buffer event tracking is off.
 //!
 //! Nothing here needs CUDA to build: cudarc loads the driver, NVRTC and cuBLAS at run time,
 //! and the backend itself loads NCCL, and [`probe`] finds them first ([`detect`]: `DUALPIPE_CUDA_LIBS`, the loader's search
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod detect;
 pub mod error;
+pub mod issue;
 pub mod kernels;
 pub mod launch;
 pub mod plan;

@@ -2,10 +2,12 @@
 //! goes to, which events are recorded and which waits order the streams; pure data that tests
 //! check on any machine.
 //!
-//! The GPU backend (`gpu/`) does not read this plan yet: it orders its streams by the same
-//! three-stream layout, but per message (each buffer carries the event after which it may be
-//! read, and a compute waits for the buffers it takes) rather than per batch, so the plan's
-//! checks do not cover the order the backend actually issues.
+//! The plan is lowered once per rank, before any step, and issued through one loop
+//! ([`crate::issue`]): the recording stand-in device of [`crate::replay`] runs it on the CPU,
+//! and the GPU backend (`gpu/`) issues exactly its operations, in its order, as CUDA events on
+//! the rank's real streams (its stages and transports ask the issuer for each compute and
+//! batch, checked against the instruction the plan names). Buffers carry no events of their
+//! own, so the checks here and in [`crate::replay`] cover the order the GPU issues.
 //!
 //! Each rank has three streams:
 //! - **main**: every compute, in instruction order;

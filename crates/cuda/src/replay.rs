@@ -17,10 +17,12 @@
 //! first. A plan that cannot run to the end is a [`ReplayError::Stalled`].
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 
 use dualpipe_schedule::{Instruction, Kind, ValidSchedule, Work};
 
+use crate::issue::{IssueError, StreamDevice, issue};
 use crate::plan::{Event, Part, RankPlan, Stream, StreamOp};
 
 /// What went wrong in a replay.
@@ -214,6 +216,49 @@ struct RankState<'p> {
     posted: Option<usize>,
 }
 
+/// The stand-in device as the host issues to it: each operation joins the queue of its
+/// stream (the position in the plan is how many operations came before it), and the host
+/// sync, which waits for every stream, joins none.
+#[derive(Default)]
+struct Enqueue {
+    queues: [Vec<usize>; 3],
+    issued: usize,
+}
+
+impl Enqueue {
+    fn push(&mut self, stream: Option<Stream>) -> Result<(), Infallible> {
+        if let Some(stream) = stream {
+            self.queues[slot(stream)].push(self.issued);
+        }
+        self.issued += 1;
+        Ok(())
+    }
+}
+
+impl StreamDevice for Enqueue {
+    type Error = Infallible;
+
+    fn record(&mut self, stream: Stream, _: Event) -> Result<(), Infallible> {
+        self.push(Some(stream))
+    }
+
+    fn wait(&mut self, stream: Stream, _: Event) -> Result<(), Infallible> {
+        self.push(Some(stream))
+    }
+
+    fn compute(&mut self, stream: Stream, _: usize, _: Part) -> Result<(), Infallible> {
+        self.push(Some(stream))
+    }
+
+    fn batch(&mut self, _: usize) -> Result<(), Infallible> {
+        self.push(Some(Stream::Comm))
+    }
+
+    fn host_sync(&mut self) -> Result<(), Infallible> {
+        self.push(None)
+    }
+}
+
 /// Runs `plans` (one per rank of `schedule`, as [`crate::plan::plan`] makes them) on the
 /// stand-in device, taking streams in an order drawn from `seed`; checks every read and the
 /// values at the end. Returns how many operations ran.
@@ -225,31 +270,28 @@ pub fn replay(
     let doc = schedule.schedule();
     let n = plans.len();
     let width = 3 * n;
-    let mut ranks: Vec<RankState<'_>> = plans
-        .iter()
-        .map(|plan| {
-            let mut queues: [Vec<usize>; 3] = Default::default();
-            for (at, op) in plan.ops.iter().enumerate() {
-                match *op {
-                    StreamOp::Record(s, _) | StreamOp::Wait(s, _) | StreamOp::Compute(s, ..) => {
-                        queues[slot(s)].push(at);
-                    }
-                    StreamOp::Batch(_) => queues[slot(Stream::Comm)].push(at),
-                    // The host waits for every stream: the last op of each.
-                    StreamOp::HostSync => {}
-                }
+    let mut ranks: Vec<RankState<'_>> = Vec::with_capacity(n);
+    for plan in plans {
+        // The host issues the plan through the shared loop; each operation joins its
+        // stream's queue.
+        let mut device = Enqueue::default();
+        match issue(plan, &mut device) {
+            Ok(()) => {}
+            Err(IssueError::Device { error, .. }) => match error {},
+            Err(mismatch @ IssueError::Mismatch { .. }) => {
+                return Err(ReplayError::Stalled(mismatch.to_string()));
             }
-            RankState {
-                plan,
-                queues,
-                next: [0; 3],
-                clocks: std::array::from_fn(|_| Clock(vec![0; width])),
-                events: HashMap::new(),
-                buffers: HashMap::new(),
-                posted: None,
-            }
-        })
-        .collect();
+        }
+        ranks.push(RankState {
+            plan,
+            queues: device.queues,
+            next: [0; 3],
+            clocks: std::array::from_fn(|_| Clock(vec![0; width])),
+            events: HashMap::new(),
+            buffers: HashMap::new(),
+            posted: None,
+        });
+    }
     // Messages in flight: (receiving rank, kind, the receiver's work) -> value and clock.
     let mut mailbox: HashMap<(u32, Kind, Work), Written> = HashMap::new();
     let mut rng = seed ^ 0x5851_f42d_4c95_7f2d;

@@ -93,9 +93,17 @@ impl Host<GpuStage> for DeviceHost {
 
     fn settle(&mut self) -> Result<(), RankFailure> {
         self.dispatch_us = self.started.elapsed().as_secs_f64() * 1e6;
+        // Each rank's plan ends with the host's wait for its streams; every rank is waited
+        // for (and its plan ended) even when an earlier one failed.
+        let mut first = None;
         for (rank, dev) in &self.devs {
-            dev.synchronize_within(self.timeout)
-                .map_err(|e| stalled(self.abort.as_ref(), *rank, e))?;
+            if let Err(e) = dev.finish_plan(self.timeout) {
+                let failure = stalled(self.abort.as_ref(), *rank, e);
+                first.get_or_insert(failure);
+            }
+        }
+        if let Some(failure) = first {
+            return Err(failure);
         }
         self.step_us = self.started.elapsed().as_secs_f64() * 1e6;
         Ok(())

@@ -5,6 +5,9 @@
 //! - `raw.rs`: every `unsafe` call; `memory.rs`: freeing dropped buffers;
 //! - `stage.rs`: the reference model's stages; `transport.rs`: the two transports;
 //! - `clock.rs`: the CUDA-event clock; `host.rs`: the step driver's host hook;
+//! - here: a rank's device resources ([`RankDevice`]), which issue the rank's stream plan
+//!   ([`crate::plan`]) through the shared issuing loop ([`crate::issue`]) as its stages and
+//!   transport run: the plan's events are the only ordering between the rank's streams;
 //! - `pipeline.rs` (virtual ranks), `nccl.rs` (one process per GPU), `sequential.rs` (the
 //!   single-stream reference and the backend under the shared test bodies).
 
@@ -21,14 +24,18 @@ pub(crate) mod sequential;
 mod stage;
 mod transport;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaEvent, CudaSlice, CudaStream, DriverError};
 use dualpipe_executor::Payload;
+use dualpipe_schedule::{ExecutionModel, Instruction};
 
 use crate::error::CudaError;
+use crate::issue::{Cursor, IssueError, StreamDevice, Want};
 use crate::kernels::DType;
+use crate::plan::{Event, Part, RankPlan, Stream, StreamOp};
 use memory::Graveyard;
 use raw::{Buf, Kernels};
 
@@ -44,6 +51,9 @@ pub(crate) enum GpuError {
     /// The host timeout passed before the device finished.
     #[error("{}", crate::watchdog::timeout_message(*.0))]
     Timeout(std::time::Duration),
+    /// The stream plan could not be issued, or does not match what the interpreter runs.
+    #[error("{0}")]
+    Plan(String),
 }
 
 impl GpuError {
@@ -55,6 +65,20 @@ impl GpuError {
     }
 }
 
+impl From<IssueError<GpuError>> for GpuError {
+    /// A timeout stays a timeout (an NCCL run aborts its communicator on it); anything else
+    /// names the rank and the plan's operation.
+    fn from(e: IssueError<GpuError>) -> Self {
+        match e {
+            IssueError::Device {
+                error: GpuError::Timeout(limit),
+                ..
+            } => GpuError::Timeout(limit),
+            other => GpuError::Plan(other.to_string()),
+        }
+    }
+}
+
 impl From<GpuError> for CudaError {
     fn from(e: GpuError) -> Self {
         CudaError::Device(e.to_string())
@@ -62,7 +86,8 @@ impl From<GpuError> for CudaError {
 }
 
 /// One rank's device resources: its three streams (see `plan`), a cuBLAS handle for each
-/// compute stream, the compiled kernels, and where its dropped buffers wait to be freed.
+/// compute stream, the compiled kernels, where its dropped buffers wait to be freed, and
+/// during a step the rank's stream plan with the events it recorded so far.
 pub(crate) struct RankDevice {
     pub ctx: Arc<CudaContext>,
     pub main: Arc<CudaStream>,
@@ -73,12 +98,66 @@ pub(crate) struct RankDevice {
     pub kernels: Arc<Kernels>,
     pub graveyard: Arc<Graveyard>,
     pub dtype: DType,
-    pub fb_two_streams: bool,
     /// Timed start and end events of each commit's batch on comm, when profiling.
     pub commit_times: Mutex<Vec<(CudaEvent, CudaEvent)>>,
     pub profile: bool,
     /// Untimed events for [`RankDevice::record`], reused once nothing else holds them.
     events: Mutex<EventPool>,
+    /// The step's plan, from [`RankDevice::begin_plan`] to [`RankDevice::finish_plan`].
+    plan: Mutex<Option<PlanState>>,
+}
+
+/// A step's plan on one rank: where issuing stands and the events its records made (held
+/// until the host has waited for the streams at the end of the step).
+struct PlanState {
+    cursor: Cursor,
+    events: HashMap<Event, Arc<CudaEvent>>,
+}
+
+/// The rank's streams as the plan's [`StreamDevice`]: records and waits are CUDA events on
+/// the real streams; a compute or a batch issues nothing here (the stage call or transport
+/// commit that asked for it issues its kernels or its batch right after, on the stream the
+/// plan names); the host sync waits for the three streams, within `limit`.
+struct GpuStreams<'a> {
+    dev: &'a RankDevice,
+    events: &'a mut HashMap<Event, Arc<CudaEvent>>,
+    limit: Option<std::time::Duration>,
+}
+
+impl StreamDevice for GpuStreams<'_> {
+    type Error = GpuError;
+
+    fn record(&mut self, stream: Stream, event: Event) -> Result<(), GpuError> {
+        let recorded = self.dev.record(self.dev.stream(stream))?;
+        if self.events.insert(event, recorded).is_some() {
+            return Err(GpuError::Plan(format!("{event} recorded twice")));
+        }
+        Ok(())
+    }
+
+    fn wait(&mut self, stream: Stream, event: Event) -> Result<(), GpuError> {
+        let recorded = self.events.get(&event).ok_or_else(|| {
+            GpuError::Plan(format!(
+                "{stream} waits for {event}, which was never recorded"
+            ))
+        })?;
+        self.dev
+            .stream(stream)
+            .wait(recorded)
+            .map_err(|e| GpuError::driver(&format!("{stream} waiting for {event}"), e))
+    }
+
+    fn compute(&mut self, _: Stream, _: usize, _: Part) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn batch(&mut self, _: usize) -> Result<(), GpuError> {
+        Ok(())
+    }
+
+    fn host_sync(&mut self) -> Result<(), GpuError> {
+        self.dev.synchronize_within(self.limit)
+    }
 }
 
 /// The most events a rank keeps for reuse; more are made and dropped as needed.
@@ -96,7 +175,6 @@ impl RankDevice {
         ctx: &Arc<CudaContext>,
         kernels: &Arc<Kernels>,
         dtype: DType,
-        fb_two_streams: bool,
         profile: bool,
     ) -> Result<Arc<Self>, GpuError> {
         let stream = || {
@@ -118,11 +196,119 @@ impl RankDevice {
             comm,
             kernels: kernels.clone(),
             dtype,
-            fb_two_streams,
             commit_times: Mutex::new(Vec::new()),
             profile,
             events: Mutex::new(EventPool::default()),
+            plan: Mutex::new(None),
         }))
+    }
+
+    /// The CUDA stream of one of the plan's streams.
+    pub fn stream(&self, stream: Stream) -> &Arc<CudaStream> {
+        match stream {
+            Stream::Main => &self.main,
+            Stream::Side => &self.side,
+            Stream::Comm => &self.comm,
+        }
+    }
+
+    /// Starts a step under `plan`, the plan of the rank whose list is `instructions`, made
+    /// for `model`. From now on the stages and the transport issue the plan's operations
+    /// ([`RankDevice::plan_compute`] and the others) until [`RankDevice::finish_plan`].
+    pub fn begin_plan(
+        &self,
+        plan: Arc<RankPlan>,
+        instructions: Arc<[Instruction]>,
+        model: ExecutionModel,
+    ) {
+        *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(PlanState {
+            cursor: Cursor::new(plan, instructions, model),
+            events: HashMap::new(),
+        });
+    }
+
+    /// Runs `f` on the step's cursor with this rank's streams as the device; `None` when no
+    /// plan is running (the single-stream reference, work between steps).
+    fn with_plan<R>(
+        &self,
+        f: impl FnOnce(&mut Cursor, &mut GpuStreams<'_>) -> Result<R, IssueError<GpuError>>,
+    ) -> Result<Option<R>, GpuError> {
+        let mut guard = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let mut device = GpuStreams {
+            dev: self,
+            events: &mut state.events,
+            limit: None,
+        };
+        Ok(Some(f(&mut state.cursor, &mut device)?))
+    }
+
+    /// The waits the plan issues before its next compute (a received buffer is being taken).
+    pub fn plan_leading(&self) -> Result<(), GpuError> {
+        self.with_plan(|cursor, device| cursor.leading(device))
+            .map(|_| ())
+    }
+
+    /// Issues the plan up to its next compute, which must be `want`, and returns the stream
+    /// it goes to, its instruction and part; `(main, None)` when no plan is running.
+    pub fn plan_compute(&self, want: Want) -> Result<(Stream, Option<(usize, Part)>), GpuError> {
+        Ok(self
+            .with_plan(|cursor, device| cursor.compute(device, want))?
+            .map_or((Stream::Main, None), |(stream, index, part)| {
+                (stream, Some((index, part)))
+            }))
+    }
+
+    /// Issues the plan up to its next batch (the ready event and comm's wait for it) and
+    /// returns its commit's index. Only during a step.
+    pub fn plan_batch(&self) -> Result<usize, GpuError> {
+        self.with_plan(|cursor, device| cursor.batch(device))?
+            .ok_or_else(|| GpuError::Plan("a batch was committed outside a step's plan".into()))
+    }
+
+    /// Issues what closes instruction `index` (an `FB`'s join, a batch's done event and, in
+    /// the blocking model, main's wait for it).
+    pub fn plan_close(&self, index: usize) -> Result<(), GpuError> {
+        self.with_plan(|cursor, device| cursor.close(device, index))
+            .map(|_| ())
+    }
+
+    /// The end of a step: issues the rest of the plan up to its host sync, which waits for the
+    /// rank's three streams within `limit`, and ends the plan (its events are released). A
+    /// rank that stopped early, or no plan, still waits for the streams.
+    pub fn finish_plan(&self, limit: Option<std::time::Duration>) -> Result<(), GpuError> {
+        let mut guard = self.plan.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = match guard.as_mut() {
+            Some(state) => {
+                let mut device = GpuStreams {
+                    dev: self,
+                    events: &mut state.events,
+                    limit,
+                };
+                state.cursor.finish(&mut device)
+            }
+            None => Ok(false),
+        };
+        let waited = match finished {
+            Ok(true) => Ok(()),
+            // The rank stopped early, or no plan ran: nothing was issued, wait here.
+            Ok(false) => self.synchronize_within(limit),
+            // The host sync itself failed (a timeout, a driver error): do not wait again.
+            Err(
+                e @ IssueError::Device {
+                    op: StreamOp::HostSync,
+                    ..
+                },
+            ) => Err(e.into()),
+            // An operation before it failed: still wait for the streams, then report it.
+            Err(e) => self.synchronize_within(limit).and(Err(e.into())),
+        };
+        // Released only after the host has waited (or gave up waiting): the events may
+        // still be waited for on the device until then.
+        *guard = None;
+        waited
     }
 
     /// Makes this rank's context current on the calling thread (cuBLAS calls need it).
@@ -137,7 +323,6 @@ impl RankDevice {
         Tensor {
             buf: Some(buf),
             shape,
-            ready: None,
             home: self.graveyard.clone(),
         }
     }
@@ -176,16 +361,6 @@ impl RankDevice {
                 self.main.clone_dtoh(&wide).map_err(copy)
             }
         }
-    }
-
-    /// Makes `stream` wait until `tensor` is ready, once.
-    pub fn make_ready(&self, tensor: &mut Tensor, stream: &CudaStream) -> Result<(), GpuError> {
-        if let Some(event) = tensor.ready.take() {
-            stream
-                .wait(&event)
-                .map_err(|e| GpuError::driver("waiting for an event", e))?;
-        }
-        Ok(())
     }
 
     /// Closes the batch of buffers dropped so far (events on all three streams) and frees
@@ -277,13 +452,11 @@ impl RankDevice {
 }
 
 /// A row-major matrix on the device: an activation, a gradient, a loss (`[1, 1]`), or a
-/// temporary. `ready`, when set, is the event every stream must wait for before reading it
-/// (a received buffer in the async model). Dropping it hands the memory to its rank's
-/// graveyard.
+/// temporary. It carries no event: the rank's stream plan orders its producer before its
+/// readers. Dropping it hands the memory to its rank's graveyard.
 pub(crate) struct Tensor {
     buf: Option<Buf>,
     shape: [usize; 2],
-    pub ready: Option<Arc<CudaEvent>>,
     home: Arc<Graveyard>,
 }
 

@@ -6,11 +6,12 @@ use std::time::Duration;
 use dualpipe_executor::{Executor, Options, RankParts, Stages, StepError, drive};
 use dualpipe_reference::Backend;
 use dualpipe_reference::model::{Batch, ModelSpec, Parameters};
-use dualpipe_schedule::{ValidSchedule, Work};
+use dualpipe_schedule::{Instruction, ValidSchedule, Work};
 
 use super::clock::EventClock;
 use super::device::{Device, open, probe};
 use super::host::{DeviceHost, failure, instructions};
+use super::pipeline::lower;
 use super::raw::{self, NcclComm};
 use super::stage::GpuStage;
 use super::transport::{NcclTransport, exchange_gradients};
@@ -19,6 +20,7 @@ use crate::api::{GpuConfig, GpuStep};
 use crate::detect::Lib;
 use crate::error::CudaError;
 use crate::launch::LaunchEnv;
+use crate::plan::RankPlan;
 
 /// This process's rank of a multi-process run: one GPU (`LOCAL_RANK`), NCCL to the others.
 pub struct NcclRank {
@@ -29,6 +31,9 @@ pub struct NcclRank {
     stages: Stages<GpuStage>,
     transport: NcclTransport,
     host_timeout: Option<Duration>,
+    /// This rank's stream plan and instruction list, lowered once.
+    plan: Arc<RankPlan>,
+    list: Arc<[Instruction]>,
 }
 
 impl NcclRank {
@@ -84,7 +89,6 @@ impl NcclRank {
             &device.ctx,
             &device.kernels,
             config.dtype,
-            config.fb_two_streams,
             executor.options().profile,
         )?;
         dev.bind()?;
@@ -98,11 +102,13 @@ impl NcclRank {
         for &stage in executor.stages_of(env.rank) {
             stages.push((stage, GpuStage::new(&dev, spec, stage)?));
         }
-        let model = executor.options().model;
+        let (plan, list) = lower(&executor, config).swap_remove(env.rank as usize);
         Ok(NcclRank {
             env: env.clone(),
             _device: device,
-            transport: NcclTransport::new(dev.clone(), comm, model, message_shape),
+            transport: NcclTransport::new(dev.clone(), comm, message_shape),
+            plan,
+            list,
             executor,
             dev,
             stages: Stages::new(stages),
@@ -207,6 +213,11 @@ impl Backend for NcclRank {
             .executor
             .split_feed(&mut inputs, &mut targets)
             .swap_remove(rank as usize);
+        self.dev.begin_plan(
+            self.plan.clone(),
+            self.list.clone(),
+            self.executor.options().model,
+        );
         let mut host = DeviceHost::new(vec![(rank, self.dev.clone())]).with_timeout(
             self.host_timeout,
             Some(self.transport.comm().abort_handle()),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use dualpipe_executor::{Executor, Options, RankParts, Stages, StepError, drive};
 use dualpipe_reference::Backend;
 use dualpipe_reference::model::{Batch, ModelSpec, Parameters};
-use dualpipe_schedule::{ValidSchedule, Work};
+use dualpipe_schedule::{Instruction, ValidSchedule, Work};
 
 use super::RankDevice;
 use super::clock::EventClock;
@@ -15,16 +15,19 @@ use super::stage::GpuStage;
 use super::transport::PeerTransport;
 use crate::api::{GpuConfig, GpuStep};
 use crate::error::CudaError;
+use crate::plan::{PlanOptions, RankPlan, plan};
 
 /// The reference model under a schedule on one GPU, every rank a virtual rank: one context,
-/// three streams per rank, one host thread per rank, sends as device-to-device copies ordered
-/// by events.
+/// three streams per rank, one host thread per rank, sends as device-to-device copies, the
+/// streams ordered by each rank's stream plan ([`crate::plan`]), lowered once here.
 pub struct CudaPipeline {
     executor: Executor,
     config: GpuConfig,
     device: Device,
     devs: Vec<Arc<RankDevice>>,
     ranks: Vec<Stages<GpuStage>>,
+    /// Each rank's plan and instruction list.
+    plans: Vec<(Arc<RankPlan>, Arc<[Instruction]>)>,
 }
 
 impl CudaPipeline {
@@ -46,7 +49,6 @@ impl CudaPipeline {
                 &device.ctx,
                 &device.kernels,
                 config.dtype,
-                config.fb_two_streams,
                 executor.options().profile,
             )?;
             let mut stages = Vec::new();
@@ -60,12 +62,14 @@ impl CudaPipeline {
             .ctx
             .synchronize()
             .map_err(|e| CudaError::Device(format!("setting up: {e:?}")))?;
+        let plans = lower(&executor, config);
         Ok(CudaPipeline {
             executor,
             config,
             device,
             devs,
             ranks,
+            plans,
         })
     }
 
@@ -76,6 +80,28 @@ impl CudaPipeline {
             .name()
             .unwrap_or_else(|_| "unknown GPU".into())
     }
+}
+
+/// Every rank's stream plan for `executor`'s schedule under its model and `config`, with the
+/// rank's instruction list (which the plan's computes are checked against).
+pub(crate) fn lower(
+    executor: &Executor,
+    config: GpuConfig,
+) -> Vec<(Arc<RankPlan>, Arc<[Instruction]>)> {
+    let schedule = executor.schedule();
+    let options = PlanOptions {
+        model: executor.options().model,
+        fb_two_streams: config.fb_two_streams,
+    };
+    plan(schedule, options)
+        .into_iter()
+        .map(|rank_plan| {
+            let list: Arc<[Instruction]> = schedule.schedule().ranks[rank_plan.rank as usize]
+                .clone()
+                .into();
+            (Arc::new(rank_plan), list)
+        })
+        .collect()
 }
 
 impl Backend for CudaPipeline {
@@ -143,6 +169,9 @@ impl Backend for CudaPipeline {
         let options = self.executor.options();
         let transports =
             PeerTransport::network(&self.devs, self.config.comm, options.model, options.timeout);
+        for (dev, (plan, list)) in self.devs.iter().zip(&self.plans) {
+            dev.begin_plan(plan.clone(), list.clone(), options.model);
+        }
         let mut host = DeviceHost::new((0..doc.num_ranks).zip(self.devs.iter().cloned()).collect())
             .with_timeout(self.config.host_timeout, None);
         let parts = self

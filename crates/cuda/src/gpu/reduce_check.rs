@@ -11,7 +11,7 @@ use crate::kernels::{self, DType};
 fn gpu() -> Option<(Device, Arc<RankDevice>)> {
     match open(0) {
         Ok(device) => {
-            let dev = RankDevice::new(&device.ctx, &device.kernels, DType::F32, false, false)
+            let dev = RankDevice::new(&device.ctx, &device.kernels, DType::F32, false)
                 .unwrap_or_else(|e| panic!("{e}"));
             Some((device, dev))
         }

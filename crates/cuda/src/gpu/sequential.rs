@@ -30,7 +30,7 @@ impl GpuSequential {
     /// The model `spec` on GPU `config.device`.
     pub fn new(spec: &ModelSpec, config: GpuConfig) -> Result<Self, CudaError> {
         let device = open(config.device)?;
-        let dev = RankDevice::new(&device.ctx, &device.kernels, config.dtype, false, false)?;
+        let dev = RankDevice::new(&device.ctx, &device.kernels, config.dtype, false)?;
         let stages = (0..spec.stages)
             .map(|s| GpuStage::new(&dev, spec, s))
             .collect::<Result<_, _>>()?;

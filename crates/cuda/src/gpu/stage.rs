@@ -12,8 +12,12 @@ use cudarc::driver::{CudaSlice, CudaStream};
 use dualpipe_executor::{Backward, Forward, Forwarded, Overlapped, Stage, StageError};
 use dualpipe_reference::model::{ModelSpec, Parameters, ReferenceStage};
 
+use dualpipe_schedule::Work;
+
 use super::raw::{Buf, Mat};
 use super::{GpuError, RankDevice, Tensor};
+use crate::issue::Want;
+use crate::plan::{Part, Stream};
 
 /// The stream a computation goes to, with the cuBLAS handle bound to it.
 #[derive(Clone, Copy)]
@@ -193,11 +197,10 @@ impl GpuStage {
     ) -> Result<Forwarded<Tensor, Tensor>, GpuError> {
         let Forward {
             mb,
-            input: mut x,
+            input: x,
             target,
             training,
         } = forward;
-        self.dev.make_ready(&mut x, lane.stream)?;
         self.check("the input", &x, None)?;
         let (r, h) = (x.rows(), self.hidden);
         let dev = self.dev.clone();
@@ -227,8 +230,7 @@ impl GpuStage {
         dev.kernels
             .add_bias(lane.stream, y.buf_mut(), &self.params[3], r, h)?;
         let (loss, loss_grad) = match target {
-            Some(mut t) if self.last => {
-                dev.make_ready(&mut t, lane.stream)?;
+            Some(t) if self.last => {
                 self.check("the target", &t, Some(r))?;
                 let mut grad = dev.alloc(lane.stream, [r, h])?;
                 let mut loss = lane
@@ -266,8 +268,7 @@ impl GpuStage {
         let (r, h) = (x.rows(), self.hidden);
         let dev = self.dev.clone();
         let dy = match (output_grad, loss_grad) {
-            (Some(mut grad), _) => {
-                dev.make_ready(&mut grad, lane.stream)?;
+            (Some(grad), _) => {
                 self.check("the output gradient", &grad, Some(r))?;
                 grad
             }
@@ -348,6 +349,32 @@ fn stage_error(e: GpuError) -> StageError {
     e.to_string().into()
 }
 
+impl GpuStage {
+    /// The lane of `stream`: main or side with its cuBLAS handle; comm runs no compute.
+    fn lane(dev: &RankDevice, stream: Stream) -> Result<Lane<'_>, GpuError> {
+        match stream {
+            Stream::Main => Ok(Lane {
+                stream: &dev.main,
+                blas: &dev.blas_main,
+            }),
+            Stream::Side => Ok(Lane {
+                stream: &dev.side,
+                blas: &dev.blas_side,
+            }),
+            Stream::Comm => Err(GpuError::Plan(
+                "the plan puts a compute on the comm stream".into(),
+            )),
+        }
+    }
+
+    fn work(&self, mb: u32) -> Work {
+        Work::new(self.index, mb)
+    }
+}
+
+/// Each call issues the rank's stream plan up to the compute it runs (the plan's waits for
+/// its data), checks that the plan's next compute is this one, and issues its kernels on the
+/// stream the plan names (main when no plan runs: the single-stream reference).
 impl Stage for GpuStage {
     type Buffer = Tensor;
     type Loss = Tensor;
@@ -358,10 +385,10 @@ impl Stage for GpuStage {
     ) -> Result<Forwarded<Tensor, Tensor>, StageError> {
         self.dev.bind().map_err(stage_error)?;
         let dev = self.dev.clone();
-        let lane = Lane {
-            stream: &dev.main,
-            blas: &dev.blas_main,
-        };
+        let (stream, _) = dev
+            .plan_compute(Want::Forward(self.work(forward.mb)))
+            .map_err(stage_error)?;
+        let lane = Self::lane(&dev, stream).map_err(stage_error)?;
         let forwarded = self.forward_on(lane, forward).map_err(stage_error)?;
         dev.seal_and_sweep().map_err(stage_error)?;
         Ok(forwarded)
@@ -370,10 +397,10 @@ impl Stage for GpuStage {
     fn backward(&mut self, backward: Backward<Tensor>) -> Result<Option<Tensor>, StageError> {
         self.dev.bind().map_err(stage_error)?;
         let dev = self.dev.clone();
-        let lane = Lane {
-            stream: &dev.main,
-            blas: &dev.blas_main,
-        };
+        let (stream, _) = dev
+            .plan_compute(Want::Backward(self.work(backward.mb)))
+            .map_err(stage_error)?;
+        let lane = Self::lane(&dev, stream).map_err(stage_error)?;
         let input_grad = self.backward_on(lane, backward).map_err(stage_error)?;
         dev.seal_and_sweep().map_err(stage_error)?;
         Ok(input_grad)
@@ -381,17 +408,17 @@ impl Stage for GpuStage {
 
     fn backward_weight(&mut self, mb: u32) -> Result<(), StageError> {
         self.dev.bind().map_err(stage_error)?;
+        let dev = self.dev.clone();
+        let (stream, _) = dev
+            .plan_compute(Want::Weight(self.work(mb)))
+            .map_err(stage_error)?;
         let Deferred { x, g, dy, da } = self.deferred.remove(&mb).ok_or_else(|| {
             format!(
                 "stage {}: weight gradient of micro-batch {mb} without a deferred backward",
                 self.index
             )
         })?;
-        let dev = self.dev.clone();
-        let lane = Lane {
-            stream: &dev.main,
-            blas: &dev.blas_main,
-        };
+        let lane = Self::lane(&dev, stream).map_err(stage_error)?;
         self.accumulate(lane, &x, &g, &dy, &da)
             .map_err(stage_error)?;
         // The micro-batch's saved buffers go to the graveyard now, and with them every
@@ -401,8 +428,10 @@ impl Stage for GpuStage {
         dev.seal_and_sweep().map_err(stage_error)
     }
 
-    /// The forward on main and the backward on side, started together and joined after
-    /// (plan.rs: `fb start`, `fb join`), so that the two overlap on the device.
+    /// As the plan lays it out: both halves on one stream, or the forward on main and the
+    /// backward on side after `fb start` (and side's wait for the backward's received
+    /// gradient), joined by `fb join`, so that the two overlap on the device and the forward
+    /// never waits for the backward's input.
     fn forward_backward(
         &mut self,
         forward: Forward<Tensor>,
@@ -411,47 +440,47 @@ impl Stage for GpuStage {
     ) -> Result<Overlapped<Tensor, Tensor>, StageError> {
         let dev = self.dev.clone();
         dev.bind().map_err(stage_error)?;
-        if !dev.fb_two_streams {
-            let forwarded = self.forward(forward)?;
-            let input_grad = match backward_stage {
-                Some(other) => other.backward(backward)?,
-                None => self.backward(backward)?,
-            };
-            return Ok(Overlapped {
-                forwarded,
-                input_grad,
-            });
-        }
-        // `fb start` orders side after main's earlier work (the saved activations, the
-        // parameters). A received output gradient still carries its event (the interpreter
-        // takes it with `wait_beside`): `backward_on` waits for it on side, so the forward
-        // half on main never waits for the backward half's input.
-        let start = dev.record(&dev.main).map_err(stage_error)?;
-        dev.side
-            .wait(&start)
-            .map_err(|e| stage_error(GpuError::driver("waiting for fb start", e)))?;
-        let forwarded = self
-            .forward_on(
-                Lane {
-                    stream: &dev.main,
-                    blas: &dev.blas_main,
-                },
-                forward,
-            )
-            .map_err(stage_error)?;
-        let side = Lane {
-            stream: &dev.side,
-            blas: &dev.blas_side,
+        let want = Want::ForwardBackward {
+            f: self.work(forward.mb),
+            b: Work::new(
+                backward_stage
+                    .as_ref()
+                    .map_or(self.index, |other| other.index),
+                backward.mb,
+            ),
         };
+        let (first, planned) = dev.plan_compute(want).map_err(stage_error)?;
+        let forwarded = self
+            .forward_on(Self::lane(&dev, first).map_err(stage_error)?, forward)
+            .map_err(stage_error)?;
+        let second = match planned {
+            // Split: the plan's next compute is the backward half of the same instruction.
+            Some((index, Part::Forward)) => {
+                let (stream, half) = dev.plan_compute(want).map_err(stage_error)?;
+                if half != Some((index, Part::Backward)) {
+                    return Err(stage_error(GpuError::Plan(format!(
+                        "the plan runs the forward half of instruction {index} alone, then {half:?}"
+                    ))));
+                }
+                stream
+            }
+            Some((index, Part::Backward)) => {
+                return Err(stage_error(GpuError::Plan(format!(
+                    "the plan runs the backward half of instruction {index} before its forward"
+                ))));
+            }
+            Some((_, Part::Whole)) | None => first,
+        };
+        let side = Self::lane(&dev, second).map_err(stage_error)?;
         let input_grad = match backward_stage {
             Some(other) => other.backward_on(side, backward),
             None => self.backward_on(side, backward),
         }
         .map_err(stage_error)?;
-        let join = dev.record(&dev.side).map_err(stage_error)?;
-        dev.main
-            .wait(&join)
-            .map_err(|e| stage_error(GpuError::driver("waiting for fb join", e)))?;
+        if let Some((index, _)) = planned {
+            // `fb join` on side and main's wait for it.
+            dev.plan_close(index).map_err(stage_error)?;
+        }
         dev.seal_and_sweep().map_err(stage_error)?;
         Ok(Overlapped {
             forwarded,

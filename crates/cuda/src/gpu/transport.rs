@@ -1,12 +1,17 @@
-//! The two GPU transports.
+//! The two GPU transports. Neither orders the rank's streams by itself: each commit issues
+//! the rank's stream plan up to its batch (`ready` on main, comm's wait for it), posts the
+//! batch on comm, and issues what closes it (`done` on comm; in the blocking model main's
+//! wait for it), so a received buffer is read only after a wait the plan issues for it.
 //!
 //! - [`PeerTransport`]: virtual ranks in one process on one GPU. Buffers travel between the
 //!   ranks' host threads through the CPU backend's in-process channels (which give matching,
-//!   the blocking model, timeouts and aborts); the data moves by a device-to-device copy on the
-//!   receiving rank's comm stream, after an event the sender recorded on its main stream when
-//!   it committed. With [`CommMode::Move`] the copy is left out (communication as a no-op) and
-//!   the receiver waits for the sender's event directly.
-//! - [`NcclTransport`]: one process per GPU; every commit is one `ncclGroupStart` ...
+//!   the blocking model, timeouts and aborts). The sender's batch records a *sent* event on
+//!   its comm stream (after comm's wait for `ready`) that travels with the buffer; the
+//!   receiver's batch waits for the buffer on the host, makes its comm stream wait for that
+//!   event and copies the data device to device on comm. With [`CommMode::Move`] the copy is
+//!   left out (communication as a no-op): the receiver's comm only waits for the event and the
+//!   receiver reads the sender's buffer.
+//! - [`NcclTransport`]: one process per GPU; every batch is one `ncclGroupStart` ...
 //!   `ncclGroupEnd` on the rank's comm stream.
 
 use std::collections::HashMap;
@@ -29,8 +34,8 @@ fn backend(e: GpuError) -> CommError {
 /// A buffer between virtual ranks, with the event after which it may be read.
 pub(crate) struct Parcel {
     tensor: Tensor,
-    /// Set by the sender at its commit, before the parcel leaves.
-    ready: Arc<Mutex<Option<Arc<CudaEvent>>>>,
+    /// Set by the sender's batch on its comm stream, before the parcel leaves.
+    sent: Arc<Mutex<Option<Arc<CudaEvent>>>>,
 }
 
 /// One virtual rank's end.
@@ -38,19 +43,12 @@ pub(crate) struct PeerTransport {
     dev: Arc<RankDevice>,
     inner: InProcess<Parcel>,
     mode: CommMode,
-    model: ExecutionModel,
-    /// The ready-event slot of the batch being queued.
+    /// The sent-event slot of the batch being queued.
     slot: Arc<Mutex<Option<Arc<CudaEvent>>>>,
     sends_queued: bool,
     recvs_queued: Vec<InProcessTicket>,
-    /// Receives already copied at their commit (blocking model), by ticket.
+    /// Receives landed by their batch, by ticket, until the interpreter takes them.
     arrived: Vec<(InProcessTicket, Tensor)>,
-    /// Commits issued so far in this step (the index of the next one's timing).
-    commits: usize,
-    /// Async model: the commit that posted each receive not yet taken.
-    batch_of: Vec<(InProcessTicket, usize)>,
-    /// Async model, profiling: whether a copy has already set the start of each commit's span.
-    spanned: Vec<bool>,
 }
 
 impl PeerTransport {
@@ -68,50 +66,37 @@ impl PeerTransport {
                 dev: dev.clone(),
                 inner,
                 mode,
-                model,
                 slot: Arc::new(Mutex::new(None)),
                 sends_queued: false,
                 recvs_queued: Vec::new(),
                 arrived: Vec::new(),
-                commits: 0,
-                batch_of: Vec::new(),
-                spanned: Vec::new(),
             })
             .collect()
     }
 
-    /// Takes a parcel into this rank: copies it on comm (or adopts the sender's buffer) and
-    /// returns the tensor with the event main must wait for. `batch`: in the async model, the
-    /// commit that posted the receive, whose timed span (when profiling) is made to cover this
-    /// copy: its copies are issued when a compute takes the data, after the commit itself.
-    fn land(&mut self, parcel: Parcel, batch: Option<usize>) -> Result<Tensor, GpuError> {
-        let Parcel { mut tensor, ready } = parcel;
-        let sent = ready.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    /// Makes comm wait for the sender's event of `parcel`; returns its buffer, now freed
+    /// through this rank's graveyard.
+    fn await_parcel(&self, parcel: Parcel) -> Result<Tensor, GpuError> {
+        let Parcel { mut tensor, sent } = parcel;
+        let sent = sent.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let sent = sent.ok_or_else(|| {
-            GpuError::Shape("a message arrived before its sender committed".into())
+            GpuError::Shape("a message arrived before its sender's batch recorded it".into())
         })?;
         tensor.rehome(&self.dev);
+        self.dev
+            .comm
+            .wait(&sent)
+            .map_err(|e| GpuError::driver("waiting for the sender", e))?;
+        Ok(tensor)
+    }
+
+    /// Lands a buffer on comm (after [`PeerTransport::await_parcel`]): a copy, or the
+    /// sender's buffer itself with [`CommMode::Move`].
+    fn land(&self, tensor: Tensor) -> Result<Tensor, GpuError> {
         match self.mode {
-            CommMode::Move => {
-                tensor.ready = Some(sent);
-                Ok(tensor)
-            }
+            CommMode::Move => Ok(tensor),
             CommMode::Copy => {
-                let dev = self.dev.clone();
-                let comm = &dev.comm;
-                comm.wait(&sent)
-                    .map_err(|e| GpuError::driver("waiting for the sender", e))?;
-                // Taken after the wait for the sender, so the span is the copy itself.
-                let timed = match batch {
-                    Some(k) if self.dev.profile => {
-                        let start = self.dev.event(true)?;
-                        start
-                            .record(comm)
-                            .map_err(|e| GpuError::driver("recording", e))?;
-                        Some((k, start))
-                    }
-                    _ => None,
-                };
+                let comm = &self.dev.comm;
                 let mut copy = self.dev.alloc(comm, [tensor.rows(), tensor.cols()])?;
                 match (copy.buf_mut(), tensor.buf()) {
                     (Buf::F32(d), Buf::F32(s)) => comm.memcpy_dtod(s, d),
@@ -119,36 +104,12 @@ impl PeerTransport {
                     _ => return Err(GpuError::Shape("a message of another element type".into())),
                 }
                 .map_err(|e| GpuError::driver("copying a message", e))?;
-                if let Some((k, start)) = timed {
-                    let end = self.dev.event(true)?;
-                    end.record(comm)
-                        .map_err(|e| GpuError::driver("recording", e))?;
-                    self.stretch(k, start, end);
-                }
-                copy.ready = Some(self.dev.record(comm)?);
+                // The sender's buffer goes to this rank's graveyard, freed once the copy on
+                // comm is done.
+                drop(tensor);
                 Ok(copy)
             }
         }
-    }
-}
-
-impl PeerTransport {
-    /// Makes commit `k`'s timed span run from its first copy's start to its latest copy's
-    /// end (copies go in order on comm, so the latest issued ends last).
-    fn stretch(&mut self, k: usize, start: CudaEvent, end: CudaEvent) {
-        let mut times = self
-            .dev
-            .commit_times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (Some(span), Some(spanned)) = (times.get_mut(k), self.spanned.get_mut(k)) else {
-            return;
-        };
-        if !*spanned {
-            span.0 = start;
-            *spanned = true;
-        }
-        span.1 = end;
     }
 }
 
@@ -162,7 +123,7 @@ impl Transport for PeerTransport {
             peer,
             Parcel {
                 tensor,
-                ready: self.slot.clone(),
+                sent: self.slot.clone(),
             },
         )
     }
@@ -173,88 +134,69 @@ impl Transport for PeerTransport {
         Ok(ticket)
     }
 
+    /// The plan's batch: after comm's wait for `ready`, the sends leave with a sent event
+    /// recorded on comm, and every receive of the batch is waited for on the host (a valid
+    /// schedule is free of deadlock even when every batch waits for its partners) and landed
+    /// on comm, before the plan records `done`.
     fn commit(&mut self) -> Result<(), CommError> {
-        self.dev.bind().map_err(backend)?;
-        let timed = self.dev.profile;
-        let start = if timed {
-            Some(self.dev.event(true).map_err(backend)?)
-        } else {
-            None
-        };
+        let dev = self.dev.clone();
+        dev.bind().map_err(backend)?;
+        let index = dev.plan_batch().map_err(backend)?;
         if self.sends_queued {
-            let ready = self.dev.record(&self.dev.main).map_err(backend)?;
-            *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(ready);
+            let sent = dev.record(&dev.comm).map_err(backend)?;
+            *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(sent);
             self.slot = Arc::new(Mutex::new(None));
             self.sends_queued = false;
         }
-        if let Some(start) = &start {
-            start
-                .record(&self.dev.comm)
-                .map_err(|e| backend(GpuError::driver("recording", e)))?;
-        }
         self.inner.commit()?;
-        let batch = self.commits;
-        self.commits += 1;
-        self.spanned.push(false);
-        let recvs = std::mem::take(&mut self.recvs_queued);
-        if self.model == ExecutionModel::Async {
-            self.batch_of.extend(recvs.iter().map(|&t| (t, batch)));
+        let mut landing = Vec::new();
+        for ticket in std::mem::take(&mut self.recvs_queued) {
+            let parcel = self.inner.wait(ticket)?;
+            landing.push((ticket, self.await_parcel(parcel).map_err(backend)?));
         }
-        if self.model == ExecutionModel::Blocking {
-            // Every message of the batch has arrived on the host: copy them now, and make
-            // main wait for the batch as the reference's wait() does.
-            for ticket in recvs {
-                let parcel = self.inner.wait(ticket)?;
-                let mut tensor = self.land(parcel, None).map_err(backend)?;
-                if let Some(ev) = tensor.ready.take() {
-                    self.dev
-                        .main
-                        .wait(&ev)
-                        .map_err(|e| backend(GpuError::driver("waiting", e)))?;
-                }
-                self.arrived.push((ticket, tensor));
-            }
+        // Timed after comm's waits for the senders, so the batch's span is its copies (empty
+        // for a batch of sends only, or without copies).
+        let start = if dev.profile {
+            let e = dev.event(true).map_err(backend)?;
+            e.record(&dev.comm)
+                .map_err(|e| backend(GpuError::driver("recording", e)))?;
+            Some(e)
+        } else {
+            None
+        };
+        for (ticket, tensor) in landing {
+            let tensor = self.land(tensor).map_err(backend)?;
+            self.arrived.push((ticket, tensor));
         }
         if let Some(start) = start {
-            let end = self.dev.event(true).map_err(backend)?;
-            end.record(&self.dev.comm)
+            let end = dev.event(true).map_err(backend)?;
+            end.record(&dev.comm)
                 .map_err(|e| backend(GpuError::driver("recording", e)))?;
-            self.dev
-                .commit_times
+            dev.commit_times
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((start, end));
         }
-        self.dev.seal_and_sweep().map_err(backend)
+        dev.plan_close(index).map_err(backend)?;
+        dev.seal_and_sweep().map_err(backend)
     }
 
+    /// The buffer landed by its batch. The plan's waits before the compute that takes it are
+    /// issued here, between the interpreter's start and ready marks, so the timeline shows
+    /// them as waiting for data.
     fn wait(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
-        let mut tensor = self.wait_beside(ticket)?;
-        // The wait goes on main here, between the interpreter's start and ready marks, so
-        // the timeline shows it as waiting for data.
-        self.dev
-            .make_ready(&mut tensor, &self.dev.main)
-            .map_err(backend)?;
-        Ok(tensor)
-    }
-
-    /// The tensor with its event still on it: the backward half of an `FB` waits for it on
-    /// side (`GpuStage::forward_backward`), so main's forward half does not.
-    fn wait_beside(&mut self, ticket: InProcessTicket) -> Result<Tensor, CommError> {
-        let landed = self.arrived.iter().position(|(t, _)| *t == ticket);
-        match landed {
-            Some(at) => Ok(self.arrived.swap_remove(at).1),
-            None => {
-                let parcel = self.inner.wait(ticket)?;
-                self.dev.bind().map_err(backend)?;
-                let batch = self
-                    .batch_of
-                    .iter()
-                    .position(|(t, _)| *t == ticket)
-                    .map(|at| self.batch_of.swap_remove(at).1);
-                self.land(parcel, batch).map_err(backend)
-            }
-        }
+        self.dev.bind().map_err(backend)?;
+        self.dev.plan_leading().map_err(backend)?;
+        let at = self
+            .arrived
+            .iter()
+            .position(|(t, _)| *t == ticket)
+            .ok_or_else(|| {
+                CommError::new(CommErrorKind::Backend(
+                    "a receive was taken before its batch landed it".into(),
+                ))
+            })?;
+        Ok(self.arrived.swap_remove(at).1)
     }
 
     fn abort(&mut self, reason: &str) {
@@ -272,7 +214,6 @@ enum Queued {
 pub(crate) struct NcclTransport {
     dev: Arc<RankDevice>,
     comm: NcclComm,
-    model: ExecutionModel,
     message_shape: [usize; 2],
     queued: Vec<Queued>,
     next_ticket: usize,
@@ -281,16 +222,10 @@ pub(crate) struct NcclTransport {
 }
 
 impl NcclTransport {
-    pub fn new(
-        dev: Arc<RankDevice>,
-        comm: NcclComm,
-        model: ExecutionModel,
-        message_shape: [usize; 2],
-    ) -> Self {
+    pub fn new(dev: Arc<RankDevice>, comm: NcclComm, message_shape: [usize; 2]) -> Self {
         NcclTransport {
             dev,
             comm,
-            model,
             message_shape,
             queued: Vec::new(),
             next_ticket: 0,
@@ -330,12 +265,8 @@ impl Transport for NcclTransport {
         let dev = self.dev.clone();
         dev.bind().map_err(backend)?;
         let queued = std::mem::take(&mut self.queued);
-        if queued.iter().any(|q| matches!(q, Queued::Send { .. })) {
-            let ready = dev.record(&dev.main).map_err(backend)?;
-            dev.comm
-                .wait(&ready)
-                .map_err(|e| backend(GpuError::driver("waiting for sent data", e)))?;
-        }
+        // `ready` on main and comm's wait for it, as the plan has them before the batch.
+        let index = dev.plan_batch().map_err(backend)?;
         let start = if dev.profile {
             let e = dev.event(true).map_err(backend)?;
             e.record(&dev.comm)
@@ -369,7 +300,6 @@ impl Transport for NcclTransport {
             }
             Ok(())
         })?;
-        let done = dev.record(&dev.comm).map_err(backend)?;
         if let Some(start) = start {
             let end = dev.event(true).map_err(backend)?;
             end.record(&dev.comm)
@@ -379,31 +309,19 @@ impl Transport for NcclTransport {
                 .unwrap_or_else(|p| p.into_inner())
                 .push((start, end));
         }
-        if self.model == ExecutionModel::Blocking {
-            dev.main
-                .wait(&done)
-                .map_err(|e| backend(GpuError::driver("waiting for the batch", e)))?;
-        }
-        for (ticket, mut tensor) in received {
-            if self.model == ExecutionModel::Async {
-                tensor.ready = Some(done.clone());
-            }
-            self.arrived.insert(ticket, tensor);
-        }
+        // `done` on comm and, in the blocking model, main's wait for it.
+        dev.plan_close(index).map_err(backend)?;
+        self.arrived.extend(received);
+        // Freed once the group on comm is done (the graveyard's events).
         drop(sent);
         dev.seal_and_sweep().map_err(backend)
     }
 
+    /// The buffer its batch received; the plan's waits before the compute that takes it are
+    /// issued here (between the interpreter's start and ready marks).
     fn wait(&mut self, ticket: usize) -> Result<Tensor, CommError> {
-        let mut tensor = self.wait_beside(ticket)?;
-        self.dev
-            .make_ready(&mut tensor, &self.dev.main)
-            .map_err(backend)?;
-        Ok(tensor)
-    }
-
-    /// The tensor with its batch's event still on it, for the backward half of an `FB`.
-    fn wait_beside(&mut self, ticket: usize) -> Result<Tensor, CommError> {
+        self.dev.bind().map_err(backend)?;
+        self.dev.plan_leading().map_err(backend)?;
         self.arrived.remove(&ticket).ok_or_else(|| {
             CommError::new(CommErrorKind::Backend(format!(
                 "receive {ticket} was never committed"
