@@ -510,7 +510,7 @@ where
                 Ok((ready, waited))
             }
             Op::Backward(b) => {
-                let (backward, waited) = self.backward_args(&b, false)?;
+                let (backward, waited) = self.backward_args(&b)?;
                 let ready = mark();
                 let stage = self.stages.get_mut(b.work.stage).expect("checked at start");
                 let input_grad = guarded(|| stage.backward(backward))?;
@@ -525,9 +525,7 @@ where
             }
             Op::ForwardBackward(f, b) => {
                 let (forward, waited_f) = self.forward_args(&f)?;
-                // The backward half runs beside the forward: its gradient is taken with
-                // `wait_beside`, so the forward half is not held up by it.
-                let (backward, waited_b) = self.backward_args(&b, true)?;
+                let (backward, waited_b) = self.backward_args(&b)?;
                 let ready = mark();
                 let (forward_stage, backward_stage) = self
                     .stages
@@ -561,7 +559,7 @@ where
             }
             Source::Local => (self.take_local(Kind::Act, f.slot, f.work)?, None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Act, f.slot, false)?;
+                let (buffer, commit) = self.take_received(Kind::Act, f.slot)?;
                 (buffer, Some(commit))
             }
             Source::Loss => unreachable!("a forward has an input"),
@@ -588,17 +586,16 @@ where
         ))
     }
 
-    /// The arguments of a backward; `beside`: it is the backward half of an `FB`.
+    /// The arguments of a backward.
     fn backward_args(
         &mut self,
         b: &BackwardOp,
-        beside: bool,
     ) -> Result<(Backward<S::Buffer>, Option<usize>), Cause> {
         let (output_grad, waited) = match b.grad {
             Source::Loss => (None, None),
             Source::Local => (Some(self.take_local(Kind::Grad, b.slot, b.work)?), None),
             Source::Received => {
-                let (buffer, commit) = self.take_received(Kind::Grad, b.slot, beside)?;
+                let (buffer, commit) = self.take_received(Kind::Grad, b.slot)?;
                 (Some(buffer), Some(commit))
             }
             Source::Feed => unreachable!("gradients are not fed"),
@@ -624,23 +621,13 @@ where
 
     /// Waits for a received buffer and checks its shape. Returns it with the index of the
     /// commit that posted its receive.
-    /// A received buffer; `beside`: for the backward half of an `FB` (`wait_beside`).
-    fn take_received(
-        &mut self,
-        kind: Kind,
-        slot: usize,
-        beside: bool,
-    ) -> Result<(S::Buffer, usize), Cause> {
+    fn take_received(&mut self, kind: Kind, slot: usize) -> Result<(S::Buffer, usize), Cause> {
         let pending = self.state.received[lane(kind)][slot]
             .take()
             .ok_or_else(|| {
                 Cause::Contract(format!("no receive was posted for this {}", what(kind)))
             })?;
-        let waited = if beside {
-            self.transport.wait_beside(pending.ticket)
-        } else {
-            self.transport.wait(pending.ticket)
-        };
+        let waited = self.transport.wait(pending.ticket);
         let buffer = waited.map_err(|error| self.comm(error, Some(pending.recv)))?;
         self.check_shape(
             match kind {

@@ -39,14 +39,6 @@ pub trait Transport {
     /// The buffer of a receive whose batch was committed, once it has arrived.
     fn wait(&mut self, ticket: Self::Ticket) -> Result<Self::Buffer, CommError>;
 
-    /// [`Transport::wait`] for a buffer taken by the backward half of an overlapped `FB`,
-    /// which a device backend runs beside the rank's main line: such a backend may leave the
-    /// ordering on the data to that half, so the forward half does not wait for the backward
-    /// half's input. The default is `wait`.
-    fn wait_beside(&mut self, ticket: Self::Ticket) -> Result<Self::Buffer, CommError> {
-        self.wait(ticket)
-    }
-
     /// Ends the step on every rank: this rank failed with `reason`. Every other rank's pending
     /// and later operations fail with [`CommErrorKind::Aborted`].
     fn abort(&mut self, reason: &str);
@@ -159,10 +151,6 @@ impl<T: Transport + ?Sized> Transport for &mut T {
 
     fn wait(&mut self, ticket: Self::Ticket) -> Result<Self::Buffer, CommError> {
         (**self).wait(ticket)
-    }
-
-    fn wait_beside(&mut self, ticket: Self::Ticket) -> Result<Self::Buffer, CommError> {
-        (**self).wait_beside(ticket)
     }
 
     fn abort(&mut self, reason: &str) {
