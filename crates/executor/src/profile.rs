@@ -154,13 +154,8 @@ impl Profile {
     /// `sum over ranks of (makespan - busy) / (ranks x makespan)`, the same definition as the
     /// simulator's bubble share.
     pub fn bubble(&self, schedule: &Schedule) -> f64 {
-        let makespan = self.makespan_us();
         let summary = self.summary(schedule);
-        if makespan <= 0.0 || summary.is_empty() {
-            return 0.0;
-        }
-        let idle: f64 = summary.iter().map(|s| makespan - s.busy_us).sum();
-        idle / (summary.len() as f64 * makespan)
+        dualpipe_schedule::bubble_share(self.makespan_us(), summary.iter().map(|s| s.busy_us))
     }
 
     /// The bubble ([`Profile::bubble`]) and the share of communication hidden behind

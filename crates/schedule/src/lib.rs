@@ -49,7 +49,7 @@ pub use order::{
 };
 pub use render::{timeline_svg, timeline_text};
 pub use simulate::{Interval, RankSummary, SimulateError, Simulation, simulate};
-pub use timeline::{Lane, Source, Span, TRACE_UNIT_US, Timeline, TraceError};
+pub use timeline::{Lane, Source, Span, TRACE_UNIT_US, Timeline, TraceError, bubble_share};
 pub use topology::Topology;
 pub use torch::{TorchCsvError, read_torch_csv, to_torch_csv};
 pub use trace::chrome_trace;

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::costs::{ComputeCosts, CostError, Costs};
 use crate::diagnostics::ExecutionModel;
 use crate::format::{Instruction, Kind, Schedule, Work};
-use crate::timeline::{Lane, Source, Span, Timeline};
+use crate::timeline::{Lane, Source, Span, Timeline, bubble_share};
 use crate::topology::Topology;
 use crate::validate::ValidSchedule;
 
@@ -78,12 +78,7 @@ pub struct Simulation {
 impl Simulation {
     /// Share of the ranks' time spent idle: total idle over `ranks x makespan`.
     pub fn bubble_share(&self) -> f64 {
-        let total = self.makespan * self.ranks.len() as f64;
-        if total > 0.0 {
-            self.ranks.iter().map(|r| r.idle).sum::<f64>() / total
-        } else {
-            0.0
-        }
+        bubble_share(self.makespan, self.ranks.iter().map(|r| r.busy))
     }
 
     /// The simulated timeline: every compute and commit of `schedule` (the schedule simulated)

@@ -83,6 +83,20 @@ pub struct Timeline {
     pub spans: Vec<Span>,
 }
 
+/// The bubble of a step: the share of the ranks' time not spent computing,
+/// `sum over ranks of (makespan - busy)` over `ranks x makespan`, from each rank's busy time
+/// (0 for an empty or instant step). The one definition the simulator, timelines and measured
+/// profiles share.
+pub fn bubble_share(makespan: f64, busy: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut ranks, mut idle) = (0usize, 0.0);
+    for b in busy {
+        ranks += 1;
+        idle += makespan - b;
+    }
+    let total = makespan * ranks as f64;
+    if total > 0.0 { idle / total } else { 0.0 }
+}
+
 /// Why a Chrome trace does not read as a timeline of a schedule.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -92,12 +106,7 @@ impl Timeline {
     /// Share of the ranks' time not spent computing: `sum of (makespan - busy)` over
     /// `ranks x makespan`, the simulator's bubble.
     pub fn bubble_share(&self) -> f64 {
-        let total = self.makespan * self.busy.len() as f64;
-        if total > 0.0 {
-            self.busy.iter().map(|b| self.makespan - b).sum::<f64>() / total
-        } else {
-            0.0
-        }
+        bubble_share(self.makespan, self.busy.iter().copied())
     }
 
     /// Microseconds per time unit: the unit's, or [`crate::TRACE_UNIT_US`] for abstract units
