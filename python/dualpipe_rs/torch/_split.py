@@ -230,7 +230,9 @@ def _linear_weight_grad(node, grad, bias: bool):
         x = node._saved_mat1
     else:
         x = node._saved_self
-    if x.is_cuda:
+    if not x.is_cpu:
+        if not x.is_cuda:
+            return None
         # The engine would read them on the forward's stream; here they are read on the
         # current one, which the allocator must know before it reuses their memory.
         stream = torch.cuda.current_stream(x.device)
@@ -378,11 +380,12 @@ def backward_input(
     want = [t for t in inputs if t.requires_grad]
     store = WeightGradStore.enabled
     if store:
-        known = tuple(map(id, params))
-        if _STORE_ONLY.get(known):
-            return _backward_through_store(outputs, grads, inputs, want, params, known)
+        if _STORE_ONLY:
+            known = tuple(map(id, params))
+            if _STORE_ONLY.get(known):
+                return _backward_through_store(outputs, grads, inputs, want, params, known)
         stored = len(WeightGradStore.cache)
-    out_nodes = [_node(o) for o in outputs]
+    out_nodes = [o.grad_fn or _node(o) for o in outputs]
     nodes, plan = _plan(out_nodes, want, params)
 
     # Edges, not tensors: a sent output may have had its storage released already.
@@ -428,7 +431,7 @@ def backward_input(
     if store and plan.store_only and len(WeightGradStore.cache) > stored:
         if len(_STORE_ONLY) >= _PLANS_MAX:
             _STORE_ONLY.clear()
-        _STORE_ONLY[known] = True
+        _STORE_ONLY[tuple(map(id, params))] = True
     return input_grads, later
 
 
