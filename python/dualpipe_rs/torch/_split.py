@@ -68,32 +68,6 @@ def _node(t: torch.Tensor) -> Optional[Node]:
     return None
 
 
-def _index(roots: Sequence[Node]):
-    """Every node reachable from ``roots`` in a fixed (breadth-first) order, each node's
-    successors as indices (-1 where an input needs no gradient), and the nodes' types."""
-    nodes: List[Node] = []
-    where: Dict[Node, int] = {}
-    for root in roots:
-        if root not in where:
-            where[root] = len(nodes)
-            nodes.append(root)
-    edges: List[Tuple[int, ...]] = []
-    add, get = nodes.append, where.get
-    for node in nodes:  # grows while it is walked
-        row = []
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                row.append(-1)
-                continue
-            j = get(nxt)
-            if j is None:
-                j = where[nxt] = len(nodes)
-                add(nxt)
-            row.append(j)
-        edges.append(tuple(row))
-    return nodes, where, tuple(edges), tuple(map(type, nodes))
-
-
 def _upstream(starts, users, stop):
     """Node indices from which ``starts`` are reached, walking towards the outputs; nodes in
     ``stop`` are recorded as met and not walked past."""
@@ -247,21 +221,51 @@ def _linear_weight_grad(node, grad, bias: bool):
 
 
 def _plan(out_nodes, want, params):
-    """The indexed graph and its (cached) plan."""
-    nodes, where, edges, types = _index([n for n in out_nodes if n is not None])
+    """The graph's nodes in a fixed (breadth-first) order and its (cached) plan.
+
+    The walk writes the graph's shape as one flat signature: each node's type, then the
+    positions of its successors (-1 where an input needs no gradient). A leaf's accumulator
+    has no successors; its tensor says whether it is an input or a parameter.
+    """
+    nodes: List[Node] = []
+    where: Dict[Node, int] = {}
+    for n in out_nodes:
+        if n is not None and n not in where:
+            where[n] = len(nodes)
+            nodes.append(n)
+    sig: list = []
+    put, get, add = sig.append, where.get, nodes.append
     # Leaves by tensor id (the tensors asked about are alive, so their ids are theirs).
-    leaves = {id(nodes[j].variable): j for j, t in enumerate(types) if t is _ACCUMULATE}
-    out_idx = tuple(None if n is None else where[n] for n in out_nodes)
-    in_idx = tuple(
-        leaves.get(id(t)) if t.grad_fn is None else where.get(t.grad_fn) for t in want
-    )
+    leaves: Dict[int, int] = {}
+    i = 0
+    for node in nodes:  # grows while it is walked
+        kind = type(node)
+        put(kind)
+        if kind is _ACCUMULATE:
+            leaves[id(node.variable)] = i
+        else:
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    put(-1)
+                    continue
+                j = get(nxt)
+                if j is None:
+                    j = where[nxt] = len(nodes)
+                    add(nxt)
+                put(j)
+        i += 1
+    out_idx = tuple([None if n is None else where[n] for n in out_nodes])
+    in_idx = tuple([leaves.get(id(t)) if t.grad_fn is None else get(t.grad_fn) for t in want])
     param_idx = tuple([leaves.get(id(p)) for p in params])
-    key = (edges, types, out_idx, in_idx, param_idx)
+    key = (tuple(sig), out_idx, in_idx, param_idx)
     plan = _PLANS.get(key)
     if plan is None:
+        edges = tuple(
+            tuple([-1 if n is None else where[n] for n, _ in node.next_functions])
+            for node in nodes
+        )
         info = [
-            (issubclass(t, BackwardCFunction), len(n._input_metadata), t)
-            for t, n in zip(types, nodes)
+            (isinstance(n, BackwardCFunction), len(n._input_metadata), type(n)) for n in nodes
         ]
         plan = _Plan(edges, info, out_idx, in_idx, param_idx)
         if len(_PLANS) >= _PLANS_MAX:
