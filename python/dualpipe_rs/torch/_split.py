@@ -307,7 +307,7 @@ class DeferredWeights:
             node, params, grads, custom, linear = group
             if skip_custom and custom:
                 continue
-            if linear is not None and grads[0] is not None and _hookless(linear):
+            if linear is not None and grads[0] is not None and _direct(linear):
                 direct.append(group)
             else:
                 rest.append(group)
@@ -317,7 +317,10 @@ class DeferredWeights:
             try:
                 for group in direct:
                     node, _, grads, _, (weight, bias) = group
-                    got = _linear_weight_grad(node, grads[0], bias is not None)
+                    try:
+                        got = _linear_weight_grad(node, grads[0], bias is not None)
+                    except AttributeError:  # a torch whose nodes name their fields otherwise
+                        got = None
                     if got is None:
                         rest.append(group)
                         continue
@@ -337,11 +340,16 @@ class DeferredWeights:
         del owners
 
 
-def _hookless(linear) -> bool:
-    """Whether no gradient hook is registered on the linear branch's parameters (the engine
-    would run it; the direct computation does not)."""
+def _direct(linear) -> bool:
+    """Whether the linear branch's weight gradient may be computed directly: a dense weight,
+    and no gradient hook on its parameters (the engine would run it; the direct computation
+    does not)."""
     weight, bias = linear
-    return not weight._backward_hooks and (bias is None or not bias._backward_hooks)
+    return (
+        weight.layout is torch.strided
+        and not weight._backward_hooks
+        and (bias is None or not bias._backward_hooks)
+    )
 
 
 def _accumulate(p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
