@@ -787,8 +787,11 @@ class Pipeline(nn.Module):
                         prog.text[entry[1]],
                     )
                 tensors = [
-                    torch.empty(shape, dtype=dtype, device=self._device).requires_grad_(
-                        st.training and (dtype.is_floating_point or dtype.is_complex)
+                    torch.empty(
+                        shape,
+                        dtype=dtype,
+                        device=self._device,
+                        requires_grad=st.training and (dtype.is_floating_point or dtype.is_complex),
                     )
                     for shape, dtype in meta
                 ]
