@@ -63,9 +63,14 @@ def _leaf_grads(inputs: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
 
 
 def _loss_backward(loss: torch.Tensor) -> None:
-    """``loss.backward()``; for a plain one-element tensor, the engine call it makes without
-    its Python-side checks (the same gradient of one, the same accumulation)."""
-    if type(loss) is torch.Tensor and loss.requires_grad and loss.numel() == 1:
+    """``loss.backward()``; for a plain real one-element tensor, the engine call it makes
+    without its Python-side checks (the same gradient of one, the same accumulation)."""
+    if (
+        type(loss) is torch.Tensor
+        and loss.requires_grad
+        and loss.is_floating_point()
+        and loss.numel() == 1
+    ):
         ones = torch.ones_like(loss, memory_format=torch.preserve_format)
         Variable._execution_engine.run_backward((loss,), (ones,), False, False, (), True, True)
     else:
