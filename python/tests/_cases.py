@@ -516,6 +516,12 @@ def fb_streams_refused(rank: int):
     return False
 
 
+def posted_one_by_one(rank: int):
+    """On gloo a pipeline posts its messages to the process group one by one."""
+    pipe = Pipeline(dualpipe_rs.plan("dualpipev", 1, 2), [Block(), Block()])
+    return pipe._post_each
+
+
 def mapped(rank: int):
     """rank_mapping=[1, 0]: process 0 runs pipeline rank 1 and the other way round."""
     schedule = dualpipe_rs.plan("zb1p", 2, 4)

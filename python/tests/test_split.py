@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dualpipe_rs.torch import WeightGradStore, backward_input
+from dualpipe_rs.torch import _split as _split_module
 
 from _cases import Block, HookStage
 
@@ -104,10 +106,12 @@ def test_split_of_linear_layers_equals_full_backward(bias, transposed, side, row
     twin = copy.deepcopy(module)
     x = torch.randn(*rows, 6, dtype=torch.float64)
     g = [torch.randn(*rows, 6, dtype=torch.float64)]
-    for _ in range(2):  # the second step reuses the analysis and accumulates
+    for step in range(2):  # the second step reuses the analysis and accumulates
         dx_full, g_full = _full(module, x, g)
         dx, before, g_split = _split(twin, x, g)
         assert torch.equal(dx, dx_full)
+        if step == 0 and not side:
+            assert all(b is None for b in before)
         for a, b in zip(g_split, g_full):
             assert torch.equal(a, b)
 
@@ -186,3 +190,173 @@ def test_weight_grad_store_queue():
     assert seen == [1]
     with pytest.raises(RuntimeError, match="empty"):
         WeightGradStore.pop()
+
+
+def _engine_runs_at_w(monkeypatch):
+    """Count the engine runs of the weight passes."""
+    calls = []
+    original = _split_module._grad_into
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(_split_module, "_grad_into", counted)
+    return calls
+
+
+def test_linear_weight_gradient_needs_no_engine_run(monkeypatch):
+    torch.manual_seed(5)
+    module = Linears(True, False, False)
+    twin = copy.deepcopy(module)
+    x = torch.randn(3, 4, 6, dtype=torch.float64)
+    g = [torch.randn(3, 4, 6, dtype=torch.float64)]
+    calls = _engine_runs_at_w(monkeypatch)
+    dx_full, g_full = _full(module, x, g)
+    dx, before, g_split = _split(twin, x, g)
+    assert calls == []
+    assert all(b is None for b in before)
+    assert torch.equal(dx, dx_full)
+    for a, b in zip(g_split, g_full):
+        assert torch.equal(a, b)
+
+
+def test_linear_weight_with_a_hook_goes_through_the_engine(monkeypatch):
+    """A gradient hook on a weight runs at the W, as in a full backward."""
+    torch.manual_seed(6)
+    module = Linears(False, False, False)
+    twin = copy.deepcopy(module)
+    for m in (module, twin):
+        m.b.weight.register_hook(lambda grad: grad * 3.0)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    g = [torch.randn(5, 6, dtype=torch.float64)]
+    calls = _engine_runs_at_w(monkeypatch)
+    dx_full, g_full = _full(module, x, g)
+    dx, _, g_split = _split(twin, x, g)
+    assert len(calls) == 1
+    for a, b in zip(g_split, g_full):
+        assert torch.equal(a, b)
+
+
+class _Returning(torch.autograd.Function):
+    """A custom linear that returns its weight gradient (no store)."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return grad @ weight, grad.flatten(0, -2).T @ x.flatten(0, -2)
+
+
+class CustomLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(8, 16, dtype=torch.float64))
+
+    def forward(self, x):
+        return _Returning.apply(torch.tanh(_Returning.apply(x, self.w1)), self.w2)
+
+
+def test_custom_function_branches_outlive_the_outputs():
+    """The stage drops its outputs before the W (a pipeline sends and frees them): the
+    custom functions' nodes, which their Python objects do not keep alive, still run."""
+    torch.manual_seed(7)
+    module = CustomLinears()
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 3, 8, dtype=torch.float64)
+    g = torch.randn(4, 3, 8, dtype=torch.float64)
+    dx_full, g_full = _full(module, x, [g])
+    xb = x.clone().requires_grad_(True)
+    out = twin(xb)
+    (dx,), later = backward_input([out], [g], [xb], list(twin.parameters()))
+    del out
+    gc.collect()
+    assert all(p.grad is None for p in twin.parameters())
+    later.run()
+    assert torch.equal(dx, dx_full)
+    for a, b in zip(twin.parameters(), g_full):
+        assert torch.equal(a.grad, b)
+
+
+class Switch(nn.Module):
+    """The reference example's stage whose second linear can turn into a plain one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = HookStage().double()
+        self.plain = False
+
+    def forward(self, x):
+        h = self.inner.linear1(x)
+        h = torch.nn.functional.gelu(h)
+        if self.plain:
+            return F.linear(h, self.inner.linear2.weight)
+        return self.inner.linear2(h)
+
+
+def _split_through_store(module, x, g):
+    xb = x.clone().requires_grad_(True)
+    out = module(xb)
+    WeightGradStore.clear()
+    WeightGradStore.enabled = True
+    try:
+        (dx,), later = backward_input([out], [g], [xb], list(module.parameters()))
+    finally:
+        WeightGradStore.enabled = False
+    group = WeightGradStore.take()
+    before = [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+    for fn in group:
+        fn()
+    later.run(skip_custom=bool(group))
+    return dx, group, before
+
+
+def test_store_only_stage_runs_a_plain_backward(monkeypatch):
+    """Once an analysis found every weight gradient going through the store, the next input
+    pass is one plain backward: no graph walk, the same bits, the W still deferred."""
+    torch.manual_seed(8)
+    module = Switch()
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    g = torch.randn(4, 8, dtype=torch.float64)
+    key = tuple(id(p) for p in twin.parameters())
+    _split_module._STORE_ONLY.pop(key, None)
+    walks = []
+    original = _split_module._plan
+    monkeypatch.setattr(_split_module, "_plan", lambda *a: walks.append(1) or original(*a))
+    for step in range(3):
+        dx_full, g_full = _full(module, x, [g])
+        dx, group, before = _split_through_store(twin, x, g)
+        assert _split_module._STORE_ONLY.get(key)
+        assert len(walks) == 1  # the first call only
+        assert len(group) == 2
+        if step == 0:
+            assert all(b is None or not b.any() for b in before)
+        assert torch.equal(dx, dx_full)
+        for a, b in zip(twin.parameters(), g_full):
+            assert torch.equal(a.grad, b)
+
+
+def test_store_only_hint_that_no_longer_holds():
+    """A stage hinted as store-only whose graph changed: its gradients are still right, and
+    the next call analyses the graph again."""
+    torch.manual_seed(9)
+    module = Switch()
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    g = torch.randn(4, 8, dtype=torch.float64)
+    key = tuple(id(p) for p in twin.parameters())
+    _split_module._STORE_ONLY.pop(key, None)
+    for plain in (False, True, True):
+        module.plain = twin.plain = plain
+        dx_full, g_full = _full(module, x, [g])
+        dx, group, _ = _split_through_store(twin, x, g)
+        assert torch.equal(dx, dx_full)
+        for a, b in zip(twin.parameters(), g_full):
+            assert torch.equal(a.grad, b)
+        assert bool(_split_module._STORE_ONLY.get(key)) == (not plain)

@@ -103,6 +103,10 @@ def test_fb_on_two_streams_two_ranks(world2):
     assert sum(counts) > 0, "dualpipe on 2 ranks has FB pairs"
 
 
+def test_gloo_messages_are_posted_one_by_one(world1):
+    assert world1.run(_cases.posted_one_by_one)[0]
+
+
 def test_fb_streams_needs_cuda(world1):
     assert world1.run(_cases.fb_streams_refused)[0]
 

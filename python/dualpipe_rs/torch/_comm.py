@@ -11,7 +11,7 @@ receiver produced the activation they belong to.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -100,17 +100,49 @@ def decode_meta(meta: torch.Tensor) -> List[TensorMeta]:
     return out
 
 
+# Wait limits by their seconds (a pipeline uses one; building it per wait costs).
+_LIMITS: Dict[float, timedelta] = {}
+
+
 def wait(works, timeout: Optional[float]) -> None:
     """Wait for ``works``; raises ``RuntimeError`` from torch on a timeout or a dead peer."""
     if timeout is None:
         for work in works:
             work.wait()
         return
-    limit = timedelta(seconds=timeout)
+    limit = _LIMITS.get(timeout)
+    if limit is None:
+        if len(_LIMITS) > 64:
+            _LIMITS.clear()
+        limit = _LIMITS[timeout] = timedelta(seconds=timeout)
     for work in works:
-        work.wait(timeout=limit)
+        work.wait(limit)
 
 
 def post(ops: List[dist.P2POp]):
     """Post one batch; the list of works to wait on."""
     return dist.batch_isend_irecv(ops)
+
+
+def posts_each(group, device) -> bool:
+    """Whether ``group`` posts point-to-point messages one by one on ``device`` (it cannot
+    coalesce them, as gloo): then :func:`post_each` is the same as :func:`post`, cheaper."""
+    try:
+        return not (
+            type(group) is dist.ProcessGroup and group._get_backend(device).supports_coalescing
+        )
+    except Exception:
+        return False
+
+
+def post_each(group, messages: Sequence[Tuple[bool, torch.Tensor, int]]):
+    """Post ``(is_send, tensor, peer's rank in group)`` messages in order, one call each, as
+    ``batch_isend_irecv`` does for a group that cannot coalesce them (tag 0, complex tensors
+    as real views); the list of works to wait on."""
+    send, recv = group.send, group.recv
+    works = []
+    for is_send, t, peer in messages:
+        if t.is_complex():
+            t = torch.view_as_real(t)
+        works.append(send([t], peer, 0) if is_send else recv([t], peer, 0))
+    return works

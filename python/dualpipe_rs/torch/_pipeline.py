@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.autograd import Variable
 
 from .. import Schedule, plan
 from . import _comm
@@ -22,6 +23,8 @@ __all__ = ["Pipeline", "PipelineError"]
 _F, _B, _W, _FB, _SEND, _RECV, _COMMIT = range(7)
 _HOOKS = ("overlapped_forward_backward", "overlaped_forward_backward")
 _ids = itertools.count()
+# Whether a node type saves its own output (then the output's storage must stay).
+_SAVES_RESULT: Dict[type, bool] = {}
 
 
 class PipelineError(RuntimeError):
@@ -57,6 +60,21 @@ def _as_list(out) -> List[torch.Tensor]:
 def _leaf_grads(inputs: Sequence[torch.Tensor]) -> List[Optional[torch.Tensor]]:
     """The gradients a backward left in the stage's input buffers (leaves it created)."""
     return [t.grad if t.requires_grad and t.is_leaf else None for t in inputs]
+
+
+def _loss_backward(loss: torch.Tensor) -> None:
+    """``loss.backward()``; for a plain real one-element tensor, the engine call it makes
+    without its Python-side checks (the same gradient of one, the same accumulation)."""
+    if (
+        type(loss) is torch.Tensor
+        and loss.requires_grad
+        and loss.is_floating_point()
+        and loss.numel() == 1
+    ):
+        ones = torch.ones_like(loss, memory_format=torch.preserve_format)
+        Variable._execution_engine.run_backward((loss,), (ones,), False, False, (), True, True)
+    else:
+        loss.backward()
 
 
 def _grad_dtype(t: torch.Tensor) -> bool:
@@ -135,6 +153,7 @@ class _Step:
         self.local_grads: Dict[Tuple[int, int], List[Optional[torch.Tensor]]] = {}
         self.send_grads: Dict[Tuple[int, int], List[torch.Tensor]] = {}
         self.pending_w: Dict[Tuple[int, int], tuple] = {}
+        self.params: Dict[int, List[torch.nn.Parameter]] = {}
         self.act_bufs: Dict[Tuple[int, int], tuple] = {}
         self.grad_bufs: Dict[Tuple[int, int], tuple] = {}
         self.batch: List[tuple] = []
@@ -217,6 +236,7 @@ class Pipeline(nn.Module):
         # A list, not a closure over self: a Pipeline must not sit in a reference cycle, or its
         # process group outlives destroy_process_group() until the interpreter shuts down.
         self._global_of = [dist.get_global_rank(self.group, group_of[p]) for p in range(size)]
+        self._group_rank = {g: group_of[p] for p, g in enumerate(self._global_of)}
         if execution not in ("blocking", "async"):
             raise ValueError(
                 f"rank {self.rank}: execution must be 'blocking' or 'async', not {execution!r}"
@@ -251,6 +271,7 @@ class Pipeline(nn.Module):
             self._check_inference(inference_schedule)
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
+        self._post_each = _comm.posts_each(self.group, self._device)
         if fb_streams and self._device.type != "cuda":
             raise ValueError(
                 f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
@@ -629,7 +650,7 @@ class Pipeline(nn.Module):
         inputs = st.inputs.pop((stage, mb))
         if not defer:
             if loss is not None:
-                loss.backward()
+                _loss_backward(loss)
                 loss.detach_()
             elif outs:
                 run_backward(outs, grads)
@@ -637,7 +658,10 @@ class Pipeline(nn.Module):
         else:
             if loss is not None:
                 outs, grads = [loss], [None]
-            params = list(self._stage_module[stage].parameters())
+            params = st.params.get(stage)
+            if params is None:
+                # Once a step: walking the module for its parameters costs per call.
+                params = st.params[stage] = list(self._stage_module[stage].parameters())
             WeightGradStore.cache = []
             WeightGradStore.enabled = True
             try:
@@ -768,22 +792,31 @@ class Pipeline(nn.Module):
                         prog.text[entry[1]],
                     )
                 tensors = [
-                    torch.empty(shape, dtype=dtype, device=self._device).requires_grad_(
-                        st.training and (dtype.is_floating_point or dtype.is_complex)
+                    torch.empty(
+                        shape,
+                        dtype=dtype,
+                        device=self._device,
+                        requires_grad=st.training and (dtype.is_floating_point or dtype.is_complex),
                     )
                     for shape, dtype in meta
                 ]
             first = len(ops)
-            fn = dist.isend if code == _SEND else dist.irecv
+            is_send = code == _SEND
             for t in tensors:
-                ops.append(dist.P2POp(fn, t, gpeer, self.group))
-            if code == _RECV:
+                ops.append((is_send, t, gpeer))
+            if not is_send:
                 recv_at.append((act, stage, mb, tensors, first, len(ops)))
         if not ops:
             return
         prof = self.profile
         t0 = prof._now() if prof is not None else None
-        works = _comm.post(ops)
+        if self._post_each:
+            group_rank = self._group_rank
+            works = _comm.post_each(self.group, [(o, t, group_rank[p]) for o, t, p in ops])
+        else:
+            works = _comm.post(
+                [dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group) for o, t, p in ops]
+            )
         if self.execution == "blocking":
             self._wait(prog, index, works, "this commit's batch", batch)
             for act, stage, mb, tensors, _, _ in recv_at:
@@ -795,7 +828,7 @@ class Pipeline(nn.Module):
                 mine = works[lo:hi] if per_op else works
                 (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (tensors, list(mine))
             if per_op:
-                sent = [w for w, o in zip(works, ops) if o.op is dist.isend]
+                sent = [w for w, o in zip(works, ops) if o[0]]
             else:
                 sent = list(works)
             st.send_works.extend(sent)
@@ -832,7 +865,17 @@ class Pipeline(nn.Module):
         else:
             tensors, st.to_free = st.to_free, []
         for t in tensors:
-            if t._base is None and t.grad_fn is not None and not hasattr(t.grad_fn, "_saved_result"):
+            fn = t.grad_fn
+            if fn is None or t._base is not None:
+                continue
+            # A node that saved its own output would lose it: keep those. Built-in nodes have
+            # their attributes by type; a custom function's by instance.
+            keeps = _SAVES_RESULT.get(type(fn))
+            if keeps is None:
+                keeps = hasattr(fn, "_saved_result")
+                if not isinstance(fn, torch._C._FunctionBase):
+                    _SAVES_RESULT[type(fn)] = keeps
+            if not keeps:
                 t.data = torch.empty(0, dtype=t.dtype, device=t.device)
 
     def _wait(self, prog, index, works, what, batch=None) -> None:

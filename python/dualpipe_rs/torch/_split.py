@@ -10,6 +10,14 @@ for the weight pass.
 Where the branches lie depends only on the shape of the graph. The analysis is done once per
 shape (the nodes' types and edges, and which nodes are the outputs, inputs and parameters) and
 reused: a step then only walks the graph once to index it.
+
+Two cases skip work. A plain linear branch (``nn.Linear``'s ``mm``/``addmm`` of ``t()`` of
+the weight) gets its weight gradient at the weight pass from the captured gradient and the
+input the product saved, with the products its backward runs, in the same layout: the same
+bits, without a second engine run. A stage whose every parameter gradient goes through the
+``WeightGradStore`` (custom functions that defer their own weight gradients) needs no split:
+once an analysis has found that, the input pass of a later call with the same parameters is a
+plain backward with the store enabled, as the reference runs it.
 """
 
 from __future__ import annotations
@@ -22,14 +30,32 @@ from torch.autograd import Variable
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
 
+from ._store import WeightGradStore
+
 __all__ = ["DeferredWeights", "backward_input"]
 
 
-_ACCUMULATE = type(torch.empty(1, requires_grad=True).view(1).grad_fn.next_functions[0][0])
+def _node_types():
+    """The node types of a leaf's accumulator, ``mm``, ``addmm`` and ``t()``."""
+    a = torch.empty(2, 2, requires_grad=True)
+    b = torch.empty(2, requires_grad=True)
+    acc = type(a.view(4).grad_fn.next_functions[0][0])
+    return acc, type(a.mm(a).grad_fn), type(torch.addmm(b, a, a).grad_fn), type(a.t().grad_fn)
+
+
+_ACCUMULATE, _MM, _ADDMM, _T = _node_types()
 
 # Analyses by graph shape; a stage's graph has one shape per kind of step, so this stays small.
 _PLANS: Dict[tuple, "_Plan"] = {}
 _PLANS_MAX = 256
+
+# Parameter lists (by the ids of their tensors) whose last analysis found every gradient going
+# through the WeightGradStore. A stale entry (ids reused by other tensors) costs one input pass
+# that does not defer; the results stay right.
+_STORE_ONLY: Dict[tuple, bool] = {}
+
+_set_grad_enabled = torch._C._set_grad_enabled
+_FUNCTION_BASE = torch._C._FunctionBase
 
 
 def _node(t: torch.Tensor) -> Optional[Node]:
@@ -40,39 +66,6 @@ def _node(t: torch.Tensor) -> Optional[Node]:
         # A leaf's accumulator is created lazily; a view makes it exist.
         return t.view_as(t).grad_fn.next_functions[0][0]
     return None
-
-
-def _index(roots: Sequence[Node]):
-    """Every node reachable from ``roots`` in a fixed (breadth-first) order, each node's
-    successors as indices, and the node of every leaf tensor met (by ``id``)."""
-    nodes: List[Node] = []
-    where: Dict[Node, int] = {}
-    for root in roots:
-        if root not in where:
-            where[root] = len(nodes)
-            nodes.append(root)
-    edges: List[Tuple[int, ...]] = []
-    leaves: Dict[int, int] = {}
-    i = 0
-    while i < len(nodes):
-        node = nodes[i]
-        row = []
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            j = where.get(nxt)
-            if j is None:
-                j = where[nxt] = len(nodes)
-                nodes.append(nxt)
-                if type(nxt) is _ACCUMULATE:
-                    leaves[id(nxt.variable)] = j
-            row.append(j)
-        edges.append(tuple(row))
-        i += 1
-    for j, node in enumerate(nodes[: len(roots)]):
-        if type(node) is _ACCUMULATE:
-            leaves[id(node.variable)] = j
-    return nodes, where, edges, leaves
 
 
 def _upstream(starts, users, stop):
@@ -95,13 +88,16 @@ class _Plan:
     """Where the parameters' branches leave the input path, for one graph shape (indices
     into the indexed graph)."""
 
-    __slots__ = ("run_outputs", "groups", "entangled", "kept_params", "captures")
+    __slots__ = (
+        "run_outputs", "groups", "entangled", "kept_params", "captures", "custom", "store_only"
+    )
 
     def __init__(self, edges, types, out_idx, in_idx, param_idx) -> None:
         users: List[List[int]] = [[] for _ in edges]
         for i, row in enumerate(edges):
             for j in row:
-                users[j].append(i)
+                if j >= 0:
+                    users[j].append(i)
         input_side, _ = _upstream([i for i in in_idx if i is not None], users, set())
         kept_nodes = {i for i in out_idx if i is not None and i not in input_side}
         # Outputs whose graph reaches an input run in the input pass; the others are kept.
@@ -144,32 +140,132 @@ class _Plan:
                 groups.append((next(iter(nodes)), tuple(idx)))
             else:
                 entangled += idx
-        # groups: (branch node, parameter positions, first capture, capture count, custom).
+        # groups: (branch node, parameter positions, first capture, capture count, custom,
+        # how to compute the weight gradient directly where the branch is a plain linear map).
         self.groups = []
         self.captures = []
         for node, idx in groups:
             first = len(self.captures)
             count = types[node][1]
             self.captures += [(node, slot) for slot in range(count)]
-            self.groups.append((node, idx, first, count, types[node][0]))
+            direct = _linear_branch(node, idx, edges, users, types, param_idx)
+            self.groups.append((node, idx, first, count, types[node][0], direct))
         self.entangled = tuple(entangled)
         self.kept_params = tuple(kept_params)
+        # Some branch starts at a custom function (whose node its Python object does not keep
+        # alive), and whether every parameter's only branch does.
+        self.custom = any(g[4] for g in self.groups)
+        grouped = sum(len(g[1]) for g in self.groups)
+        self.store_only = (
+            bool(self.groups)
+            and all(g[4] for g in self.groups)
+            and grouped == len(param_idx)
+            and not entangled
+            and not kept_params
+            and all(self.run_outputs)
+        )
 
 
-def _plan(outputs, out_nodes, want, params):
-    """The indexed graph and its (cached) plan."""
-    nodes, where, edges, leaves = _index([n for n in out_nodes if n is not None])
-    out_idx = tuple(None if n is None else where[n] for n in out_nodes)
-    in_idx = tuple(
-        leaves.get(id(t)) if t.grad_fn is None else where.get(t.grad_fn) for t in want
-    )
-    param_idx = tuple(leaves.get(id(p)) for p in params)
-    types = tuple(type(n) for n in nodes)
-    key = (tuple(edges), types, out_idx, in_idx, param_idx)
+def _linear_branch(node, idx, edges, users, types, param_idx):
+    """``(weight position, bias position or None)`` when the group is the weight (and bias)
+    of a matrix product whose only way to them is ``t()`` then the weight's accumulator
+    (``nn.Linear``'s ``mm`` or ``addmm``), else ``None``."""
+    kind, row = types[node][2], edges[node]
+    if kind is _MM and len(row) == 2 and len(idx) == 1:
+        bias = None
+    elif kind is _ADDMM and len(row) == 3 and len(idx) == 2:
+        b = row[0]
+        bias = next((k for k in idx if param_idx[k] == b), None)
+        if bias is None or users[b] != [node]:
+            return None
+    else:
+        return None
+    t = row[-1]
+    if t < 0 or types[t][2] is not _T or len(edges[t]) != 1 or users[t] != [node]:
+        return None
+    acc = edges[t][0]
+    weight = next((k for k in idx if param_idx[k] == acc), None)
+    if weight is None or acc < 0 or users[acc] != [t]:
+        return None
+    return weight, bias
+
+
+def _linear_weight_grad(node, grad, bias: bool):
+    """The weight (and bias) gradient of an ``mm``/``addmm`` node from the gradient that
+    flowed into it and the input it saved: the products its backward would run, in the
+    same layout, so the bits are those of the full backward. ``None`` where it does not
+    apply (complex numbers, scaled products). Called with gradients disabled, on the
+    calling thread's current stream."""
+    if grad.is_complex():
+        return None
+    if bias:
+        if node._saved_alpha != 1 or node._saved_beta != 1:
+            return None
+        x = node._saved_mat1
+    else:
+        x = node._saved_self
+    if not x.is_cpu:
+        if not x.is_cuda:
+            return None
+        # The engine would read them on the forward's stream; here they are read on the
+        # current one, which the allocator must know before it reuses their memory.
+        stream = torch.cuda.current_stream(x.device)
+        x.record_stream(stream)
+        grad.record_stream(stream)
+    sizes, strides = node._saved_mat2_sym_sizes, node._saved_mat2_sym_strides
+    if strides[0] == 1 and strides[1] == sizes[0]:
+        dw = grad.t().mm(x)
+    else:
+        dw = x.t().mm(grad).t()
+    return dw, grad.sum(0, keepdim=True).view(-1) if bias else None
+
+
+def _plan(out_nodes, want, params):
+    """The graph's nodes in a fixed (breadth-first) order and its (cached) plan.
+
+    The walk writes the graph's shape as one flat signature: each node's type, then the
+    positions of its successors (-1 where an input needs no gradient). A leaf's accumulator
+    has no successors; its tensor says whether it is an input or a parameter.
+    """
+    nodes: List[Node] = []
+    where: Dict[Node, int] = {}
+    for n in out_nodes:
+        if n is not None and n not in where:
+            where[n] = len(nodes)
+            nodes.append(n)
+    sig: list = []
+    put, get, add = sig.append, where.get, nodes.append
+    # Leaves by tensor id (the tensors asked about are alive, so their ids are theirs).
+    leaves: Dict[int, int] = {}
+    i = 0
+    for node in nodes:  # grows while it is walked
+        kind = type(node)
+        put(kind)
+        if kind is _ACCUMULATE:
+            leaves[id(node.variable)] = i
+        else:
+            for nxt, _ in node.next_functions:
+                if nxt is None:
+                    put(-1)
+                    continue
+                j = get(nxt)
+                if j is None:
+                    j = where[nxt] = len(nodes)
+                    add(nxt)
+                put(j)
+        i += 1
+    out_idx = tuple([None if n is None else where[n] for n in out_nodes])
+    in_idx = tuple([leaves.get(id(t)) if t.grad_fn is None else get(t.grad_fn) for t in want])
+    param_idx = tuple([leaves.get(id(p)) for p in params])
+    key = (tuple(sig), out_idx, in_idx, param_idx)
     plan = _PLANS.get(key)
     if plan is None:
+        edges = tuple(
+            tuple([-1 if n is None else where[n] for n, _ in node.next_functions])
+            for node in nodes
+        )
         info = [
-            (issubclass(t, BackwardCFunction), len(n._input_metadata)) for t, n in zip(types, nodes)
+            (isinstance(n, BackwardCFunction), len(n._input_metadata), type(n)) for n in nodes
         ]
         plan = _Plan(edges, info, out_idx, in_idx, param_idx)
         if len(_PLANS) >= _PLANS_MAX:
@@ -181,14 +277,17 @@ def _plan(outputs, out_nodes, want, params):
 class DeferredWeights:
     """What a deferred backward leaves for its ``W``: captured gradients and graph edges."""
 
-    __slots__ = ("_groups", "_kept", "_ready")
+    __slots__ = ("_groups", "_kept", "_ready", "_owners")
 
-    def __init__(self, groups, kept, ready) -> None:
-        # groups: [(node, params, captured gradients, custom)]; kept: (edges, grads, params);
-        # ready: [(param, gradient)] computed during the input pass.
+    def __init__(self, groups, kept, ready, owners=()) -> None:
+        # groups: [(node, params, captured gradients, custom, linear)] where linear is
+        # (weight, bias or None) for a plain linear branch; kept: (edges, grads, params);
+        # ready: [(param, gradient)] computed during the input pass; owners: nodes that keep
+        # the graph of the groups' custom-function nodes alive until the weight pass.
         self._groups = groups
         self._kept = kept
         self._ready = ready
+        self._owners = owners
 
     def run(self, skip_custom: bool = False) -> None:
         """Compute the parameters' gradients and accumulate them into ``.grad``.
@@ -199,11 +298,38 @@ class DeferredWeights:
         groups, self._groups = self._groups, []
         kept, self._kept = self._kept, None
         ready, self._ready = self._ready, []
+        owners, self._owners = self._owners, ()  # held until the groups have run
         for p, g in ready:
             _accumulate(p, g)
-        for node, params, grads, custom in groups:
+        rest = []
+        direct = []
+        for group in groups:
+            node, params, grads, custom, linear = group
             if skip_custom and custom:
                 continue
+            if linear is not None and grads[0] is not None and _direct(linear):
+                direct.append(group)
+            else:
+                rest.append(group)
+        if direct:
+            enabled = torch.is_grad_enabled()
+            _set_grad_enabled(False)
+            try:
+                for group in direct:
+                    node, _, grads, _, (weight, bias) = group
+                    try:
+                        got = _linear_weight_grad(node, grads[0], bias is not None)
+                    except AttributeError:  # a torch whose nodes name their fields otherwise
+                        got = None
+                    if got is None:
+                        rest.append(group)
+                        continue
+                    _accumulate(weight, got[0])
+                    if bias is not None:
+                        _accumulate(bias, got[1])
+            finally:
+                _set_grad_enabled(enabled)
+        for node, params, grads, _, _ in rest:
             edges = [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
             if edges:
                 _grad_into(edges, [g for g in grads if g is not None], params)
@@ -211,6 +337,19 @@ class DeferredWeights:
             edges, grads, params = kept
             if edges and params:
                 _grad_into(edges, grads, params)
+        del owners
+
+
+def _direct(linear) -> bool:
+    """Whether the linear branch's weight gradient may be computed directly: a dense weight,
+    and no gradient hook on its parameters (the engine would run it; the direct computation
+    does not)."""
+    weight, bias = linear
+    return (
+        weight.layout is torch.strided
+        and not weight._backward_hooks
+        and (bias is None or not bias._backward_hooks)
+    )
 
 
 def _accumulate(p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
@@ -251,39 +390,102 @@ def backward_input(
     """
     params = [p for p in params if p.requires_grad]
     want = [t for t in inputs if t.requires_grad]
-    out_nodes = [_node(o) for o in outputs]
-    nodes, plan = _plan(outputs, out_nodes, want, params)
+    store = WeightGradStore.enabled
+    if store:
+        if _STORE_ONLY:
+            known = tuple(map(id, params))
+            if _STORE_ONLY.get(known):
+                return _backward_through_store(outputs, grads, inputs, want, params, known)
+        stored = len(WeightGradStore.cache)
+    out_nodes = [o.grad_fn or _node(o) for o in outputs]
+    nodes, plan = _plan(out_nodes, want, params)
 
     # Edges, not tensors: a sent output may have had its storage released already.
-    run_edges, run_grads, keep_edges, keep_grads = [], [], [], []
+    run_edges, run_grads, keep_edges, keep_grads, owners = [], [], [], [], []
     for o, g, n, run in zip(outputs, grads, out_nodes, plan.run_outputs):
         if n is None:
             continue
         if g is None:
             g = torch.ones_like(o)
         if run:
-            run_edges.append(get_gradient_edge(o))
+            # Used at once, while ``o`` keeps its node alive.
+            run_edges.append(GradientEdge(n, o.output_nr))
             run_grads.append(g)
+            if plan.custom:
+                owners.append(_owner(o))
         else:
+            # Kept for the W: ``get_gradient_edge`` also keeps a custom function's node alive
+            # (its Python object does not) once the stage drops ``o``.
             keep_edges.append(get_gradient_edge(o))
             keep_grads.append(g)
 
     entangled = [params[k] for k in plan.entangled]
-    targets = want + entangled
-    targets += [GradientEdge(nodes[n], slot) for n, slot in plan.captures]
+    targets = want + entangled if entangled else list(want)
+    for n, slot in plan.captures:
+        targets.append(GradientEdge(nodes[n], slot))
     if targets and run_edges:
         result = _grad(run_edges, run_grads, targets, True)
     else:
         result = [None] * len(targets)
     nw, ne = len(want), len(entangled)
     caps = result[nw + ne :]
-    groups = [
-        (nodes[n], [params[k] for k in idx], caps[first : first + count], custom)
-        for n, idx, first, count, custom in plan.groups
-    ]
-    ready = list(zip(entangled, result[nw : nw + ne]))
-    by_id = {id(t): d for t, d in zip(want, result[:nw])}
-    input_grads = [by_id.get(id(t)) if t.requires_grad else None for t in inputs]
+    groups = []
+    for n, idx, first, count, custom, linear in plan.groups:
+        if linear is not None:
+            linear = (params[linear[0]], None if linear[1] is None else params[linear[1]])
+        groups.append(
+            (nodes[n], [params[k] for k in idx], caps[first : first + count], custom, linear)
+        )
+    ready = list(zip(entangled, result[nw : nw + ne])) if ne else []
+    input_grads = _by_input(inputs, want, result[:nw])
     kept_params = [params[k] for k in plan.kept_params]
-    later = DeferredWeights(groups, (keep_edges, keep_grads, kept_params), ready)
+    later = DeferredWeights(groups, (keep_edges, keep_grads, kept_params), ready, owners)
+    if store and plan.store_only and len(WeightGradStore.cache) > stored:
+        if len(_STORE_ONLY) >= _PLANS_MAX:
+            _STORE_ONLY.clear()
+        _STORE_ONLY[tuple(map(id, params))] = True
     return input_grads, later
+
+
+def _by_input(inputs, want, grads) -> List[Optional[torch.Tensor]]:
+    """The gradients of ``want`` (the inputs that require one) placed by input."""
+    if len(want) == len(inputs):
+        return list(grads)
+    by_id = {id(t): d for t, d in zip(want, grads)}
+    return [by_id.get(id(t)) if t.requires_grad else None for t in inputs]
+
+
+def _owner(o: torch.Tensor):
+    """A node that keeps ``o``'s graph alive: its grad_fn, or for a custom function's output
+    (whose Python node object does not own the node) a view's node."""
+    fn = o.grad_fn
+    if isinstance(fn, _FUNCTION_BASE):
+        with torch.enable_grad():
+            return o.view_as(o).grad_fn
+    return fn
+
+
+def _backward_through_store(outputs, grads, inputs, want, params, known):
+    """The input pass of a stage whose weight gradients all go through the store: one plain
+    backward towards the inputs and the parameters, without keeping the graph. A parameter
+    gradient that comes back anyway (the stage is not what it was) is kept for the weight
+    pass, and the next call analyses the graph again."""
+    edges, roots = [], []
+    for o, g in zip(outputs, grads):
+        if o.grad_fn is not None:
+            edges.append(GradientEdge(o.grad_fn, o.output_nr))
+        elif o.requires_grad:
+            edges.append(get_gradient_edge(o))
+        else:
+            continue
+        roots.append(torch.ones_like(o) if g is None else g)
+    targets = want + params
+    if edges and targets:
+        result = _grad(edges, roots, targets, False)
+    else:
+        result = [None] * len(targets)
+    nw = len(want)
+    ready = [(p, g) for p, g in zip(params, result[nw:]) if g is not None]
+    if ready:
+        _STORE_ONLY.pop(known, None)
+    return _by_input(inputs, want, result[:nw]), DeferredWeights([], None, ready)
