@@ -152,6 +152,8 @@ def main() -> None:
             f"mean loss {ref_loss.mean().item():.6f}",
             flush=True,
         )
+    # Every rank is past its last message before any rank closes its connections.
+    dist.barrier()
     dist.destroy_process_group()
 
 

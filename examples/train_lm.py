@@ -113,6 +113,9 @@ def main() -> int:
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     lead = rank == 0
+    if lead and args.loss_csv and os.path.exists(args.loss_csv) and not args.force:
+        # Said before training, not after it (torchrun then stops the other ranks).
+        raise SystemExit(f"{args.loss_csv} exists; pass --force to replace it")
 
     chunks = args.microbatches if args.microbatches is not None else 2 * ranks
     schedule = dualpipe_rs.plan(args.schedule, ranks, chunks)
@@ -196,8 +199,6 @@ def main() -> int:
         print(f"measured step {summary['step']:.1f} ms, bubble {summary['measured_bubble']:.1%} "
               f"(simulated from measured costs {summary['simulated_bubble']:.1%}); trace in {trace}")
         if args.loss_csv:
-            if os.path.exists(args.loss_csv) and not args.force:
-                raise SystemExit(f"{args.loss_csv} exists; pass --force to replace it")
             with open(args.loss_csv, "w") as fh:
                 fh.write("step,loss,tokens_per_s\n")
                 for s, l, r in log:
@@ -205,15 +206,16 @@ def main() -> int:
         if len(log) >= 10:
             first, last = sum(l for _, l, _ in log[:5]) / 5, sum(l for _, l, _ in log[-5:]) / 5
             print(f"loss fell from {first:.3f} (first 5 steps) to {last:.3f} (last 5 steps)")
+    ok = True
     if args.check:
         bound = 1e-5 if cuda else 1e-6
         ok = worst < bound
         if lead:
             print(f"check: largest relative difference {worst:.2e} over 3 steps (bound {bound:g}): {'ok' if ok else 'FAILED'}")
-        dist.destroy_process_group()
-        return 0 if ok else 1
+    # Every rank is past its last message before any rank closes its connections.
+    dist.barrier()
     dist.destroy_process_group()
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
