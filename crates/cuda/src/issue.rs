@@ -412,23 +412,10 @@ mod tests {
         out
     }
 
-    fn options() -> Vec<PlanOptions> {
-        let mut out = Vec::new();
-        for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
-            for fb_two_streams in [false, true] {
-                out.push(PlanOptions {
-                    model,
-                    fb_two_streams,
-                });
-            }
-        }
-        out
-    }
-
     #[test]
     fn the_loop_issues_exactly_the_plan_in_order() {
         let schedule = dualpipe_planner::plan(&PlanRequest::new(Family::DualPipeV, 4, 10)).unwrap();
-        for options in options() {
+        for options in PlanOptions::ALL {
             for rank_plan in plan(&schedule, options) {
                 let mut device = Recorder::default();
                 issue(&rank_plan, &mut device).unwrap();
@@ -459,7 +446,7 @@ mod tests {
             }
         }
         let schedule = dualpipe_planner::plan(&PlanRequest::new(Family::OneFOneB, 2, 4)).unwrap();
-        let plans = plan(&schedule, options()[0]);
+        let plans = plan(&schedule, PlanOptions::ALL[0]);
         let error = issue(&plans[0], &mut Failing).unwrap_err();
         let at = plans[0]
             .ops
@@ -688,7 +675,7 @@ mod tests {
     fn the_interpreter_with_the_gpu_call_points_issues_exactly_the_plan() {
         let mut runs = 0;
         for schedule in schedules() {
-            for options in options() {
+            for options in PlanOptions::ALL {
                 let issued = run(&schedule, options).unwrap_or_else(|e| {
                     panic!("{} {options:?}: {e}", schedule.schedule().schedule)
                 });
@@ -711,7 +698,7 @@ mod tests {
     #[test]
     fn a_stage_call_the_plan_does_not_expect_is_a_mismatch() {
         let schedule = dualpipe_planner::plan(&PlanRequest::new(Family::OneFOneB, 2, 4)).unwrap();
-        let plans = plan(&schedule, options()[0]);
+        let plans = plan(&schedule, PlanOptions::ALL[0]);
         let list: Arc<[Instruction]> = schedule.schedule().ranks[0].clone().into();
         let mut cursor = Cursor::new(Arc::new(plans[0].clone()), list, ExecutionModel::Blocking);
         let error = cursor

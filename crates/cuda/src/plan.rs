@@ -130,6 +130,28 @@ pub struct PlanOptions {
     pub fb_two_streams: bool,
 }
 
+impl PlanOptions {
+    /// Every layout: both execution models, with and without the side stream for `FB`s.
+    pub const ALL: [PlanOptions; 4] = [
+        PlanOptions {
+            model: ExecutionModel::Blocking,
+            fb_two_streams: false,
+        },
+        PlanOptions {
+            model: ExecutionModel::Blocking,
+            fb_two_streams: true,
+        },
+        PlanOptions {
+            model: ExecutionModel::Async,
+            fb_two_streams: false,
+        },
+        PlanOptions {
+            model: ExecutionModel::Async,
+            fb_two_streams: true,
+        },
+    ];
+}
+
 /// The operations of one rank for one step, in the order the host issues them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RankPlan {

@@ -575,19 +575,6 @@ mod tests {
         dualpipe_planner::plan(&request).ok()
     }
 
-    fn options() -> Vec<PlanOptions> {
-        let mut out = Vec::new();
-        for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
-            for fb_two_streams in [false, true] {
-                out.push(PlanOptions {
-                    model,
-                    fb_two_streams,
-                });
-            }
-        }
-        out
-    }
-
     #[test]
     fn every_family_replays_with_the_sequential_values_in_any_order() {
         let mut replayed = 0;
@@ -597,7 +584,7 @@ mod tests {
                     let Some(schedule) = schedule(family, n, c, forward_only) else {
                         continue;
                     };
-                    for options in options() {
+                    for options in PlanOptions::ALL {
                         let plans = plan(&schedule, options);
                         for seed in 0..4 {
                             let ran = replay(&schedule, &plans, seed).unwrap_or_else(|e| {
@@ -616,7 +603,7 @@ mod tests {
     #[test]
     fn a_consumer_without_its_wait_is_caught_in_every_order() {
         let schedule = schedule(Family::DualPipeV, 2, 8, false).unwrap();
-        for options in options() {
+        for options in PlanOptions::ALL {
             let plans = plan(&schedule, options);
             let waits: Vec<(usize, usize)> = plans
                 .iter()
