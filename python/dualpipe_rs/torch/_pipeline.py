@@ -91,6 +91,112 @@ def _scatter(tensors: Sequence[Optional[torch.Tensor]], chunks: int, dim: int):
     return [tuple(p) for p in zip(*parts)]
 
 
+# Messages fused into one (see _fused_groups) carry at most this many bytes: above it the copies
+# in and out of the fused buffer cost more than the posts they save.
+_FUSE_MAX_BYTES = 1 << 20
+
+
+def _message_streams(schedule: Schedule, rank: int):
+    """``(sends, recvs)``: per peer pipeline rank, ``[(batch, instruction index)]`` of the
+    rank's messages in program order (batch = the number of commits before it)."""
+    sends: Dict[int, List[Tuple[int, int]]] = {}
+    recvs: Dict[int, List[Tuple[int, int]]] = {}
+    batch = 0
+    for i, ins in enumerate(schedule.instructions(rank)):
+        op = ins["op"]
+        if op == "commit":
+            batch += 1
+        elif op in ("send", "recv"):
+            (sends if op == "send" else recvs).setdefault(ins["peer"], []).append((batch, i))
+    return sends, recvs
+
+
+def _fused_groups(schedule: Schedule, rank: int) -> Dict[int, Tuple[int, ...]]:
+    """Instruction index -> the indices of its group, for every message of ``rank`` that
+    travels fused with others: consecutive messages between the same two ranks that the
+    sender posts in one batch and the receiver receives in one batch. Both ends compute the
+    same groups (from the whole schedule), and a group keeps its place in the stream of
+    messages between the two, so every message is still matched with its own."""
+    mine = _message_streams(schedule, rank)
+    out: Dict[int, Tuple[int, ...]] = {}
+    for peer in set(mine[0]) | set(mine[1]):
+        if peer == rank:
+            continue
+        theirs = _message_streams(schedule, peer)
+        for local, remote, local_sends in (
+            (mine[0].get(peer, []), theirs[1].get(rank, []), True),
+            (mine[1].get(peer, []), theirs[0].get(rank, []), False),
+        ):
+            if len(local) != len(remote):
+                continue
+            run: List[int] = []
+            key = None
+            for (lb, li), (rb, _) in zip(local, remote):
+                k = (lb, rb) if local_sends else (rb, lb)
+                if k != key and run:
+                    if len(run) > 1:
+                        for j in run:
+                            out[j] = tuple(run)
+                    run = []
+                key = k
+                run.append(li)
+            if len(run) > 1:
+                for j in run:
+                    out[j] = tuple(run)
+    return out
+
+
+class _Fused:
+    """A received fused message: its byte buffer and, per member, the (shape, dtype,
+    requires_grad) of the tensors it carries. Every member's tensors are copied out into
+    their own storage (so no member keeps the others' bytes alive)."""
+
+    __slots__ = ("buf", "members", "taken")
+
+    def __init__(self, buf: torch.Tensor, members) -> None:
+        self.buf = buf
+        self.members = members
+        self.taken = 0
+
+    def take(self, member: int) -> List[torch.Tensor]:
+        offset = sum(_nbytes(meta) for m in self.members[:member] for meta in m)
+        out = []
+        for shape, dtype, grad in self.members[member]:
+            t = torch.empty(shape, dtype=dtype, device=self.buf.device)
+            n = t.numel() * t.element_size()
+            if n:
+                t.reshape(-1).view(torch.uint8).copy_(self.buf[offset : offset + n])
+            offset += n
+            if grad:
+                t.requires_grad_()
+            out.append(t)
+        self.taken += 1
+        if self.taken == len(self.members):
+            self.buf = None
+        return out
+
+
+class _Part:
+    """One member's share of a :class:`_Fused` message, taken once it has arrived."""
+
+    __slots__ = ("fused", "member")
+
+    def __init__(self, fused: _Fused, member: int) -> None:
+        self.fused = fused
+        self.member = member
+
+    def take(self) -> List[torch.Tensor]:
+        return self.fused.take(self.member)
+
+
+def _nbytes(meta) -> int:
+    shape, dtype = meta[0], meta[1]
+    n = dtype.itemsize
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 class _Program:
     """One schedule compiled for one rank: decoded instructions and where data comes from."""
 
@@ -131,6 +237,21 @@ class _Program:
                 )
             else:
                 self.ops.append((_COMMIT, i))
+        # The receives of the batch that follows each commit (keyed by the commit's index; the
+        # step's closing commit has the index len(ops)), posted at that commit where possible.
+        self.next_recvs: Dict[int, Tuple[tuple, ...]] = {}
+        commits = [op[1] for op in self.ops if op[0] == _COMMIT] + [len(self.ops)]
+        batches: List[List[tuple]] = [[] for _ in commits]
+        j = 0
+        for op in self.ops:
+            if op[0] == _COMMIT:
+                j += 1
+            elif op[0] == _RECV:
+                batches[j].append(op)
+        for j in range(len(commits) - 1):
+            if batches[j + 1]:
+                self.next_recvs[commits[j]] = tuple(batches[j + 1])
+        self.fused = _fused_groups(schedule, rank)
 
     def local_prev(self, stage: int, mb: int) -> bool:
         """Whether stage-1 of ``mb`` runs on this rank (a hand-off, no message)."""
@@ -158,6 +279,8 @@ class _Step:
         self.grad_bufs: Dict[Tuple[int, int], tuple] = {}
         self.batch: List[tuple] = []
         self.send_works: List[Any] = []
+        # Receives posted at the commit before their own: (act, stage, mb) -> (tensors, works).
+        self.preposted: Dict[Tuple[bool, int, int], tuple] = {}
         self.to_free: List[torch.Tensor] = []
         self.feed: Dict[int, tuple] = {}
         self.labels: Dict[int, tuple] = {}
@@ -272,6 +395,8 @@ class Pipeline(nn.Module):
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
         self._post_each = _comm.posts_each(self.group, self._device)
+        # Post each batch's receives at the commit before it (see _commit).
+        self._prepost = self._post_each
         if fb_streams and self._device.type != "cuda":
             raise ValueError(
                 f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
@@ -583,6 +708,9 @@ class Pipeline(nn.Module):
         tensors, works = st.act_bufs.pop((stage, mb))
         if works:
             self._wait(prog, index, works, f"recv act s{stage} m{mb}")
+            works.clear()
+        if type(tensors) is _Part:
+            tensors = tensors.take()
         return tensors
 
     def _forward(self, prog, st, index, stage, mb) -> None:
@@ -616,6 +744,9 @@ class Pipeline(nn.Module):
             grads, works = st.grad_bufs.pop((stage, mb))
             if works:
                 self._wait(prog, index, works, f"recv grad s{stage} m{mb}")
+                works.clear()
+            if type(grads) is _Part:
+                grads = grads.take()
             grads = iter(grads)
             grads = [next(grads) if _grad_dtype(o) else None for o in outs]
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
@@ -761,80 +892,214 @@ class Pipeline(nn.Module):
 
     def _queue_recv(self, prog, st, op) -> None:
         _, index, act, stage, mb, peer, gpeer = op
-        if act:
-            st.batch.append((_RECV, index, act, stage, mb, gpeer, None, None))
-        else:
-            if not st.training:
+        if not act and not st.training:
+            return
+        if st.preposted:
+            pre = st.preposted.pop((act, stage, mb), None)
+            if pre is not None:
+                st.batch.append((_RECV, index, act, stage, mb, gpeer, pre[0], pre[1]))
                 return
-            meta = st.out_meta[(stage, mb)]
-            bufs = [
-                torch.empty(shape, dtype=dtype, device=self._device)
-                for shape, dtype in meta
-                if dtype.is_floating_point or dtype.is_complex
-            ]
-            st.batch.append((_RECV, index, act, stage, mb, gpeer, bufs, None))
+        st.batch.append((_RECV, index, act, stage, mb, gpeer, None, None))
 
     def _commit(self, prog, st, index, exchange) -> None:
         batch, st.batch = st.batch, []
-        if not batch:
+        # On a group that posts messages one by one (gloo), once shapes are known: the next
+        # batch's receives are posted now, and messages travel fused (see _fused_groups).
+        early = self._prepost and not exchange
+        ahead = None
+        if early:
+            nxt = prog.next_recvs.get(index)
+            if nxt is not None:
+                ahead = self._recv_units(prog, st, [op[1:] for op in nxt], True, False)
+        if not batch and not ahead:
             return
-        if exchange:
+        if exchange and batch:
             self._exchange_shapes(prog, st, index, batch)
-        ops, recv_at = [], []
-        for entry in batch:
-            code, _, act, stage, mb, gpeer, tensors, _ = entry
-            if code == _RECV and act:
-                meta = self._expected(prog, stage, mb)
-                if meta is None:
-                    raise PipelineError(
-                        f"rank {self.rank}: instruction {entry[1]} ({prog.text[entry[1]]}): "
-                        f"the shapes of this message are unknown", self.rank, entry[1],
-                        prog.text[entry[1]],
-                    )
-                tensors = [
-                    torch.empty(
-                        shape,
-                        dtype=dtype,
-                        device=self._device,
-                        requires_grad=st.training and (dtype.is_floating_point or dtype.is_complex),
-                    )
-                    for shape, dtype in meta
-                ]
-            first = len(ops)
-            is_send = code == _SEND
-            for t in tensors:
-                ops.append((is_send, t, gpeer))
-            if not is_send:
-                recv_at.append((act, stage, mb, tensors, first, len(ops)))
-        if not ops:
-            return
+        ops: List[tuple] = []
+        recv_at = []
+        recvs = []
+        fused = prog.fused if early else None
+        covered = None
+        for code, idx, act, stage, mb, gpeer, tensors, extra in batch:
+            if code == _RECV:
+                if extra is not None:
+                    # Posted at the previous commit: its works are known.
+                    recv_at.append(((act, stage, mb), tensors, extra))
+                else:
+                    recvs.append((idx, act, stage, mb, None, gpeer))
+                continue
+            if fused:
+                if covered is not None and idx in covered:
+                    continue
+                members = fused.get(idx)
+                if members is not None:
+                    flat = self._fuse_sends(prog, idx, members, batch)
+                    if flat is not None:
+                        if flat.numel():
+                            ops.append((True, flat, gpeer))
+                        covered = set(members) if covered is None else covered | set(members)
+                        continue
+            ops.extend([(True, t, gpeer) for t in tensors])
+        if recvs:
+            for keys, gpeer, post, values in self._recv_units(prog, st, recvs, early, True):
+                first = len(ops)
+                ops.extend([(False, t, gpeer) for t in post])
+                for key, value in zip(keys, values):
+                    recv_at.append((key, value, (first, len(ops))))
+        own = len(ops)
+        if ahead:
+            # The next batch's receives, after this batch's messages (so every peer's
+            # messages are still received in the order it sends them).
+            for keys, gpeer, post, values in ahead:
+                first = len(ops)
+                ops.extend([(False, t, gpeer) for t in post])
+                for key, value in zip(keys, values):
+                    st.preposted[key] = (value, (first, len(ops)))
         prof = self.profile
         t0 = prof._now() if prof is not None else None
-        if self._post_each:
-            group_rank = self._group_rank
-            works = _comm.post_each(self.group, [(o, t, group_rank[p]) for o, t, p in ops])
-        else:
-            works = _comm.post(
-                [dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group) for o, t, p in ops]
-            )
+        works: List[Any] = []
+        if ops:
+            if self._post_each:
+                group_rank = self._group_rank
+                works = _comm.post_each(self.group, [(o, t, group_rank[p]) for o, t, p in ops])
+            else:
+                works = _comm.post(
+                    [dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group) for o, t, p in ops]
+                )
+        per_op = len(works) == len(ops)
+        # The members of a fused message share one list of works: a work is waited once (a
+        # second wait would wait for a second message).
+        shared: Dict[Tuple[int, int], List[Any]] = {}
+        if ahead:
+            for keys, _, _, _ in ahead:
+                for key in keys:
+                    value, span = st.preposted[key]
+                    mine = shared.get(span)
+                    if mine is None:
+                        mine = shared[span] = works[span[0] : span[1]]
+                    st.preposted[key] = (value, mine)
+        settled = []
+        for key, value, where in recv_at:
+            if type(where) is tuple:
+                mine = shared.get(where)
+                if mine is None:
+                    mine = shared[where] = works[where[0] : where[1]] if per_op else list(works)
+            else:
+                mine = where
+            settled.append((key, value, mine))
         if self.execution == "blocking":
-            self._wait(prog, index, works, "this commit's batch", batch)
-            for act, stage, mb, tensors, _, _ in recv_at:
-                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (tensors, None)
+            # This batch: its own messages and its receives posted at the commit before.
+            waits = works[:own] if per_op else list(works)
+            seen = set()
+            for _, _, where in recv_at:
+                if type(where) is not tuple and id(where) not in seen:
+                    seen.add(id(where))
+                    waits.extend(where)
+            if waits:
+                self._wait(prog, index, waits, "this commit's batch", batch)
+            for (act, stage, mb), value, _ in settled:
+                if type(value) is _Part:
+                    value = value.take()
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (value, None)
             self._free(st, batch)
         else:
-            per_op = len(works) == len(ops)
-            for act, stage, mb, tensors, lo, hi in recv_at:
-                mine = works[lo:hi] if per_op else works
-                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (tensors, list(mine))
+            for (act, stage, mb), value, mine in settled:
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (value, mine)
             if per_op:
-                sent = [w for w, o in zip(works, ops) if o[0]]
+                sent = [w for w, o in zip(works[:own], ops) if o[0]]
             else:
                 sent = list(works)
             st.send_works.extend(sent)
             st.to_free.extend(t for e in batch if e[0] == _SEND and e[7] is not None for t in e[7])
         if prof is not None:
             prof._comm(index, t0)
+
+    def _fuse_sends(self, prog, index, members, batch) -> Optional[torch.Tensor]:
+        """The bytes of a fused group's tensors, in member order, sent at its first member;
+        ``None`` where the group is too large to fuse (its members then go one by one)."""
+        if members[0] != index:
+            return None
+        by_index = {e[1]: e for e in batch if e[0] == _SEND}
+        if any(m not in by_index for m in members):
+            raise PipelineError(
+                f"rank {self.rank}: instruction {index} ({prog.text[index]}): the messages "
+                f"fused with it are not sent in its batch", self.rank, index, prog.text[index],
+            )
+        parts = [t for m in members for t in by_index[m][6]]
+        if sum(t.numel() * t.element_size() for t in parts) > _FUSE_MAX_BYTES:
+            return None
+        if not parts:
+            return torch.empty(0, dtype=torch.uint8, device=self._device)
+        return torch.cat([t.reshape(-1).view(torch.uint8) for t in parts])
+
+    def _recv_units(self, prog, st, recvs, fuse, strict):
+        """Receive buffers for ``recvs`` (``(index, act, stage, mb, peer, global peer)`` in
+        order): ``[(keys, global peer, tensors to post, per-key values)]``, a value being the
+        received tensors or a :class:`_Part` of a fused message. Where a shape is not known
+        yet: ``None``, or with ``strict`` a :class:`PipelineError`."""
+        specs = []
+        for index, act, stage, mb, _, _ in recvs:
+            if act:
+                meta = self._expected(prog, stage, mb)
+                if meta is None:
+                    if not strict:
+                        return None
+                    raise PipelineError(
+                        f"rank {self.rank}: instruction {index} ({prog.text[index]}): "
+                        f"the shapes of this message are unknown", self.rank, index,
+                        prog.text[index],
+                    )
+                training = st.training
+                specs.append([
+                    (shape, dtype, training and (dtype.is_floating_point or dtype.is_complex))
+                    for shape, dtype in meta
+                ])
+            else:
+                meta = st.out_meta.get((stage, mb))
+                if meta is None:
+                    if not strict:
+                        return None
+                    meta = st.out_meta[(stage, mb)]
+                specs.append([
+                    (shape, dtype, False)
+                    for shape, dtype in meta
+                    if dtype.is_floating_point or dtype.is_complex
+                ])
+        device = self._device
+        units = []
+        fused = prog.fused if fuse else None
+        position = None
+        covered: set = set()
+        for i, (index, act, stage, mb, _, gpeer) in enumerate(recvs):
+            if index in covered:
+                continue
+            members = fused.get(index) if fused else None
+            if members is not None and members[0] == index:
+                if position is None:
+                    position = {r[0]: j for j, r in enumerate(recvs)}
+                if any(m not in position for m in members):
+                    raise PipelineError(
+                        f"rank {self.rank}: instruction {index} ({prog.text[index]}): the "
+                        f"messages fused with it are not received in its batch", self.rank,
+                        index, prog.text[index],
+                    )
+                at = [position[m] for m in members]
+                group = [specs[j] for j in at]
+                total = sum(_nbytes(m) for spec in group for m in spec)
+                if total <= _FUSE_MAX_BYTES:
+                    buf = torch.empty(total, dtype=torch.uint8, device=device)
+                    whole = _Fused(buf, group)
+                    keys = [tuple(recvs[j][1:4]) for j in at]
+                    post = [buf] if total else []
+                    units.append((keys, gpeer, post, [_Part(whole, j) for j in range(len(at))]))
+                    covered.update(members)
+                    continue
+            tensors = [
+                torch.empty(shape, dtype=dtype, device=device, requires_grad=grad)
+                for shape, dtype, grad in specs[i]
+            ]
+            units.append(([(act, stage, mb)], gpeer, tensors, [tensors]))
+        return units
 
     def _exchange_shapes(self, prog, st, index, batch) -> None:
         """First step: describe every activation message of the batch before sending it."""
