@@ -104,6 +104,10 @@ def feeds(schedule, rank, x, y):
 
 def main() -> int:
     args = parse_args()
+    # Built before the process group: a transformers model first built after it keeps the
+    # default group alive past destroy_process_group, and gloo's thread may then free a
+    # finished collective's tensor while the interpreter shuts down (an abort at exit).
+    model = build_model(args)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, ranks = dist.get_rank(), dist.get_world_size()
@@ -119,7 +123,7 @@ def main() -> int:
 
     chunks = args.microbatches if args.microbatches is not None else 2 * ranks
     schedule = dualpipe_rs.plan(args.schedule, ranks, chunks)
-    model = build_model(args).to(device)
+    model = model.to(device)
     reference = copy.deepcopy(model) if args.check else None
     params = sum(p.numel() for p in model.parameters())
 
