@@ -421,6 +421,19 @@ impl RankDevice {
             .map_err(|e| GpuError::driver("creating an event", e))
     }
 
+    /// When profiling, a timed event recorded on comm now (the start of a batch's span);
+    /// `None` otherwise.
+    pub fn comm_mark(&self) -> Result<Option<CudaEvent>, GpuError> {
+        if !self.profile {
+            return Ok(None);
+        }
+        let event = self.event(true)?;
+        event
+            .record(&self.comm)
+            .map_err(|e| GpuError::driver("recording", e))?;
+        Ok(Some(event))
+    }
+
     /// Records a fresh event on `stream`.
     pub fn record(&self, stream: &CudaStream) -> Result<Arc<CudaEvent>, GpuError> {
         let event = self.pooled_event()?;

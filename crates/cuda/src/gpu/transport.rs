@@ -156,14 +156,7 @@ impl Transport for PeerTransport {
         }
         // Timed after comm's waits for the senders, so the batch's span is its copies (empty
         // for a batch of sends only, or without copies).
-        let start = if dev.profile {
-            let e = dev.event(true).map_err(backend)?;
-            e.record(&dev.comm)
-                .map_err(|e| backend(GpuError::driver("recording", e)))?;
-            Some(e)
-        } else {
-            None
-        };
+        let start = dev.comm_mark().map_err(backend)?;
         for (ticket, tensor) in landing {
             let tensor = self.land(tensor).map_err(backend)?;
             self.arrived.push((ticket, tensor));
@@ -267,14 +260,7 @@ impl Transport for NcclTransport {
         let queued = std::mem::take(&mut self.queued);
         // `ready` on main and comm's wait for it, as the plan has them before the batch.
         let index = dev.plan_batch().map_err(backend)?;
-        let start = if dev.profile {
-            let e = dev.event(true).map_err(backend)?;
-            e.record(&dev.comm)
-                .map_err(|e| backend(GpuError::driver("recording", e)))?;
-            Some(e)
-        } else {
-            None
-        };
+        let start = dev.comm_mark().map_err(backend)?;
         let mut received = Vec::new();
         let mut sent = Vec::new();
         // The group is ended even when an operation fails, so NCCL's per-thread group state is
