@@ -37,9 +37,10 @@ def _hook_stage_class(store, backward):
 
     class Func(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, weight):
+        def forward(ctx, x, weight, bias):
             ctx.save_for_backward(x, weight)
-            return F.linear(x, weight)
+            ctx.bias = bias is not None
+            return F.linear(x, weight, bias)
 
         @staticmethod
         def backward(ctx, grad_output):
@@ -54,18 +55,20 @@ def _hook_stage_class(store, backward):
                 store.put(grad_weight)
             else:
                 grad_weight()
-            return grad_output @ weight, None
+            # The bias gradient goes back through autograd, as in a plain function.
+            grad_bias = grad_output.flatten(0, -2).sum(0) if ctx.bias else None
+            return grad_output @ weight, None, grad_bias
 
     class Lin(nn.Linear):
         def forward(self, x):
-            return Func.apply(x, self.weight)
+            return Func.apply(x, self.weight, self.bias)
 
     class Stage(nn.Module):
         calls = 0
 
         def __init__(self) -> None:
             super().__init__()
-            self.linear1 = Lin(HIDDEN, HIDDEN * 4, bias=False)
+            self.linear1 = Lin(HIDDEN, HIDDEN * 4)
             self.linear2 = Lin(HIDDEN * 4, HIDDEN, bias=False)
 
         def forward(self, x):

@@ -301,7 +301,7 @@ def _split_through_store(module, x, g):
     before = [None if p.grad is None else p.grad.clone() for p in module.parameters()]
     for fn in group:
         fn()
-    later.run(skip_custom=bool(group))
+    later.run()
     return dx, group, before
 
 
@@ -314,14 +314,14 @@ def test_store_only_stage_runs_a_plain_backward(monkeypatch):
     x = torch.randn(4, 8, dtype=torch.float64)
     g = torch.randn(4, 8, dtype=torch.float64)
     key = tuple(id(p) for p in twin.parameters())
-    _split_module._STORE_ONLY.pop(key, None)
+    _split_module._OPAQUE.pop(key, None)
     walks = []
     original = _split_module._plan
     monkeypatch.setattr(_split_module, "_plan", lambda *a: walks.append(1) or original(*a))
     for step in range(3):
         dx_full, g_full = _full(module, x, [g])
         dx, group, before = _split_through_store(twin, x, g)
-        assert _split_module._STORE_ONLY.get(key)
+        assert _split_module._OPAQUE.get(key) is not None
         assert len(walks) == 1  # the first call only
         assert len(group) == 2
         if step == 0:
@@ -340,7 +340,7 @@ def test_store_only_hint_that_no_longer_holds():
     x = torch.randn(4, 8, dtype=torch.float64)
     g = torch.randn(4, 8, dtype=torch.float64)
     key = tuple(id(p) for p in twin.parameters())
-    _split_module._STORE_ONLY.pop(key, None)
+    _split_module._OPAQUE.pop(key, None)
     for plain in (False, True, True):
         module.plain = twin.plain = plain
         dx_full, g_full = _full(module, x, [g])
@@ -348,4 +348,112 @@ def test_store_only_hint_that_no_longer_holds():
         assert torch.equal(dx, dx_full)
         for a, b in zip(twin.parameters(), g_full):
             assert torch.equal(a.grad, b)
-        assert bool(_split_module._STORE_ONLY.get(key)) == (not plain)
+        assert (_split_module._OPAQUE.get(key) is not None) == (not plain)
+
+
+class _WritesItsGrad(torch.autograd.Function):
+    """A custom linear that writes its weight gradient into ``.grad`` itself (no store) and
+    returns the bias gradient; counts its backward calls."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _WritesItsGrad.calls += 1
+        x, weight = ctx.saved_tensors
+        dw = grad.flatten(0, -2).T @ x.flatten(0, -2)
+        if weight.grad is None:
+            weight.grad = dw
+        else:
+            weight.grad += dw
+        return grad @ weight, None, grad.flatten(0, -2).sum(0)
+
+
+class WritingLinears(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16).double()
+        self.b = nn.Linear(16, 8).double()
+
+    def forward(self, x):
+        h = torch.tanh(_WritesItsGrad.apply(x, self.a.weight, self.a.bias))
+        return _WritesItsGrad.apply(h, self.b.weight, self.b.bias)
+
+
+def test_custom_function_that_writes_its_own_gradient_runs_once():
+    """A function that writes ``weight.grad`` itself, store or not, is run once per backward:
+    its weight gradient is not counted twice, and the bias it returns is not lost."""
+    torch.manual_seed(10)
+    module = WritingLinears()
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    g = torch.randn(4, 8, dtype=torch.float64)
+    _WritesItsGrad.calls = 0
+    dx_full, g_full = _full(module, x, [g])
+    assert _WritesItsGrad.calls == 2
+    for through_store in (False, True):
+        for p in twin.parameters():
+            p.grad = None
+        _WritesItsGrad.calls = 0
+        if through_store:
+            dx, group, _ = _split_through_store(twin, x, g)
+            assert group == []
+        else:
+            dx, _, _ = _split(twin, x, [g])
+        assert _WritesItsGrad.calls == 2
+        assert torch.equal(dx, dx_full)
+        for a, b in zip(twin.parameters(), g_full):
+            assert torch.equal(a.grad, b)
+
+
+def test_store_function_with_a_bias():
+    """The reference's protocol with a bias returned through autograd: the weight gradient
+    comes from the store at the W, the bias gradient from the input pass, also at the W."""
+    torch.manual_seed(11)
+    module = HookStage().double()
+    assert module.linear1.bias is not None
+    twin = copy.deepcopy(module)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    g = torch.randn(4, 8, dtype=torch.float64)
+    xa = x.clone().requires_grad_(True)
+    torch.autograd.backward([module(xa)], [g])
+    dx, group, before = _split_through_store(twin, x, g)
+    assert len(group) == 2
+    assert before[1] is None  # linear1's bias: kept for the W
+    assert torch.equal(dx, xa.grad)
+    for a, b in zip(twin.parameters(), module.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize(
+    "make, width", [(lambda: Linears(True, False, False), 6), (Norm, 6), (CustomLinears, 8)]
+)
+def test_post_accumulate_grad_hooks_run_at_the_w(make, width):
+    """Each parameter's post-accumulate-grad hooks run once per W, after its gradient is in
+    ``.grad``, as in a full backward."""
+    torch.manual_seed(12)
+    module = make()
+    twin = copy.deepcopy(module)
+    x = torch.randn(5, width, dtype=torch.float64)
+    out_shape = _outputs(module, x)[0].shape
+    g = [torch.randn(out_shape, dtype=torch.float64)]
+    seen = {"full": [], "split": []}
+    for key, m in (("full", module), ("split", twin)):
+        for name, p in m.named_parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p, name=name, key=key: seen[key].append((name, p.grad.clone()))
+            )
+    _full(module, x, g)
+    xb = x.clone().requires_grad_(True)
+    (dx,), later = backward_input(_outputs(twin, xb), g, [xb], list(twin.parameters()))
+    assert seen["split"] == []
+    later.run()
+    full = dict(seen["full"])
+    assert sorted(full) == sorted(name for name, _ in seen["split"])
+    for name, grad in seen["split"]:
+        assert torch.equal(grad, full[name])

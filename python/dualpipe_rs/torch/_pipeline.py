@@ -810,7 +810,7 @@ class Pipeline(nn.Module):
         later, group, loss = st.pending_w.pop((stage, mb))
         for func in group:
             func()
-        later.run(skip_custom=bool(group))
+        later.run()
         if loss is not None:
             loss.detach_()
 

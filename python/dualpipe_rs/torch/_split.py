@@ -11,13 +11,22 @@ Where the branches lie depends only on the shape of the graph. The analysis is d
 shape (the nodes' types and edges, and which nodes are the outputs, inputs and parameters) and
 reused: a step then only walks the graph once to index it.
 
+A custom ``autograd.Function`` is not split: its backward is one Python call that computes
+the input gradient and whatever it returns for its parameters together, so the input pass
+takes those parameter gradients as it runs it (they are accumulated at the weight pass, like
+every other). Running it again at the weight pass would double what such a function does
+itself: put a weight gradient into the ``WeightGradStore`` (the reference's protocol, run at
+the W) or write ``.grad`` directly.
+
 Two cases skip work. A plain linear branch (``nn.Linear``'s ``mm``/``addmm`` of ``t()`` of
 the weight) gets its weight gradient at the weight pass from the captured gradient and the
 input the product saved, with the products its backward runs, in the same layout: the same
-bits, without a second engine run. A stage whose every parameter gradient goes through the
-``WeightGradStore`` (custom functions that defer their own weight gradients) needs no split:
-once an analysis has found that, the input pass of a later call with the same parameters is a
-plain backward with the store enabled, as the reference runs it.
+bits, without a second engine run. A stage with nothing to split (every parameter reached only
+through custom functions) needs no graph walk: once an analysis has found that, the input pass
+of a later call with the same parameters is one plain backward, as the reference runs it.
+
+Gradients reach ``.grad`` as the engine's accumulation would put them there, and the
+parameters' post-accumulate-grad hooks run after each accumulation.
 """
 
 from __future__ import annotations
@@ -29,8 +38,6 @@ import torch
 from torch.autograd import Variable
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
-
-from ._store import WeightGradStore
 
 __all__ = ["DeferredWeights", "backward_input"]
 
@@ -49,13 +56,13 @@ _ACCUMULATE, _MM, _ADDMM, _T = _node_types()
 _PLANS: Dict[tuple, "_Plan"] = {}
 _PLANS_MAX = 256
 
-# Parameter lists (by the ids of their tensors) whose last analysis found every gradient going
-# through the WeightGradStore. A stale entry (ids reused by other tensors) costs one input pass
-# that does not defer; the results stay right.
-_STORE_ONLY: Dict[tuple, bool] = {}
+# Parameter lists (by the ids of their tensors) whose last analysis found nothing to split (no
+# branch but custom functions), with the positions of the parameters that got a gradient in
+# that input pass. A stale entry (ids reused by other tensors, a graph that changed) costs one
+# input pass that does not defer; the results stay right.
+_OPAQUE: Dict[tuple, frozenset] = {}
 
 _set_grad_enabled = torch._C._set_grad_enabled
-_FUNCTION_BASE = torch._C._FunctionBase
 
 
 def _node(t: torch.Tensor) -> Optional[Node]:
@@ -88,9 +95,7 @@ class _Plan:
     """Where the parameters' branches leave the input path, for one graph shape (indices
     into the indexed graph)."""
 
-    __slots__ = (
-        "run_outputs", "groups", "entangled", "kept_params", "captures", "custom", "store_only"
-    )
+    __slots__ = ("run_outputs", "groups", "at_input", "kept_params", "captures", "opaque")
 
     def __init__(self, edges, types, out_idx, in_idx, param_idx) -> None:
         users: List[List[int]] = [[] for _ in edges]
@@ -133,15 +138,19 @@ class _Plan:
         for k in range(len(param_idx)):
             if meets[k]:
                 members[find(k)].append(k)
-        groups, entangled = [], []
+        # Parameters whose gradient the input pass takes: those reached through several branch
+        # points (deferring them would count a path twice) and those whose branch point is a
+        # custom function (whose backward runs whole in the input pass).
+        groups, at_input = [], []
         for idx in members.values():
             nodes = set().union(*(meets[k] for k in idx))
-            if len(nodes) == 1:
-                groups.append((next(iter(nodes)), tuple(idx)))
+            node = next(iter(nodes))
+            if len(nodes) == 1 and not types[node][0]:
+                groups.append((node, tuple(idx)))
             else:
-                entangled += idx
-        # groups: (branch node, parameter positions, first capture, capture count, custom,
-        # how to compute the weight gradient directly where the branch is a plain linear map).
+                at_input += idx
+        # groups: (branch node, parameter positions, first capture, capture count, how to
+        # compute the weight gradient directly where the branch is a plain linear map).
         self.groups = []
         self.captures = []
         for node, idx in groups:
@@ -149,21 +158,11 @@ class _Plan:
             count = types[node][1]
             self.captures += [(node, slot) for slot in range(count)]
             direct = _linear_branch(node, idx, edges, users, types, param_idx)
-            self.groups.append((node, idx, first, count, types[node][0], direct))
-        self.entangled = tuple(entangled)
+            self.groups.append((node, idx, first, count, direct))
+        self.at_input = tuple(at_input)
         self.kept_params = tuple(kept_params)
-        # Some branch starts at a custom function (whose node its Python object does not keep
-        # alive), and whether every parameter's only branch does.
-        self.custom = any(g[4] for g in self.groups)
-        grouped = sum(len(g[1]) for g in self.groups)
-        self.store_only = (
-            bool(self.groups)
-            and all(g[4] for g in self.groups)
-            and grouped == len(param_idx)
-            and not entangled
-            and not kept_params
-            and all(self.run_outputs)
-        )
+        # Nothing to defer: the input pass is then one plain backward.
+        self.opaque = not self.groups and not kept_params and all(self.run_outputs)
 
 
 def _linear_branch(node, idx, edges, users, types, param_idx):
@@ -277,36 +276,27 @@ def _plan(out_nodes, want, params):
 class DeferredWeights:
     """What a deferred backward leaves for its ``W``: captured gradients and graph edges."""
 
-    __slots__ = ("_groups", "_kept", "_ready", "_owners")
+    __slots__ = ("_groups", "_kept", "_ready")
 
-    def __init__(self, groups, kept, ready, owners=()) -> None:
-        # groups: [(node, params, captured gradients, custom, linear)] where linear is
-        # (weight, bias or None) for a plain linear branch; kept: (edges, grads, params);
-        # ready: [(param, gradient)] computed during the input pass; owners: nodes that keep
-        # the graph of the groups' custom-function nodes alive until the weight pass.
+    def __init__(self, groups, kept, ready) -> None:
+        # groups: [(node, params, captured gradients, linear)] where linear is (weight, bias
+        # or None) for a plain linear branch; kept: (edges, grads, params); ready:
+        # [(param, gradient)] computed during the input pass.
         self._groups = groups
         self._kept = kept
         self._ready = ready
-        self._owners = owners
 
-    def run(self, skip_custom: bool = False) -> None:
-        """Compute the parameters' gradients and accumulate them into ``.grad``.
-
-        With ``skip_custom``, branches that start at a custom ``autograd.Function`` are left
-        out: such a function put its weight gradient into the ``WeightGradStore`` already.
-        """
+    def run(self) -> None:
+        """Compute the parameters' gradients and accumulate them into ``.grad``."""
         groups, self._groups = self._groups, []
         kept, self._kept = self._kept, None
         ready, self._ready = self._ready, []
-        owners, self._owners = self._owners, ()  # held until the groups have run
         for p, g in ready:
             _accumulate(p, g)
         rest = []
         direct = []
         for group in groups:
-            node, params, grads, custom, linear = group
-            if skip_custom and custom:
-                continue
+            _, _, grads, linear = group
             if linear is not None and grads[0] is not None and _direct(linear):
                 direct.append(group)
             else:
@@ -316,7 +306,7 @@ class DeferredWeights:
             _set_grad_enabled(False)
             try:
                 for group in direct:
-                    node, _, grads, _, (weight, bias) = group
+                    node, _, grads, (weight, bias) = group
                     try:
                         got = _linear_weight_grad(node, grads[0], bias is not None)
                     except AttributeError:  # a torch whose nodes name their fields otherwise
@@ -329,7 +319,7 @@ class DeferredWeights:
                         _accumulate(bias, got[1])
             finally:
                 _set_grad_enabled(enabled)
-        for node, params, grads, _, _ in rest:
+        for node, params, grads, _ in rest:
             edges = [GradientEdge(node, i) for i, g in enumerate(grads) if g is not None]
             if edges:
                 _grad_into(edges, [g for g in grads if g is not None], params)
@@ -337,7 +327,6 @@ class DeferredWeights:
             edges, grads, params = kept
             if edges and params:
                 _grad_into(edges, grads, params)
-        del owners
 
 
 def _direct(linear) -> bool:
@@ -353,12 +342,18 @@ def _direct(linear) -> bool:
 
 
 def _accumulate(p: torch.Tensor, g: Optional[torch.Tensor]) -> None:
+    """Add ``g`` into ``p.grad`` and run ``p``'s post-accumulate-grad hooks, as the engine's
+    accumulation does."""
     if g is None:
         return
     if p.grad is None:
         p.grad = g
     else:
         p.grad += g
+    hooks = p._post_accumulate_grad_hooks
+    if hooks:
+        for hook in tuple(hooks.values()):
+            hook(p)
 
 
 def _grad(outputs, grads, inputs, retain: bool):
@@ -383,25 +378,24 @@ def backward_input(
 ) -> Tuple[List[Optional[torch.Tensor]], DeferredWeights]:
     """Gradients of ``inputs`` now; a :class:`DeferredWeights` for ``params`` later.
 
-    ``grads`` may hold ``None`` for a scalar loss output (a gradient of one). Parameters
-    whose gradient reaches the stage through several branch points of the input path (a
-    weight used twice on the way to the input) get their gradient in this pass already:
-    deferring them would count a path twice.
+    ``grads`` may hold ``None`` for a scalar loss output (a gradient of one). Two kinds of
+    parameters get their gradient computed in this pass (and accumulated at the weight pass):
+    those whose gradient reaches the stage through several branch points of the input path (a
+    weight used twice on the way to the input), where deferring would count a path twice, and
+    those reached through a custom ``autograd.Function``, whose backward runs whole here.
     """
     params = [p for p in params if p.requires_grad]
     want = [t for t in inputs if t.requires_grad]
-    store = WeightGradStore.enabled
-    if store:
-        if _STORE_ONLY:
-            known = tuple(map(id, params))
-            if _STORE_ONLY.get(known):
-                return _backward_through_store(outputs, grads, inputs, want, params, known)
-        stored = len(WeightGradStore.cache)
+    if _OPAQUE:
+        known = tuple(map(id, params))
+        got = _OPAQUE.get(known)
+        if got is not None:
+            return _plain_input_pass(outputs, grads, inputs, want, params, known, got)
     out_nodes = [o.grad_fn or _node(o) for o in outputs]
     nodes, plan = _plan(out_nodes, want, params)
 
     # Edges, not tensors: a sent output may have had its storage released already.
-    run_edges, run_grads, keep_edges, keep_grads, owners = [], [], [], [], []
+    run_edges, run_grads, keep_edges, keep_grads = [], [], [], []
     for o, g, n, run in zip(outputs, grads, out_nodes, plan.run_outputs):
         if n is None:
             continue
@@ -411,40 +405,43 @@ def backward_input(
             # Used at once, while ``o`` keeps its node alive.
             run_edges.append(GradientEdge(n, o.output_nr))
             run_grads.append(g)
-            if plan.custom:
-                owners.append(_owner(o))
         else:
             # Kept for the W: ``get_gradient_edge`` also keeps a custom function's node alive
             # (its Python object does not) once the stage drops ``o``.
             keep_edges.append(get_gradient_edge(o))
             keep_grads.append(g)
 
-    entangled = [params[k] for k in plan.entangled]
-    targets = want + entangled if entangled else list(want)
+    now = [params[k] for k in plan.at_input]
+    targets = want + now if now else list(want)
     for n, slot in plan.captures:
         targets.append(GradientEdge(nodes[n], slot))
     if targets and run_edges:
-        result = _grad(run_edges, run_grads, targets, True)
+        # The graph is kept where the weight pass will run parts of it.
+        result = _grad(run_edges, run_grads, targets, not plan.opaque)
     else:
         result = [None] * len(targets)
-    nw, ne = len(want), len(entangled)
-    caps = result[nw + ne :]
+    nw, na = len(want), len(now)
+    caps = result[nw + na :]
     groups = []
-    for n, idx, first, count, custom, linear in plan.groups:
+    for n, idx, first, count, linear in plan.groups:
         if linear is not None:
             linear = (params[linear[0]], None if linear[1] is None else params[linear[1]])
-        groups.append(
-            (nodes[n], [params[k] for k in idx], caps[first : first + count], custom, linear)
-        )
-    ready = list(zip(entangled, result[nw : nw + ne])) if ne else []
+        groups.append((nodes[n], [params[k] for k in idx], caps[first : first + count], linear))
+    ready = [(p, g) for p, g in zip(now, result[nw : nw + na]) if g is not None]
     input_grads = _by_input(inputs, want, result[:nw])
     kept_params = [params[k] for k in plan.kept_params]
-    later = DeferredWeights(groups, (keep_edges, keep_grads, kept_params), ready, owners)
-    if store and plan.store_only and len(WeightGradStore.cache) > stored:
-        if len(_STORE_ONLY) >= _PLANS_MAX:
-            _STORE_ONLY.clear()
-        _STORE_ONLY[tuple(map(id, params))] = True
+    later = DeferredWeights(groups, (keep_edges, keep_grads, kept_params), ready)
+    if plan.opaque:
+        if len(_OPAQUE) >= _PLANS_MAX:
+            _OPAQUE.clear()
+        _OPAQUE[tuple(map(id, params))] = _got(params, ready)
     return input_grads, later
+
+
+def _got(params, ready) -> frozenset:
+    """The positions in ``params`` of the parameters that have a gradient in ``ready``."""
+    where = {id(p): k for k, p in enumerate(params)}
+    return frozenset(where[id(p)] for p, _ in ready)
 
 
 def _by_input(inputs, want, grads) -> List[Optional[torch.Tensor]]:
@@ -455,21 +452,11 @@ def _by_input(inputs, want, grads) -> List[Optional[torch.Tensor]]:
     return [by_id.get(id(t)) if t.requires_grad else None for t in inputs]
 
 
-def _owner(o: torch.Tensor):
-    """A node that keeps ``o``'s graph alive: its grad_fn, or for a custom function's output
-    (whose Python node object does not own the node) a view's node."""
-    fn = o.grad_fn
-    if isinstance(fn, _FUNCTION_BASE):
-        with torch.enable_grad():
-            return o.view_as(o).grad_fn
-    return fn
-
-
-def _backward_through_store(outputs, grads, inputs, want, params, known):
-    """The input pass of a stage whose weight gradients all go through the store: one plain
-    backward towards the inputs and the parameters, without keeping the graph. A parameter
-    gradient that comes back anyway (the stage is not what it was) is kept for the weight
-    pass, and the next call analyses the graph again."""
+def _plain_input_pass(outputs, grads, inputs, want, params, known, got):
+    """The input pass of a stage with nothing to split: one plain backward towards the inputs
+    and the parameters, without keeping the graph. Parameter gradients other than those the
+    analysis saw (the stage is not what it was) are still right; the next call then analyses
+    the graph again."""
     edges, roots = [], []
     for o, g in zip(outputs, grads):
         if o.grad_fn is not None:
@@ -486,6 +473,6 @@ def _backward_through_store(outputs, grads, inputs, want, params, known):
         result = [None] * len(targets)
     nw = len(want)
     ready = [(p, g) for p, g in zip(params, result[nw:]) if g is not None]
-    if ready:
-        _STORE_ONLY.pop(known, None)
+    if _got(params, ready) != got:
+        _OPAQUE.pop(known, None)
     return _by_input(inputs, want, result[:nw]), DeferredWeights([], None, ready)
