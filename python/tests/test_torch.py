@@ -169,6 +169,29 @@ def test_example_runs_under_torchrun():
     assert "losses equal bit for bit" in run.stdout, run.stdout
 
 
+def test_benchmark_script_runs():
+    """scripts/bench_torch.py, the benchmark docs/performance.md quotes, at a tiny size: every
+    row of its table is there with a measured ratio (the timings themselves are not judged)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "scripts", "bench_torch.py")
+    run = subprocess.run(
+        [sys.executable, script, "--steps", "1", "--hidden", "16", "--chunks", "4"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| 16 |")]
+    assert len(rows) == 5, run.stdout
+    for row in rows:
+        ratio = row[4].strip()
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0, row
+
+
 def test_rank_mapping(world2):
     assert all(world2.run(_cases.mapped))
 
