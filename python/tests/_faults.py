@@ -125,3 +125,21 @@ def module_raises(rank: int):
     x, y = data(8)
     inp, lab, _, _ = feeds(s, rank, x, y)
     pipe.step(inp, criterion=criterion, labels=(lab,))
+
+
+def failed_step_refuses_the_next(rank: int):
+    """Rank 0 forgets its inputs: it raises at once and goes on to its next step, whose
+    messages rank 1's first step must not take (each call has its own tag): rank 1 raises
+    after its timeout, repeating rank 0's error, and refuses its next step at once; rank 0's
+    second step times out. Both outcomes are raised together, so the world is not reused."""
+    s = dualpipe_rs.plan("1f1b", 2, 4)
+    model = full_model(2)
+    pipe = Pipeline(s, [copy.deepcopy(model[rank])], timeout=3)
+    x, y = data(8)
+    inp, lab, _, _ = feeds(s, rank, x, y)
+    if rank == 0:
+        first = _catch(lambda: pipe.step(criterion=criterion, labels=(lab,)))
+    else:
+        first = _catch(lambda: pipe.step(inp, criterion=criterion, labels=(lab,)))
+    second = _catch(lambda: pipe.step(inp, criterion=criterion, labels=(lab,)))
+    raise RuntimeError(json.dumps([first, second]))

@@ -24,6 +24,7 @@ __all__ = [
     "set_p2p_tensor_shapes",
     "set_p2p_tensor_dtype",
     "p2p_defaults",
+    "step_tag",
 ]
 
 META_LEN = 64
@@ -124,6 +125,14 @@ def post(ops: List[dist.P2POp]):
     return dist.batch_isend_irecv(ops)
 
 
+def step_tag(pipeline: int, call: int, shared: bool = False) -> int:
+    """The message tag of one ``step`` call (or, with ``shared``, one summing of shared
+    gradients) of one pipeline: messages of a failed call, still posted, then never match
+    those of another call or another pipeline on a group that matches messages by tag
+    (gloo). Pipelines are told apart modulo 512, calls modulo 2**20."""
+    return (int(shared) << 29) | ((pipeline & 0x1FF) << 20) | (call & 0xFFFFF)
+
+
 def posts_each(group, device) -> bool:
     """Whether ``group`` posts point-to-point messages one by one on ``device`` (it cannot
     coalesce them, as gloo): then :func:`post_each` is the same as :func:`post`, cheaper."""
@@ -135,14 +144,14 @@ def posts_each(group, device) -> bool:
         return False
 
 
-def post_each(group, messages: Sequence[Tuple[bool, torch.Tensor, int]]):
+def post_each(group, messages: Sequence[Tuple[bool, torch.Tensor, int]], tag: int = 0):
     """Post ``(is_send, tensor, peer's rank in group)`` messages in order, one call each, as
-    ``batch_isend_irecv`` does for a group that cannot coalesce them (tag 0, complex tensors
-    as real views); the list of works to wait on."""
+    ``batch_isend_irecv`` does for a group that cannot coalesce them (complex tensors as real
+    views); the list of works to wait on."""
     send, recv = group.send, group.recv
     works = []
     for is_send, t, peer in messages:
         if t.is_complex():
             t = torch.view_as_real(t)
-        works.append(send([t], peer, 0) if is_send else recv([t], peer, 0))
+        works.append(send([t], peer, tag) if is_send else recv([t], peer, tag))
     return works

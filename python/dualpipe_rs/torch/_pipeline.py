@@ -411,7 +411,11 @@ class Pipeline(nn.Module):
                 dtype = next((p.dtype for m in self.module for p in m.parameters()), torch.float32)
             self._fixed_meta = [(tuple(s), dtype) for s in shapes]
         self._id = next(_ids)
-        self._steps = 0
+        # step() calls so far (every rank counts the same ones), and why a step failed after
+        # it had begun to exchange messages (no step runs after that).
+        self._calls = 0
+        self._failed: Optional[str] = None
+        self._tag = 0  # this call's message tag (see _comm.step_tag)
         self._shared = None
         self._microbatch_size: Optional[int] = None
         self.profile: Optional[Profile] = Profile(self) if profile else None
@@ -492,7 +496,34 @@ class Pipeline(nn.Module):
         order). Returns ``(loss, outputs)``: the stacked per-micro-batch losses on the ranks
         that run a last stage (else ``None``), and the concatenated last-stage outputs when
         ``return_outputs`` (else ``None``).
+
+        A step that fails after it began to exchange messages leaves this Pipeline unusable:
+        every later ``step`` or ``sum_copy_gradients`` raises :class:`PipelineError` (make a
+        new Pipeline; on NCCL also a new process group). Errors found before (a missing
+        input, a wrong ``num_chunks``) leave it usable. Every rank must make the same calls.
         """
+        self._calls += 1
+        self._tag = _comm.step_tag(self._id, self._calls)
+        try:
+            prog, st, exchange = self._prepare(
+                inputs, num_chunks, criterion, labels, return_outputs
+            )
+        except BaseException as exc:
+            self._announce(exc)
+            raise
+        try:
+            self._run(prog, st, exchange)
+        except BaseException as exc:
+            self._failed = f"step {self._calls} failed: {exc}"
+            self._announce(exc)
+            WeightGradStore.clear()
+            raise
+        return self._results(prog, st)
+
+    def _prepare(self, inputs, num_chunks, criterion, labels, return_outputs):
+        """Check the call and split its inputs and labels: what a step runs, before it sends
+        anything."""
+        self._check_usable()
         s = self.schedule
         if num_chunks is not None and num_chunks not in (0, s.num_microbatches):
             raise ValueError(
@@ -518,14 +549,17 @@ class Pipeline(nn.Module):
         st.return_outputs = return_outputs
         self._feed(prog, st, inputs, labels, criterion, training)
         exchange = self._fixed_shapes is None and not self._meta[prog.key]
-        try:
-            self._run(prog, st, exchange)
-        except BaseException as exc:
-            self._announce(exc)
-            WeightGradStore.clear()
-            raise
-        self._steps += 1
-        return self._results(prog, st)
+        return prog, st, exchange
+
+    def _check_usable(self) -> None:
+        """Refuse to exchange messages on a group where a failed step may have left some."""
+        if self._failed is not None:
+            raise PipelineError(
+                f"rank {self.rank}: {self._failed}; this Pipeline's state and messages of "
+                f"that step may be left half done, so it runs nothing more: create a new "
+                f"Pipeline on every rank (on NCCL, also a new process group)",
+                self.rank,
+            )
 
     def sum_copy_gradients(self) -> None:
         """Sum the gradients of parameters held by several ranks: DualPipe's two copies of
@@ -537,6 +571,7 @@ class Pipeline(nn.Module):
         are added in rank order, so every holder ends with the same bits. A no-op where
         nothing is shared (the first call exchanges which tied weights each rank holds).
         """
+        self._check_usable()
         shared = self._shared_parameters()
         peers = sorted({r for _, _, holders in shared for r in holders if r != self.rank})
         if not shared:
@@ -549,17 +584,19 @@ class Pipeline(nn.Module):
                 total = g.clone() if total is None else total.add_(g)
             own[key] = total
         ops, incoming = [], {}
+        tag = _comm.step_tag(self._id, self._calls, shared=True)
         for peer in peers:
             keys = [key for key, _, holders in shared if peer in holders]
             flat = torch.cat([own[k].reshape(-1) for k in keys])
             buf = torch.empty_like(flat)
-            ops.append(dist.P2POp(dist.isend, flat, self._global_of[peer], self.group))
-            ops.append(dist.P2POp(dist.irecv, buf, self._global_of[peer], self.group))
+            ops.append(dist.P2POp(dist.isend, flat, self._global_of[peer], self.group, tag))
+            ops.append(dist.P2POp(dist.irecv, buf, self._global_of[peer], self.group, tag))
             incoming[peer] = (keys, buf)
         if ops:
             try:
                 _comm.wait(_comm.post(ops), self.timeout)
             except RuntimeError as exc:
+                self._failed = f"summing shared gradients failed: {exc}"
                 raise PipelineError(
                     f"rank {self.rank}: summing shared gradients failed: {exc}", self.rank
                 ) from exc
@@ -961,10 +998,16 @@ class Pipeline(nn.Module):
         if ops:
             if self._post_each:
                 group_rank = self._group_rank
-                works = _comm.post_each(self.group, [(o, t, group_rank[p]) for o, t, p in ops])
+                works = _comm.post_each(
+                    self.group, [(o, t, group_rank[p]) for o, t, p in ops], self._tag
+                )
             else:
+                tag = self._tag
                 works = _comm.post(
-                    [dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group) for o, t, p in ops]
+                    [
+                        dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group, tag)
+                        for o, t, p in ops
+                    ]
                 )
         per_op = len(works) == len(ops)
         # The members of a fused message share one list of works: a work is waited once (a
@@ -1109,10 +1152,11 @@ class Pipeline(nn.Module):
             if not act:
                 continue
             if code == _SEND:
-                ops.append(dist.P2POp(dist.isend, _comm.encode_meta(tensors, self._device), gpeer, self.group))
+                meta = _comm.encode_meta(tensors, self._device)
+                ops.append(dist.P2POp(dist.isend, meta, gpeer, self.group, self._tag))
             else:
                 buf = torch.empty(_comm.META_LEN, dtype=torch.int64, device=self._device)
-                ops.append(dist.P2POp(dist.irecv, buf, gpeer, self.group))
+                ops.append(dist.P2POp(dist.irecv, buf, gpeer, self.group, self._tag))
                 incoming.append((stage, mb, buf))
         if not ops:
             return
@@ -1166,7 +1210,7 @@ class Pipeline(nn.Module):
     # failures ------------------------------------------------------------------------
 
     def _store_key(self) -> str:
-        return f"dualpipe_rs/pipeline{self._id}/step{self._steps}/failed"
+        return f"dualpipe_rs/pipeline{self._id}/call{self._calls}/failed"
 
     def _announce(self, exc: BaseException) -> None:
         """Tell the other ranks why this rank stops (through the default store)."""
