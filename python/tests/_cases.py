@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -30,6 +31,20 @@ class Block(nn.Module):
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
+
+
+class CheckpointBlock(nn.Module):
+    """A stage with a reentrant activation checkpoint (``use_reentrant=True``), which cannot be
+    split: Linear, then a checkpointed Linear-GELU-Linear as a residual."""
+
+    def __init__(self, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.pre = nn.Linear(hidden, hidden)
+        self.inner = Block(hidden)
+
+    def forward(self, x):
+        h = self.pre(x)  # needs a gradient on every stage, so the checkpoint gives one
+        return h + torch.utils.checkpoint.checkpoint(self.inner, h, use_reentrant=True)
 
 
 def _hook_stage_class(store, backward):
@@ -163,7 +178,7 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
     for family, n, c, v in cases:
         schedule = dualpipe_rs.plan(family, n, c, chunks_per_rank=v)
         stages = schedule.num_stages
-        model_kind = HookStage if kind == "hook" else Block
+        model_kind = {"hook": HookStage, "checkpoint": CheckpointBlock}.get(kind, Block)
         model = full_model(stages, model_kind)
         per = 2 if stages <= 8 else 1
         x, y = data(rows or c * per)

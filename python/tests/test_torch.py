@@ -62,6 +62,14 @@ def test_reference_stages_with_hook_and_store(world2):
     assert checks[0] == 7 * len(cases)
 
 
+def test_reentrant_checkpoint_stages(world2):
+    """Stages with a reentrant activation checkpoint (not split: whole backward at the B)
+    under schedules that defer weight gradients."""
+    cases = [("zbv", 2, 4, None), ("dualpipev", 2, 4, None)]
+    checks = world2.run(_cases.conformance, cases, 1, "checkpoint")
+    assert checks[0] == 5 * len(cases)
+
+
 def test_reference_dualpipe_bitwise(world2):
     """A program written for the reference DualPipe, with only its imports and constructor
     changed, gets the reference's losses and gradients bit for bit."""

@@ -27,6 +27,11 @@ of a later call with the same parameters is one plain backward, as the reference
 
 Gradients reach ``.grad`` as the engine's accumulation would put them there, and the
 parameters' post-accumulate-grad hooks run after each accumulation.
+
+A graph with a reentrant checkpoint (``torch.utils.checkpoint`` with ``use_reentrant=True``)
+cannot be split: its backward runs a backward of its own, which refuses to stop at chosen
+inputs. Its whole backward runs in the input pass (or, where no input needs a gradient, at the
+weight pass). A non-reentrant checkpoint splits as any graph.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import collections
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
+import torch.utils.checkpoint
 from torch.autograd import Variable
 from torch.autograd.function import BackwardCFunction
 from torch.autograd.graph import GradientEdge, Node, get_gradient_edge
@@ -51,6 +57,9 @@ def _node_types():
 
 
 _ACCUMULATE, _MM, _ADDMM, _T = _node_types()
+
+# A reentrant checkpoint's node: the engine cannot run towards chosen inputs through it.
+_REENTRANT = torch.utils.checkpoint.CheckpointFunction._backward_cls
 
 # Analyses by graph shape; a stage's graph has one shape per kind of step, so this stays small.
 _PLANS: Dict[tuple, "_Plan"] = {}
@@ -95,7 +104,9 @@ class _Plan:
     """Where the parameters' branches leave the input path, for one graph shape (indices
     into the indexed graph)."""
 
-    __slots__ = ("run_outputs", "groups", "at_input", "kept_params", "captures", "opaque")
+    __slots__ = (
+        "run_outputs", "groups", "at_input", "kept_params", "captures", "opaque", "whole"
+    )
 
     def __init__(self, edges, types, out_idx, in_idx, param_idx) -> None:
         users: List[List[int]] = [[] for _ in edges]
@@ -163,6 +174,8 @@ class _Plan:
         self.kept_params = tuple(kept_params)
         # Nothing to defer: the input pass is then one plain backward.
         self.opaque = not self.groups and not kept_params and all(self.run_outputs)
+        # A reentrant checkpoint: no split at all (see _whole_backward).
+        self.whole = any(t[2] is _REENTRANT for t in types)
 
 
 def _linear_branch(node, idx, edges, users, types, param_idx):
@@ -276,21 +289,26 @@ def _plan(out_nodes, want, params):
 class DeferredWeights:
     """What a deferred backward leaves for its ``W``: captured gradients and graph edges."""
 
-    __slots__ = ("_groups", "_kept", "_ready")
+    __slots__ = ("_groups", "_kept", "_ready", "_whole")
 
-    def __init__(self, groups, kept, ready) -> None:
+    def __init__(self, groups, kept, ready, whole=None) -> None:
         # groups: [(node, params, captured gradients, linear)] where linear is (weight, bias
         # or None) for a plain linear branch; kept: (edges, grads, params); ready:
-        # [(param, gradient)] computed during the input pass.
+        # [(param, gradient)] computed during the input pass; whole: (edges, grads) of a
+        # whole backward that accumulates into every leaf.
         self._groups = groups
         self._kept = kept
         self._ready = ready
+        self._whole = whole
 
     def run(self) -> None:
         """Compute the parameters' gradients and accumulate them into ``.grad``."""
         groups, self._groups = self._groups, []
         kept, self._kept = self._kept, None
         ready, self._ready = self._ready, []
+        whole, self._whole = self._whole, None
+        if whole is not None:
+            _accumulating_backward(*whole)
         for p, g in ready:
             _accumulate(p, g)
         rest = []
@@ -364,6 +382,40 @@ def _grad(outputs, grads, inputs, retain: bool):
     )
 
 
+def _accumulating_backward(edges, grads) -> None:
+    """``torch.autograd.backward``: every leaf's gradient into its ``.grad``."""
+    Variable._execution_engine.run_backward(
+        tuple(edges), tuple(grads), False, False, (), True, True
+    )
+
+
+def _whole_backward(outputs, grads, inputs, want):
+    """The backward of a graph with a reentrant checkpoint, which runs its own backward inside
+    and so refuses an engine run towards chosen inputs: nothing is split. Where the inputs
+    need a gradient, one whole backward runs now, its parameter gradients accumulating into
+    ``.grad`` as in a full backward (the inputs' own ``.grad`` is left as it was); else it is
+    kept for the weight pass."""
+    edges, roots = [], []
+    for o, g in zip(outputs, grads):
+        if not o.requires_grad:
+            continue
+        edges.append(get_gradient_edge(o))
+        roots.append(torch.ones_like(o) if g is None else g)
+    if not want:
+        return _by_input(inputs, want, []), DeferredWeights([], None, [], (edges, roots))
+    before = [t.grad for t in want]
+    for t in want:
+        t.grad = None
+    try:
+        if edges:
+            _accumulating_backward(edges, roots)
+        got = [t.grad for t in want]
+    finally:
+        for t, g in zip(want, before):
+            t.grad = g
+    return _by_input(inputs, want, got), DeferredWeights([], None, [])
+
+
 def _grad_into(edges, grads, params) -> None:
     dws = _grad(edges, grads, params, False)
     for p, dw in zip(params, dws):
@@ -393,6 +445,8 @@ def backward_input(
             return _plain_input_pass(outputs, grads, inputs, want, params, known, got)
     out_nodes = [o.grad_fn or _node(o) for o in outputs]
     nodes, plan = _plan(out_nodes, want, params)
+    if plan.whole:
+        return _whole_backward(outputs, grads, inputs, want)
 
     # Edges, not tensors: a sent output may have had its storage released already.
     run_edges, run_grads, keep_edges, keep_grads = [], [], [], []
