@@ -47,6 +47,20 @@ class CheckpointBlock(nn.Module):
         return h + torch.utils.checkpoint.checkpoint(self.inner, h, use_reentrant=True)
 
 
+class LoraBlock(nn.Module):
+    """A frozen linear layer (no gradient) with a trainable low-rank adapter beside it."""
+
+    def __init__(self, hidden: int = HIDDEN) -> None:
+        super().__init__()
+        self.base = nn.Linear(hidden, hidden)
+        self.base.requires_grad_(False)
+        self.a = nn.Linear(hidden, 2, bias=False)
+        self.b = nn.Linear(2, hidden, bias=False)
+
+    def forward(self, x):
+        return F.gelu(self.base(x) + self.b(self.a(x)))
+
+
 def _hook_stage_class(store, backward):
     """The reference example's stage, written against a given store and backward helper."""
 
@@ -178,12 +192,17 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
     for family, n, c, v in cases:
         schedule = dualpipe_rs.plan(family, n, c, chunks_per_rank=v)
         stages = schedule.num_stages
-        model_kind = {"hook": HookStage, "checkpoint": CheckpointBlock}.get(kind, Block)
+        model_kind = {"hook": HookStage, "checkpoint": CheckpointBlock, "lora": LoraBlock}.get(
+            kind, Block
+        )
         model = full_model(stages, model_kind)
         per = 2 if stages <= 8 else 1
         x, y = data(rows or c * per)
         ref_loss, ref_out = reference(model, x, y, c)
-        ref_grads = {s: [p.grad.clone() for p in model[s].parameters()] for s in range(stages)}
+        ref_grads = {
+            s: [None if p.grad is None else p.grad.clone() for p in model[s].parameters()]
+            for s in range(stages)
+        }
         mine = schedule.stages_on(rank)
         inp, lab, in_mbs, out_mbs = feeds(schedule, rank, x, y)
         out_rows = torch.cat([ref_out.tensor_split(c)[m] for m in out_mbs]) if out_mbs else None
@@ -207,6 +226,9 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
                 pipe.sum_copy_gradients()
                 for s, m in zip(mine, modules):
                     for p, g in zip(m.parameters(), ref_grads[s]):
+                        if not p.requires_grad:
+                            assert p.grad is None, f"{where}: stage {s}: a frozen gradient"
+                            continue
                         assert p.grad is not None, f"{where}: stage {s} has no gradient"
                         d = cal_diff(p.grad, g)
                         assert d < 1e-13, f"{where}: stage {s} cal_diff {d}"
@@ -586,3 +608,36 @@ def mesh_groups(rank: int):
         for p, q in zip(m.parameters(), model[s].parameters()):
             assert cal_diff(p.grad, q.grad) < 1e-13
     return True
+
+
+def autocast_case(rank: int, family: str):
+    """A training step under ``torch.autocast`` (bfloat16 on CPU, float32 parameters): the
+    bfloat16 activations cross ranks, and the losses equal a single-process autocast run's
+    bit for bit (gradients within cal_diff < 1e-6)."""
+    torch.set_num_threads(1)
+    s = dualpipe_rs.plan(family, 2, 4)
+    model = full_model(s.num_stages).float()
+    x, y = data(8)
+    x, y = x.float(), y.float()
+    ref = copy.deepcopy(model)
+    losses = []
+    for xm, ym in zip(x.tensor_split(4), y.tensor_split(4)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = criterion(ref(xm), ym)
+        loss.backward()
+        losses.append(loss.detach())
+    mine = s.stages_on(rank)
+    modules = [copy.deepcopy(model[i]) for i in mine]
+    pipe = Pipeline(s, modules, timeout=60)
+    inp, lab, _, out_mbs = feeds(s, rank, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = pipe.step(inp, num_chunks=4, criterion=criterion, labels=(lab,))
+    pipe.sum_copy_gradients()
+    if out_mbs:
+        want = torch.stack([losses[m] for m in out_mbs])
+        assert loss.dtype == want.dtype and torch.equal(loss, want), f"{family}: {loss} {want}"
+    for i, m in zip(mine, modules):
+        for p, q in zip(m.parameters(), ref[i].parameters()):
+            d = cal_diff(p.grad, q.grad)
+            assert d < 1e-6, f"{family} stage {i}: cal_diff {d}"
+    return len(out_mbs)

@@ -70,6 +70,19 @@ def test_reentrant_checkpoint_stages(world2):
     assert checks[0] == 5 * len(cases)
 
 
+def test_frozen_parameters(world2):
+    """Frozen layers beside trainable adapters (fine-tuning): the frozen get no gradient."""
+    cases = [("zbv", 2, 4, None), ("dualpipev", 2, 4, None), ("dualpipe", 2, 4, None)]
+    checks = world2.run(_cases.conformance, cases, 1, "lora")
+    assert checks[0] == 5 * len(cases)
+
+
+@pytest.mark.parametrize("family", ["dualpipev", "dualpipe"])
+def test_autocast(world2, family):
+    """Mixed precision: bfloat16 activations between ranks under torch.autocast."""
+    assert sum(world2.run(_cases.autocast_case, family)) == 4
+
+
 def test_reference_dualpipe_bitwise(world2):
     """A program written for the reference DualPipe, with only its imports and constructor
     changed, gets the reference's losses and gradients bit for bit."""
