@@ -10,7 +10,7 @@ use dualpipe_reference::suite::check as matches_single_process;
 use dualpipe_schedule::{Costs, ExecutionModel, ValidSchedule, simulate};
 use dualpipe_tests::brute;
 use dualpipe_tune::synth::{
-    MemoryCap, SynthCosts, SynthError, SynthRequest, Synthesis, synthesize,
+    Depth, MemoryCap, SynthCosts, SynthError, SynthRequest, Synthesis, deep_v, synthesize,
 };
 
 fn model(list: &str) -> SynthCosts {
@@ -215,4 +215,54 @@ fn two_copies_let_dualpipe_start() {
     assert_eq!(result.start, Family::DualPipe);
     assert_eq!(result.copies, 2.0);
     check(&result, "dualpipe");
+}
+
+#[test]
+fn deeper_dualpipev_orders_run_on_every_checker() {
+    // DualPipeV's order with more steps of lag on some rank boundaries: every depth, the least
+    // micro-batches it needs and a few more, under two cost settings.
+    for costs in ["f=4,b=8,w=4,fb=9.6,comm=0.1", "f=4,b=8,w=2,comm=0"] {
+        for n in [2u32, 3, 4] {
+            for k in 0..n {
+                let depth = Depth::spread(n, k);
+                let least = depth.min_microbatches(n);
+                // Too few micro-batches: no order (below DualPipeV's 2N, an error).
+                assert!(!matches!(
+                    deep_v(n, least - 1, &model(costs), &depth),
+                    Ok(Some(_))
+                ));
+                for c in [least, least + 3] {
+                    let what = format!("N={n} C={c} {depth:?} {costs}");
+                    let point = deep_v(n, c, &model(costs), &depth)
+                        .unwrap()
+                        .unwrap_or_else(|| panic!("{what}: no order"));
+                    let schedule = point.schedule.schedule();
+                    let again =
+                        dualpipe_schedule::Schedule::from_json(&schedule.to_json()).unwrap();
+                    let valid = ValidSchedule::new(again).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    for model in [brute::Model::Blocking, brute::Model::Async] {
+                        brute::run(schedule, model)
+                            .unwrap_or_else(|e| panic!("{what} {model:?}: {e}"));
+                    }
+                    dualpipe_tests::simulates(schedule).unwrap_or_else(|e| panic!("{what}: {e}"));
+                    // One more N-th of the model's activations per extra step of lag.
+                    let dualpipev = f64::from(2 * n + 1) / 2.0;
+                    assert!(
+                        (point.peak_memory - dualpipev - f64::from(k)).abs() < 1e-9,
+                        "{what}: peak {}",
+                        point.peak_memory
+                    );
+                    let spec = ModelSpec {
+                        hidden: 8,
+                        rows: 4,
+                        stages: 2 * n,
+                        seed: 233,
+                    };
+                    for model in [ExecutionModel::Blocking, ExecutionModel::Async] {
+                        matches_single_process(&mut CpuReference, valid.clone(), &spec, model, 0);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -39,7 +39,10 @@
 //! ```
 
 mod build;
+mod deep;
 mod order;
+
+pub use deep::{Depth, DepthPoint, deep_v};
 
 use std::fmt;
 use std::time::{Duration, Instant};
