@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -67,15 +68,23 @@ def _feeds(schedule, rank, ids, labels):
     return (torch.cat(xs) if xs else None), (torch.cat(ys) if ys else None), outs
 
 
-def pipelined_equals_full(rank: int, arch: str, families):
+def pipelined_equals_full(rank: int, arch: str, families, reentrant: Optional[bool] = None):
     """The pipelined losses per micro-batch equal the whole model's (1e-12 relative) and the
-    gradients, copies and tied weights summed, agree within cal_diff < 1e-13."""
+    gradients, copies and tied weights summed, agree within cal_diff < 1e-13. With
+    ``reentrant`` set, the model is in training mode with transformers' gradient
+    checkpointing on (reentrant or not), in the pipeline as in the whole model."""
     torch.set_num_threads(1)
     done = 0
     for family in families:
         c = 4
         schedule = dualpipe_rs.plan(family, dist.get_world_size(), c)
         model = tiny(arch)
+        if reentrant is not None:
+            model.config.use_cache = False
+            model.train()  # the tiny models have no dropout
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant}
+            )
         full = copy.deepcopy(model)
         ids, labels = _batch(c)
         ref = []

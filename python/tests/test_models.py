@@ -17,6 +17,15 @@ def test_causal_lm_pipelined_equals_full_model(world2, arch):
     assert done == [len(FAMILIES)] * 2
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing(world2, reentrant):
+    """transformers' gradient checkpointing inside the stages: a non-reentrant checkpoint is
+    split like any graph, a reentrant one runs its whole backward at the B."""
+    families = ["zbv", "dualpipev"]
+    done = world2.run(_models_cases.pipelined_equals_full, "llama", families, reentrant)
+    assert done == [len(families)] * 2
+
+
 def test_measured_costs_are_the_same_on_every_rank(world2):
     a, b = world2.run(_models_cases.measured_costs)
     assert a == b
