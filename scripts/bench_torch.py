@@ -2,7 +2,7 @@
 
 Usage::
 
-    python scripts/bench_torch.py [--ranks 2] [--hidden 64 512] [--steps 9] [--chunks 8]
+    python scripts/bench_torch.py [--ranks 2] [--hidden 64 512] [--steps 9] [--chunks 8] [--pin]
 
 Two processes (gloo on CPU; NCCL, one GPU each, with --cuda) run the reference example's model
 (stages of Linear(h, 4h) - GELU - Linear(4h, h), micro-batches of 2 x 64 tokens):
@@ -160,6 +160,9 @@ def _let_torch_send_to_itself(rank):
 
 
 def _worker(rank, ranks, port, args, queue):
+    if args.pin:
+        # One core per rank (as one GPU per rank): the rank's threads stay on it.
+        os.sched_setaffinity(0, {rank % os.cpu_count()})
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -322,6 +325,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--cuda", action="store_true", help="NCCL, one GPU per rank")
+    parser.add_argument(
+        "--pin", action="store_true", help="pin rank r's process to CPU core r (mod the cores)"
+    )
     args = parser.parse_args()
     if args.chunks < 2 * args.ranks or args.chunks % 2:
         parser.error("--chunks must be even and at least 2 x --ranks")
@@ -333,7 +339,7 @@ def main() -> int:
     rows = queue.get()
     torch.set_num_threads(1)
     device = torch.device("cuda", 0) if args.cuda else torch.device("cpu")
-    where = f"{'cuda' if args.cuda else 'cpu, gloo'}, {args.ranks} ranks, {args.chunks} micro-batches of {ROWS}x{SEQ}"
+    where = f"{'cuda' if args.cuda else 'cpu, gloo'}, {args.ranks} ranks{' pinned one per core' if args.pin else ''}, {args.chunks} micro-batches of {ROWS}x{SEQ}"
     print(f"torch {torch.__version__}; {where}; {time.strftime('%Y-%m-%d')}; medians of {args.steps} steps")
     print("| hidden | measurement | dualpipe_rs | compared with | ratio | target |")
     print("|---|---|---|---|---|---|")
