@@ -493,3 +493,25 @@ def test_split_of_a_checkpointed_stage(reentrant, input_grad):
         # (torch warns), in a full backward as here.
         assert (a.grad is None) == (b.grad is None)
         assert a.grad is None or torch.equal(a.grad, b.grad)
+
+
+def test_split_of_a_compiled_stage():
+    """A ``torch.compile``d stage: its backward is one compiled function, run once in the
+    input pass; the gradients equal a full backward's and reach ``.grad`` at the W."""
+    torch.manual_seed(14)
+    module = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).double()
+    twin = copy.deepcopy(module)
+    compiled = torch.compile(twin, backend="aot_eager")
+    x = torch.randn(4, 8, dtype=torch.float64)
+    g = torch.randn(4, 8, dtype=torch.float64)
+    dx_full, g_full = _full(module, x, [g])
+    for _ in range(2):
+        for p in twin.parameters():
+            p.grad = None
+        xb = x.clone().requires_grad_(True)
+        (dx,), later = backward_input([compiled(xb)], [g], [xb], list(twin.parameters()))
+        assert all(p.grad is None for p in twin.parameters())
+        later.run()
+        assert torch.equal(dx, dx_full)
+        for a, b in zip(twin.parameters(), g_full):
+            assert torch.equal(a.grad, b)
