@@ -286,7 +286,8 @@ pub(super) fn point(judge: &Judge, depth: &Depth) -> Option<(Key, DepthPoint)> {
 
 /// The DualPipeV-like schedule of `depth` for `ranks` ranks and `microbatches` micro-batches
 /// under `costs` (no memory cap), lowered for the costs, validated and simulated. `None` when
-/// `microbatches` is below [`Depth::min_microbatches`].
+/// `microbatches` is below [`Depth::min_microbatches`] or `depth` does not hold one entry per
+/// rank boundary (`ranks - 1`).
 pub fn deep_v(
     ranks: u32,
     microbatches: u32,
