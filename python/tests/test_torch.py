@@ -178,10 +178,10 @@ def test_failed_step_leaves_the_pipeline_unusable(world2):
     errors = world2.errors(_faults.failed_step_refuses_the_next, timeout=60)
     (first0, second0), (first1, second1) = (json.loads(errors[r][1]) for r in (0, 1))
     assert first0[0] == "PipelineError" and "pass their inputs" in first0[1]
-    assert first1[0] == "PipelineError" and "waited for" in first1[1]
+    assert first1[0] == "PipelineError" and "of step 1 waited for" in first1[1]
     assert "rank 0 failed first" in first1[1] and "pass their inputs" in first1[1]
     # Rank 0's second call, whose messages rank 1's first call must not take, times out.
-    assert second0[0] == "PipelineError" and "waited for" in second0[1]
+    assert second0[0] == "PipelineError" and "of step 2 waited for" in second0[1]
     assert second1[0] == "PipelineError"
     assert "step 1 failed" in second1[1] and "create a new Pipeline" in second1[1]
 

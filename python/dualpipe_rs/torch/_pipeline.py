@@ -1199,8 +1199,9 @@ class Pipeline(nn.Module):
                 ops = ": " + ", ".join(prog.text[e[1]] for e in batch)
             peer = self._peer_failure()
             raise PipelineError(
-                f"rank {self.rank}: instruction {index} ({prog.text[index]}) waited for "
-                f"{what}{ops} and failed after at most {self.timeout} s: {exc}"
+                f"rank {self.rank}: instruction {index} ({prog.text[index]}) of step "
+                f"{self._calls} waited for {what}{ops} and failed after at most "
+                f"{self.timeout} s: {exc}"
                 + (f"; {peer}" if peer else ""),
                 self.rank, index, prog.text[index],
             ) from exc
