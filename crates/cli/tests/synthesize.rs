@@ -38,6 +38,33 @@ fn the_table_shows_the_result_beside_the_families() {
 }
 
 #[test]
+fn families_with_more_parameter_copies_are_not_compared_against() {
+    // DualPipe holds two copies: the fastest here, but not what one copy (the default) allows.
+    let output = dualpipe(&args(&[]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stdout = text(&output.stdout);
+    let row = stdout.lines().find(|l| l.starts_with("dualpipe ")).unwrap();
+    assert!(row.ends_with("(more copies)"), "{stdout}");
+    let last = stdout.lines().rfind(|l| !l.is_empty()).unwrap();
+    assert!(
+        last.contains("best family within the cap (dualpipev)"),
+        "{stdout}"
+    );
+    // With --copies 2 it counts.
+    let output = dualpipe(&args(&["--copies", "2", "--json"]));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let doc: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(doc["copies"], 2);
+    let output = dualpipe(&args(&["--copies", "2"]));
+    let stdout = text(&output.stdout);
+    assert!(!stdout.contains("(more copies)"), "{stdout}");
+    assert!(
+        stdout.contains("best family within the cap (dualpipe)"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn json_report_and_the_schedule_written() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s.json");

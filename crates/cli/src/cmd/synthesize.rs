@@ -116,6 +116,8 @@ struct Report {
     /// Time unit of every time (`""`: abstract units).
     unit: String,
     memory_cap: Option<f64>,
+    /// Parameter copies a rank may hold, in N-ths of the model (`--copies`).
+    copies: u32,
     seed: u64,
     evaluations: u64,
     cut_short: bool,
@@ -197,6 +199,7 @@ pub fn run(args: Args) -> Result<(), Failure> {
         microbatches: args.microbatches,
         unit: unit.clone(),
         memory_cap: result.memory_cap,
+        copies: args.copies,
         seed: args.seed,
         evaluations: result.evaluations,
         cut_short: result.cut_short,
@@ -295,24 +298,26 @@ fn table(report: &Report, source: &str) -> String {
         )
     };
     let _ = writeln!(out, "{}", line(&report.result, ""));
-    for b in &report.baselines {
-        let over = report
+    // Over the activation cap, or holding more parameter copies than --copies allows.
+    let over_cap = |b: &Row| {
+        report
             .memory_cap
-            .is_some_and(|cap| b.peak_memory > cap + 1e-9);
-        let _ = writeln!(
-            out,
-            "{}",
-            line(b, if over { "  (over the cap)" } else { "" })
-        );
+            .is_some_and(|cap| b.peak_memory > cap + 1e-9)
+    };
+    let more_copies = |b: &Row| b.copies > f64::from(report.copies) + 1e-9;
+    for b in &report.baselines {
+        let mark = match (over_cap(b), more_copies(b)) {
+            (true, true) => "  (over the cap; more copies)",
+            (true, false) => "  (over the cap)",
+            (false, true) => "  (more copies)",
+            (false, false) => "",
+        };
+        let _ = writeln!(out, "{}", line(b, mark));
     }
     let best_other = report
         .baselines
         .iter()
-        .filter(|b| {
-            report
-                .memory_cap
-                .is_none_or(|cap| b.peak_memory <= cap + 1e-9)
-        })
+        .filter(|b| !over_cap(b) && !more_copies(b))
         .min_by(|a, b| {
             a.blocking
                 .max(a.async_step)
