@@ -184,13 +184,19 @@ def feeds(schedule, rank: int, x, y):
 
 
 def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Optional[int] = None):
-    """Every case: (family, ranks, microbatches, chunks_per_rank). For both execution models,
-    training then forward-only: losses and outputs bitwise equal to the single-process run,
-    gradients within cal_diff < 1e-13. Returns the number of checks made."""
+    """Every case: (family, ranks, microbatches, chunks_per_rank), or a schedule document (JSON
+    text: its training steps only). For both execution models, training then forward-only:
+    losses and outputs bitwise equal to the single-process run, gradients within
+    cal_diff < 1e-13. Returns the number of checks made."""
     torch.set_num_threads(1)
     checks = 0
-    for family, n, c, v in cases:
-        schedule = dualpipe_rs.plan(family, n, c, chunks_per_rank=v)
+    for case in cases:
+        if isinstance(case, str):
+            schedule = dualpipe_rs.Schedule.from_json(case)
+            family, n, c, v = schedule.name, schedule.num_ranks, schedule.num_microbatches, None
+        else:
+            family, n, c, v = case
+            schedule = dualpipe_rs.plan(family, n, c, chunks_per_rank=v)
         stages = schedule.num_stages
         model_kind = {"hook": HookStage, "checkpoint": CheckpointBlock, "lora": LoraBlock}.get(
             kind, Block
@@ -233,6 +239,8 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
                         d = cal_diff(p.grad, g)
                         assert d < 1e-13, f"{where}: stage {s} cal_diff {d}"
                 checks += 1
+            if isinstance(case, str):
+                continue
             with torch.no_grad():
                 loss, outs = pipe.step(
                     inp, num_chunks=c, criterion=criterion, labels=(lab,), return_outputs=True
@@ -244,6 +252,8 @@ def conformance(rank: int, cases, steps: int = 2, kind: str = "block", rows: Opt
             checks += 1
         if kind == "hook" and any(o["op"] == "FB" for o in schedule.instructions(rank)):
             assert HookStage.calls > calls, f"{family}: the overlap hook never ran"
+        if isinstance(case, str):
+            continue
         # A forward-only schedule run as it is.
         fwd = dualpipe_rs.plan(family, n, c, chunks_per_rank=v, forward_only=True)
         pipe = Pipeline(fwd, [copy.deepcopy(model[s]) for s in fwd.stages_on(rank)], timeout=60)

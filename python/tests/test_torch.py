@@ -83,6 +83,39 @@ def test_autocast(world2, family):
     assert sum(world2.run(_cases.autocast_case, family)) == 4
 
 
+def test_synthesized_schedules(world2, tmp_path):
+    """Schedules the synthesiser writes (its own FB pairs and W placement, on 1F1B's layout
+    and on DualPipeV's) run with the single-process run's losses, both execution models."""
+    import json
+    import subprocess
+
+    from test_core import dualpipe_bin
+
+    binary = dualpipe_bin()
+    if binary is None:
+        pytest.skip("the dualpipe binary is not built (cargo build -p dualpipe-cli)")
+    heavy = {"f": 1, "b": 2, "w": 1, "fb": 2.4, "activation_bytes": 1}
+    light = {"f": 0.5, "b": 1, "w": 0.5, "fb": 1.2, "activation_bytes": 1}
+    costs = tmp_path / "uneven.json"
+    layers = [heavy, light, light, heavy]
+    costs.write_text(
+        json.dumps({"latency": 0.1, "stages": [dict(c, stage=i) for i, c in enumerate(layers)]})
+    )
+    docs = []
+    for how in (["--costs", str(costs)], ["--model-cost", "f=4,b=8,w=4,fb=9.6,comm=0.1"]):
+        run = subprocess.run(
+            [binary, "synthesize", "-n", "2", "-c", "6", *how, "--evaluations", "300", "-o", "-"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["schedule"] == "synthesized"
+        docs.append(run.stdout)
+    stages = {json.loads(d)["num_stages"] for d in docs}
+    assert stages == {2, 4}, stages
+    checks = world2.run(_cases.conformance, docs, 1)
+    assert checks[0] == 2 * len(docs)
+
+
 def test_reference_dualpipe_bitwise(world2):
     """A program written for the reference DualPipe, with only its imports and constructor
     changed, gets the reference's losses and gradients bit for bit."""
