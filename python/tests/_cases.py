@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import copy
 from typing import List, Optional
 
@@ -651,3 +652,56 @@ def autocast_case(rank: int, family: str):
             d = cal_diff(p.grad, q.grad)
             assert d < 1e-6, f"{family} stage {i}: cal_diff {d}"
     return len(out_mbs)
+
+
+# A forward-only schedule in which rank 0 sends micro-batch 0 down the V and receives it back
+# in one batch, while rank 1 receives it in one batch and sends it back in a later one. On the
+# step that learns the shapes, rank 0 must not wait for the returning message's description
+# before it has sent the outgoing one's data (rank 1 needs that data to get there).
+ONE_BATCH_TURN = json.dumps({
+    "format": "dualpipe-schedule/v1", "schedule": "one-batch-turn", "num_ranks": 2,
+    "num_stages": 4, "num_microbatches": 1, "forward_only": True,
+    "pipelines": [{"route": [0, 1, 1, 0], "microbatches": [0]}],
+    "ranks": [
+        [
+            {"op": "F", "stage": 0, "mb": 0},
+            {"op": "send", "kind": "act", "stage": 0, "mb": 0, "peer": 1},
+            {"op": "recv", "kind": "act", "stage": 3, "mb": 0, "peer": 1},
+            {"op": "commit"},
+            {"op": "F", "stage": 3, "mb": 0},
+        ],
+        [
+            {"op": "recv", "kind": "act", "stage": 1, "mb": 0, "peer": 0},
+            {"op": "commit"},
+            {"op": "F", "stage": 1, "mb": 0},
+            {"op": "F", "stage": 2, "mb": 0},
+            {"op": "send", "kind": "act", "stage": 2, "mb": 0, "peer": 0},
+            {"op": "commit"},
+        ],
+    ],
+})
+
+
+def forward_only_document(rank: int, text: str):
+    """A forward-only schedule document, both execution models, two steps each (the first
+    learns the shapes): outputs bitwise equal to the single-process forward."""
+    torch.set_num_threads(1)
+    schedule = dualpipe_rs.Schedule.from_json(text)
+    c = schedule.num_microbatches
+    model = full_model(schedule.num_stages)
+    x, y = data(2 * c)
+    with torch.no_grad():
+        want = model(x)
+    inp, lab, _, out_mbs = feeds(schedule, rank, x, y)
+    checks = 0
+    for execution in ("blocking", "async"):
+        modules = [copy.deepcopy(model[s]) for s in schedule.stages_on(rank)]
+        pipe = Pipeline(schedule, modules, execution=execution, timeout=20)
+        for _ in range(2):
+            with torch.no_grad():
+                _, outs = pipe.step(inp, criterion=criterion, labels=(lab,), return_outputs=True)
+            if out_mbs:
+                rows = torch.cat([want.tensor_split(c)[m] for m in out_mbs])
+                assert torch.equal(outs, rows), f"{execution}: outputs differ"
+            checks += 1
+    return checks

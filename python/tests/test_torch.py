@@ -83,9 +83,9 @@ def test_autocast(world2, family):
     assert sum(world2.run(_cases.autocast_case, family)) == 4
 
 
-def test_synthesized_schedules(world2, tmp_path):
-    """Schedules the synthesiser writes (its own FB pairs and W placement, on 1F1B's layout
-    and on DualPipeV's) run with the single-process run's losses, both execution models."""
+def _synthesized(tmp_path, n: int, c: int, seeds=(0,)):
+    """Schedules the synthesiser writes for ``n`` ranks: under first and last layers twice as
+    heavy (a cost file) and under uniform model costs with message latency, per seed."""
     import json
     import subprocess
 
@@ -96,24 +96,49 @@ def test_synthesized_schedules(world2, tmp_path):
         pytest.skip("the dualpipe binary is not built (cargo build -p dualpipe-cli)")
     heavy = {"f": 1, "b": 2, "w": 1, "fb": 2.4, "activation_bytes": 1}
     light = {"f": 0.5, "b": 1, "w": 0.5, "fb": 1.2, "activation_bytes": 1}
-    costs = tmp_path / "uneven.json"
-    layers = [heavy, light, light, heavy]
+    costs = tmp_path / f"uneven{n}.json"
+    layers = [heavy] + [light] * (2 * n - 2) + [heavy]
     costs.write_text(
         json.dumps({"latency": 0.1, "stages": [dict(c, stage=i) for i, c in enumerate(layers)]})
     )
     docs = []
-    for how in (["--costs", str(costs)], ["--model-cost", "f=4,b=8,w=4,fb=9.6,comm=0.1"]):
-        run = subprocess.run(
-            [binary, "synthesize", "-n", "2", "-c", "6", *how, "--evaluations", "300", "-o", "-"],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert run.returncode == 0, run.stderr
-        assert json.loads(run.stdout)["schedule"] == "synthesized"
-        docs.append(run.stdout)
+    for seed in seeds:
+        for how in (["--costs", str(costs)], ["--model-cost", "f=4,b=8,w=4,fb=9.6,comm=0.1"]):
+            run = subprocess.run(
+                [binary, "synthesize", "-n", str(n), "-c", str(c), *how, "--seed", str(seed),
+                 "--evaluations", "300", "-o", "-"],
+                capture_output=True, text=True, timeout=120,
+            )
+            assert run.returncode == 0, run.stderr
+            assert json.loads(run.stdout)["schedule"] == "synthesized"
+            docs.append(run.stdout)
+    return docs
+
+
+def test_synthesized_schedules(world2, tmp_path):
+    """Schedules the synthesiser writes (its own FB pairs and W placement, on 1F1B's layout
+    and on DualPipeV's) run with the single-process run's losses, both execution models."""
+    import json
+
+    docs = _synthesized(tmp_path, 2, 6)
     stages = {json.loads(d)["num_stages"] for d in docs}
     assert stages == {2, 4}, stages
     checks = world2.run(_cases.conformance, docs, 1)
     assert checks[0] == 2 * len(docs)
+
+
+def test_synthesized_schedules_on_four_ranks(world4, tmp_path):
+    """More of the synthesiser's orders, on 4 ranks, two steps each (the first learns the
+    shapes, the second runs with them known)."""
+    docs = _synthesized(tmp_path, 4, 8, seeds=(4, 5))
+    checks = world4.run(_cases.conformance, docs, 2)
+    assert checks[0] == 4 * len(docs)
+
+
+def test_message_sent_and_returned_in_one_batch(world2):
+    """The step that learns the shapes keeps a valid schedule free of deadlock where one
+    batch sends a message and receives its return, which the peer sends a batch later."""
+    assert world2.run(_cases.forward_only_document, _cases.ONE_BATCH_TURN) == [4, 4]
 
 
 def test_reference_dualpipe_bitwise(world2):

@@ -1,11 +1,11 @@
 """Point-to-point messages between pipeline ranks: shapes, batches, bounded waits.
 
 Every message carries the list of tensors that crosses a stage boundary. Activation shapes
-are learnt on a pipeline's first step: at each commit of that step the sender first sends a
-small description of every activation message of the batch (shape, dtype), then the data.
-The receiver allocates its buffers from the description and keeps it, keyed by (stage,
-micro-batch), for the steps that follow. Gradient messages need no description: their
-receiver produced the activation they belong to.
+are learnt on a pipeline's first step: on that step the sender precedes every activation
+message with a small description of its tensors (shapes, dtypes), on the same stream. The
+receiver waits for the description, allocates the message's buffers from it, and keeps it,
+keyed by (stage, micro-batch), for the steps that follow. Gradient messages need no
+description: their receiver produced the activation they belong to.
 """
 
 from __future__ import annotations

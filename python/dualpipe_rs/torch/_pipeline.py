@@ -950,8 +950,9 @@ class Pipeline(nn.Module):
                 ahead = self._recv_units(prog, st, [op[1:] for op in nxt], True, False)
         if not batch and not ahead:
             return
-        if exchange and batch:
-            self._exchange_shapes(prog, st, index, batch)
+        if exchange:
+            self._commit_learning_shapes(prog, st, index, batch)
+            return
         ops: List[tuple] = []
         recv_at = []
         recvs = []
@@ -994,21 +995,7 @@ class Pipeline(nn.Module):
                     st.preposted[key] = (value, (first, len(ops)))
         prof = self.profile
         t0 = prof._now() if prof is not None else None
-        works: List[Any] = []
-        if ops:
-            if self._post_each:
-                group_rank = self._group_rank
-                works = _comm.post_each(
-                    self.group, [(o, t, group_rank[p]) for o, t, p in ops], self._tag
-                )
-            else:
-                tag = self._tag
-                works = _comm.post(
-                    [
-                        dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group, tag)
-                        for o, t, p in ops
-                    ]
-                )
+        works = self._post(ops)
         per_op = len(works) == len(ops)
         # The members of a fused message share one list of works: a work is waited once (a
         # second wait would wait for a second message).
@@ -1144,28 +1131,70 @@ class Pipeline(nn.Module):
             units.append(([(act, stage, mb)], gpeer, tensors, [tensors]))
         return units
 
-    def _exchange_shapes(self, prog, st, index, batch) -> None:
-        """First step: describe every activation message of the batch before sending it."""
-        ops, incoming = [], []
-        known = self._meta[prog.key]
-        for code, _, act, stage, mb, gpeer, tensors, _ in batch:
-            if not act:
-                continue
-            if code == _SEND:
-                meta = _comm.encode_meta(tensors, self._device)
-                ops.append(dist.P2POp(dist.isend, meta, gpeer, self.group, self._tag))
-            else:
-                buf = torch.empty(_comm.META_LEN, dtype=torch.int64, device=self._device)
-                ops.append(dist.P2POp(dist.irecv, buf, gpeer, self.group, self._tag))
-                incoming.append((stage, mb, buf))
+    def _post(self, ops) -> List[Any]:
+        """Post ``(is_send, tensor, global peer)`` messages in order, tagged with this call's
+        tag; the works to wait on (one per message on gloo)."""
         if not ops:
-            return
-        self._wait(prog, index, _comm.post(ops), "the shapes of this commit's messages", batch)
-        for stage, mb, buf in incoming:
-            known[(stage, mb)] = _comm.decode_meta(buf.cpu())
-        for code, _, act, stage, mb, _, tensors, _ in batch:
-            if act and code == _SEND:
+            return []
+        if self._post_each:
+            group_rank = self._group_rank
+            return _comm.post_each(
+                self.group, [(o, t, group_rank[p]) for o, t, p in ops], self._tag
+            )
+        tag = self._tag
+        return _comm.post(
+            [dist.P2POp(dist.isend if o else dist.irecv, t, p, self.group, tag) for o, t, p in ops]
+        )
+
+    def _commit_learning_shapes(self, prog, st, index, batch) -> None:
+        """A commit of the step that learns the activation shapes. Each activation message
+        is preceded by its description (count, dtypes, shapes) on the same stream, so a peer
+        receives both in the order they were sent, on any backend. The batch's sends,
+        descriptions and data, are posted at once; each received description is waited for
+        before its buffers are posted. Those waits are the blocking model's at this commit,
+        so a schedule free of deadlock stays so (a batch of descriptions waited for as a
+        whole would also wait for descriptions the peer sends at a later commit, while that
+        peer waits for this batch's data)."""
+        prof = self.profile
+        t0 = prof._now() if prof is not None else None
+        known = self._meta[prog.key]
+        device = self._device
+        sends: List[tuple] = []
+        for code, _, act, stage, mb, gpeer, tensors, _ in batch:
+            if code != _SEND:
+                continue
+            if act:
+                sends.append((True, _comm.encode_meta(tensors, device), gpeer))
                 known[(stage + 1, mb)] = [(tuple(t.shape), t.dtype) for t in tensors]
+            sends.extend([(True, t, gpeer) for t in tensors])
+        sent = self._post(sends)
+        received, settled = [], []
+        for code, idx, act, stage, mb, gpeer, _, _ in batch:
+            if code != _RECV:
+                continue
+            if act:
+                buf = torch.empty(_comm.META_LEN, dtype=torch.int64, device=device)
+                what = f"the shapes of {prog.text[idx]}"
+                self._wait(prog, index, self._post([(False, buf, gpeer)]), what, batch)
+                known[(stage, mb)] = _comm.decode_meta(buf.cpu())
+            unit = (idx, act, stage, mb, None, gpeer)
+            ((_, _, post, values),) = self._recv_units(prog, st, [unit], False, True)
+            works = self._post([(False, t, gpeer) for t in post])
+            received.extend(works)
+            settled.append(((act, stage, mb), values[0], works))
+        if self.execution == "blocking":
+            if sent or received:
+                self._wait(prog, index, sent + received, "this commit's batch", batch)
+            for (act, stage, mb), value, _ in settled:
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (value, None)
+            self._free(st, batch)
+        else:
+            for (act, stage, mb), value, works in settled:
+                (st.act_bufs if act else st.grad_bufs)[(stage, mb)] = (value, works)
+            st.send_works.extend(sent)
+            st.to_free.extend(t for e in batch if e[0] == _SEND and e[7] is not None for t in e[7])
+        if prof is not None:
+            prof._comm(index, t0)
 
     def _free(self, st, batch=None) -> None:
         """Release the storage of sent activations (their graph stays for the backward)."""
