@@ -705,3 +705,44 @@ def forward_only_document(rank: int, text: str):
                 assert torch.equal(outs, rows), f"{execution}: outputs differ"
             checks += 1
     return checks
+
+
+def mutants(seed: int, count: int, cases) -> List[str]:
+    """``count`` valid schedule documents made from the planned ``cases`` ((family, ranks,
+    microbatches)) by random edits the validator accepts: a commit removed (two batches
+    merged), a send moved later, a receive moved earlier. Deterministic for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    found: List[str] = []
+    for _ in range(200 * count):
+        if len(found) == count:
+            break
+        family, n, c = rng.choice(cases)
+        doc = json.loads(dualpipe_rs.plan(family, n, c).to_json())
+        doc["schedule"] = f"mutant-{family}"
+        for _ in range(rng.randint(1, 6)):
+            ins = doc["ranks"][rng.randrange(n)]
+            edit = rng.random()
+            if edit < 0.4:
+                commits = [i for i, x in enumerate(ins) if x["op"] == "commit"][:-1]
+                if commits:
+                    del ins[rng.choice(commits)]
+            else:
+                kind = "send" if edit < 0.7 else "recv"
+                at = [i for i, x in enumerate(ins) if x["op"] == kind]
+                if at:
+                    i = rng.choice(at)
+                    op = ins.pop(i)
+                    step = rng.randint(1, 4)
+                    ins.insert(min(len(ins), i + step) if kind == "send" else max(0, i - step), op)
+            if ins and ins[-1]["op"] in ("send", "recv"):
+                ins.append({"op": "commit"})
+        text = json.dumps(doc)
+        try:
+            dualpipe_rs.Schedule.from_json(text)
+        except dualpipe_rs.ScheduleError:
+            continue
+        found.append(text)
+    assert len(found) == count, f"only {len(found)} valid mutants"
+    return found

@@ -135,6 +135,22 @@ def test_synthesized_schedules_on_four_ranks(world4, tmp_path):
     assert checks[0] == 4 * len(docs)
 
 
+@pytest.mark.parametrize(
+    "world_name, cases",
+    [
+        ("world2", [("dualpipev", 2, 4), ("dualpipe", 2, 4), ("zbv", 2, 4), ("zb1p", 2, 5)]),
+        ("world4", [("dualpipe", 4, 8), ("dualpipev", 4, 8), ("1f1b", 4, 5)]),
+    ],
+)
+def test_edited_schedules(request, world_name, cases):
+    """Planned schedules with batches merged and messages moved (each edit kept only where
+    the validator accepts it): the runtime runs any valid batch structure, two steps each."""
+    world = request.getfixturevalue(world_name)
+    docs = _cases.mutants(7, 6, cases)
+    checks = world.run(_cases.conformance, docs, 2)
+    assert checks[0] == 4 * len(docs)
+
+
 def test_message_sent_and_returned_in_one_batch(world2):
     """The step that learns the shapes keeps a valid schedule free of deadlock where one
     batch sends a message and receives its return, which the peer sends a batch later."""
