@@ -370,11 +370,14 @@ mod tests {
     ) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        // The joiners wait longer than rank 0, so that what they report is rank 0's answer,
+        // not a race between two equal deadlines on a loaded machine.
+        let patience = timeout + Duration::from_secs(5);
         let joiners: Vec<_> = ranks
             .iter()
             .map(|&(rank, world)| {
                 let addr = addr.clone();
-                thread::spawn(move || join(&addr, rank, world, timeout))
+                thread::spawn(move || join(&addr, rank, world, patience))
             })
             .collect();
         let served = serve(&listener, world_size, BLOB, timeout);
