@@ -309,16 +309,24 @@ def _split_through_store(module, x, g):
     return dx, group, before
 
 
-def test_store_only_stage_runs_a_plain_backward(monkeypatch):
-    """Once an analysis found every weight gradient going through the store, the next input
-    pass is one plain backward: no graph walk, the same bits, the W still deferred."""
-    torch.manual_seed(8)
+def _switch_twins(seed: int):
+    """A :class:`Switch` stage and its copy, an input and an output gradient, and the key of
+    the copy's hint (cleared)."""
+    torch.manual_seed(seed)
     module = Switch()
     twin = copy.deepcopy(module)
     x = torch.randn(4, 8, dtype=torch.float64)
     g = torch.randn(4, 8, dtype=torch.float64)
     key = tuple(id(p) for p in twin.parameters())
     _split_module._OPAQUE.pop(key, None)
+    return module, twin, x, g, key
+
+
+def test_store_only_stage_runs_a_plain_backward(monkeypatch):
+    """Once an analysis found nothing to split (every weight gradient through the store), the
+    next input pass is one plain backward: no graph walk, the same bits, the W still
+    deferred."""
+    module, twin, x, g, key = _switch_twins(8)
     walks = []
     original = _split_module._plan
     monkeypatch.setattr(_split_module, "_plan", lambda *a: walks.append(1) or original(*a))
@@ -338,13 +346,7 @@ def test_store_only_stage_runs_a_plain_backward(monkeypatch):
 def test_store_only_hint_that_no_longer_holds():
     """A stage hinted as store-only whose graph changed: its gradients are still right, and
     the next call analyses the graph again."""
-    torch.manual_seed(9)
-    module = Switch()
-    twin = copy.deepcopy(module)
-    x = torch.randn(4, 8, dtype=torch.float64)
-    g = torch.randn(4, 8, dtype=torch.float64)
-    key = tuple(id(p) for p in twin.parameters())
-    _split_module._OPAQUE.pop(key, None)
+    module, twin, x, g, key = _switch_twins(9)
     for plain in (False, True, True):
         module.plain = twin.plain = plain
         dx_full, g_full = _full(module, x, [g])
