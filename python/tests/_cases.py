@@ -746,3 +746,43 @@ def mutants(seed: int, count: int, cases) -> List[str]:
         found.append(text)
     assert len(found) == count, f"only {len(found)} valid mutants"
     return found
+
+
+def gloo_loop_policy(rank: int):
+    """set_gloo_loop_policy moves this process's gloo event-loop threads (and nothing else)
+    to SCHED_BATCH and back; a pipeline step keeps its exact results in between."""
+    import os
+    import threading
+
+    from dualpipe_rs.torch import gloo_loop_threads, set_gloo_loop_policy
+    from dualpipe_rs.torch._gloo import loops_batched
+
+    dist.barrier()
+    found = gloo_loop_threads()
+    assert found, f"rank {rank}: no gloo event-loop thread found"
+    assert threading.get_native_id() not in found
+    try:
+        assert not loops_batched()
+        changed = set_gloo_loop_policy()
+        assert changed == found, (changed, found)
+        assert loops_batched()
+        for tid in changed:
+            assert os.sched_getscheduler(tid) == os.SCHED_BATCH, tid
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                assert not f.read().startswith("pt_"), tid
+        # Every other thread keeps its policy.
+        others = [int(t) for t in os.listdir("/proc/self/task") if int(t) not in changed]
+        for tid in others:
+            try:
+                assert os.sched_getscheduler(tid) != os.SCHED_BATCH, tid
+            except ProcessLookupError:
+                pass
+        # Receives posted at their own commit while the loops are batched: still exact.
+        conformance(rank, [("dualpipev", 2, 4, None), ("zb1p", 2, 4, None)], steps=2)
+    finally:
+        back = set_gloo_loop_policy(batch=False)
+    assert back == found, (back, found)
+    assert not loops_batched()
+    for tid in back:
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER, tid
+    return True

@@ -3,6 +3,8 @@ contract, errors, data parallel x pipeline parallel, and the profiler."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import _cases
@@ -278,9 +280,11 @@ def test_example_runs_under_torchrun():
     assert "losses equal bit for bit" in run.stdout, run.stdout
 
 
-def test_benchmark_script_runs():
+@pytest.mark.parametrize("extra", [[], ["--gloo-batch", "--runs", "2"]], ids=["one-run", "runs"])
+def test_benchmark_script_runs(extra):
     """scripts/bench_torch.py, the benchmark docs/performance.md quotes, at a tiny size: every
-    row of its table is there with a measured ratio (the timings themselves are not judged)."""
+    row of its table is there with a measured ratio (the timings themselves are not judged);
+    with several runs, each run's ratio and their median."""
     import os
     import subprocess
     import sys
@@ -288,7 +292,7 @@ def test_benchmark_script_runs():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = os.path.join(root, "scripts", "bench_torch.py")
     run = subprocess.run(
-        [sys.executable, script, "--steps", "1", "--hidden", "16", "--chunks", "4"],
+        [sys.executable, script, "--steps", "1", "--hidden", "16", "--chunks", "4", *extra],
         capture_output=True,
         text=True,
         timeout=180,
@@ -297,8 +301,21 @@ def test_benchmark_script_runs():
     rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| 16 |")]
     assert len(rows) == 5, run.stdout
     for row in rows:
-        ratio = row[4].strip()
+        if extra:
+            each = [float(r) for r in row[4].split(",")]
+            assert len(each) == 2 and all(r > 0 for r in each), row
+            assert row[2].strip().endswith(" ms") and row[3].strip().endswith(" ms"), row
+            ratio = row[5].strip()
+        else:
+            ratio = row[4].strip()
         assert ratio.endswith("x") and float(ratio[:-1]) > 0, row
+    if extra:
+        assert "gloo loops SCHED_BATCH" in run.stdout, run.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo loop policy: Linux only")
+def test_gloo_loop_policy(world2):
+    assert all(world2.run(_cases.gloo_loop_policy))
 
 
 def test_rank_mapping(world2):

@@ -10,6 +10,7 @@ See docs/torch.md.
 """
 
 from ._comm import set_p2p_tensor_dtype, set_p2p_tensor_shapes
+from ._gloo import gloo_loop_threads, set_gloo_loop_policy
 from ._models import CausalLMStage, measure_layer_costs, model_units, parameter_costs, split_model
 from ._pipeline import Pipeline, PipelineError
 from ._profile import Profile
@@ -31,4 +32,6 @@ __all__ = [
     "parameter_costs",
     "model_units",
     "CausalLMStage",
+    "set_gloo_loop_policy",
+    "gloo_loop_threads",
 ]

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.autograd import Variable
 
 from .. import Schedule, plan
-from . import _comm
+from . import _comm, _gloo
 from ._profile import Profile
 from ._split import backward_input
 from ._store import WeightGradStore, run_backward
@@ -395,8 +395,11 @@ class Pipeline(nn.Module):
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
         self._post_each = _comm.posts_each(self.group, self._device)
-        # Post each batch's receives at the commit before it (see _commit).
+        # Post each batch's receives at the commit before it (unless the gloo loops are in
+        # SCHED_BATCH: see _gloo.loops_batched), and fuse the messages both ends exchange in
+        # one batch (see _commit).
         self._prepost = self._post_each
+        self._fuse = self._post_each
         if fb_streams and self._device.type != "cuda":
             raise ValueError(
                 f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
@@ -942,12 +945,13 @@ class Pipeline(nn.Module):
         batch, st.batch = st.batch, []
         # On a group that posts messages one by one (gloo), once shapes are known: the next
         # batch's receives are posted now, and messages travel fused (see _fused_groups).
-        early = self._prepost and not exchange
+        early = self._prepost and not exchange and not _gloo.loops_batched()
+        fuse = self._fuse and not exchange
         ahead = None
         if early:
             nxt = prog.next_recvs.get(index)
             if nxt is not None:
-                ahead = self._recv_units(prog, st, [op[1:] for op in nxt], True, False)
+                ahead = self._recv_units(prog, st, [op[1:] for op in nxt], fuse, False)
         if not batch and not ahead:
             return
         if exchange:
@@ -956,7 +960,7 @@ class Pipeline(nn.Module):
         ops: List[tuple] = []
         recv_at = []
         recvs = []
-        fused = prog.fused if early else None
+        fused = prog.fused if fuse else None
         covered = None
         for code, idx, act, stage, mb, gpeer, tensors, extra in batch:
             if code == _RECV:
@@ -979,7 +983,7 @@ class Pipeline(nn.Module):
                         continue
             ops.extend([(True, t, gpeer) for t in tensors])
         if recvs:
-            for keys, gpeer, post, values in self._recv_units(prog, st, recvs, early, True):
+            for keys, gpeer, post, values in self._recv_units(prog, st, recvs, fuse, True):
                 first = len(ops)
                 ops.extend([(False, t, gpeer) for t in post])
                 for key, value in zip(keys, values):
