@@ -127,6 +127,20 @@ def module_raises(rank: int):
     pipe.step(inp, criterion=criterion, labels=(lab,))
 
 
+def root_cause_once(rank: int):
+    """Rank 1's module raises on 4 ranks. Ranks 0 and 2 wait on rank 1 and fail after 3 s;
+    rank 3, which waits on rank 2, after 6 s, when all three have failed. It reports the first
+    failure, rank 1's, once: a rank whose wait failed because a peer had failed does not
+    announce its own failure as a cause."""
+    s = dualpipe_rs.plan("1f1b", 4, 4)
+    model = full_model(4)
+    module = Broken() if rank == 1 else copy.deepcopy(model[rank])
+    pipe = Pipeline(s, [module], timeout=6 if rank == 3 else 3)
+    x, y = data(8)
+    inp, lab, _, _ = feeds(s, rank, x, y)
+    pipe.step(inp, criterion=criterion, labels=(lab,))
+
+
 def failed_step_refuses_the_next(rank: int):
     """Rank 0 forgets its inputs: it raises at once and goes on to its next step, whose
     messages rank 1's first step must not take (each call has its own tag): rank 1 raises

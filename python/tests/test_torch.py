@@ -248,6 +248,17 @@ def test_module_error_names_the_instruction(world2):
     assert "rank 1 failed first" in errors[0][1]
 
 
+def test_peers_report_the_root_cause_once(world4):
+    errors = world4.errors(_faults.root_cause_once, timeout=60)
+    assert set(errors) == {0, 1, 2, 3}
+    cause = "rank 1: instruction 2 (F s1 m0) failed: ValueError: this stage is broken"
+    assert cause in errors[1][1]
+    for r in (0, 2, 3):
+        message = errors[r][1]
+        assert message.count("failed first") == 1, (r, message)
+        assert message.count(cause) == 1 and "rank 1 failed first" in message, (r, message)
+
+
 def test_failed_step_leaves_the_pipeline_unusable(world2):
     import json
 

@@ -1231,13 +1231,17 @@ class Pipeline(nn.Module):
             if batch:
                 ops = ": " + ", ".join(prog.text[e[1]] for e in batch)
             peer = self._peer_failure()
-            raise PipelineError(
+            err = PipelineError(
                 f"rank {self.rank}: instruction {index} ({prog.text[index]}) of step "
                 f"{self._calls} waited for {what}{ops} and failed after at most "
                 f"{self.timeout} s: {exc}"
                 + (f"; {peer}" if peer else ""),
                 self.rank, index, prog.text[index],
-            ) from exc
+            )
+            # A wait that failed after a peer had failed is a consequence, not a cause: it is
+            # not announced (see _announce), so every rank reports each cause once.
+            err._after_peer = bool(peer)
+            raise err from exc
         if prof is not None:
             prof._wait(t0)
 
@@ -1247,7 +1251,10 @@ class Pipeline(nn.Module):
         return f"dualpipe_rs/pipeline{self._id}/call{self._calls}/failed"
 
     def _announce(self, exc: BaseException) -> None:
-        """Tell the other ranks why this rank stops (through the default store)."""
+        """Tell the other ranks why this rank stops (through the default store), unless it
+        stops because a peer failed first (that peer has told them already)."""
+        if getattr(exc, "_after_peer", False):
+            return
         try:
             store = dist.distributed_c10d._get_default_store()
             key = self._store_key()
