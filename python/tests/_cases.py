@@ -755,17 +755,20 @@ def gloo_loop_policy(rank: int):
     import threading
 
     from dualpipe_rs.torch import gloo_loop_threads, set_gloo_loop_policy
-    from dualpipe_rs.torch._gloo import loops_batched
+    from dualpipe_rs.torch._gloo import early_receives_pay, loops_batched
 
     dist.barrier()
     found = gloo_loop_threads()
     assert found, f"rank {rank}: no gloo event-loop thread found"
     assert threading.get_native_id() not in found
     try:
-        assert not loops_batched()
+        assert not loops_batched() and early_receives_pay()
         changed = set_gloo_loop_policy()
         assert changed == found, (changed, found)
         assert loops_batched()
+        # Early receives: only on a rank held to one core while the loops are batched.
+        cores = os.sched_getaffinity(0)
+        assert early_receives_pay() == (len(cores) == 1)
         for tid in changed:
             assert os.sched_getscheduler(tid) == os.SCHED_BATCH, tid
             with open(f"/proc/self/task/{tid}/comm") as f:
@@ -779,6 +782,14 @@ def gloo_loop_policy(rank: int):
                 pass
         # Receives posted at their own commit while the loops are batched: still exact.
         conformance(rank, [("dualpipev", 2, 4, None), ("zb1p", 2, 4, None)], steps=2)
+        if len(cores) > 1:
+            # Held to one core, early again: still exact.
+            os.sched_setaffinity(0, {min(cores)})
+            try:
+                assert early_receives_pay()
+                conformance(rank, [("dualpipev", 2, 4, None)], steps=2)
+            finally:
+                os.sched_setaffinity(0, cores)
     finally:
         back = set_gloo_loop_policy(batch=False)
     assert back == found, (back, found)

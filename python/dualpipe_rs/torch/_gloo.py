@@ -20,21 +20,34 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
-__all__ = ["set_gloo_loop_policy", "gloo_loop_threads", "loops_batched"]
+__all__ = ["set_gloo_loop_policy", "gloo_loop_threads", "loops_batched", "early_receives_pay"]
 
 # Whether set_gloo_loop_policy last moved the loops to SCHED_BATCH (read by Pipeline: see
-# loops_batched).
+# early_receives_pay).
 _BATCHED = False
 
 
 def loops_batched() -> bool:
     """Whether :func:`set_gloo_loop_policy` last moved this process's gloo loops to
-    ``SCHED_BATCH``. A :class:`~dualpipe_rs.torch.Pipeline` on gloo then posts each batch's
-    receives at its own commit instead of the commit before: early receives let the sender
-    write the data at once, which the receiver's loop reads without delay only where it may
-    preempt; under ``SCHED_BATCH`` on shared cores they cost more than they save (measured in
-    docs/performance.md)."""
+    ``SCHED_BATCH``."""
     return _BATCHED
+
+
+def early_receives_pay() -> bool:
+    """Whether a :class:`~dualpipe_rs.torch.Pipeline` on gloo should post each batch's
+    receives at the commit before it, checked at every step. Early receives let the sender
+    write its data at once; the receiver's loop then reads it while the training thread
+    computes. That pays under the default policy, where the loop may preempt, and on a rank
+    held to one core. With the loops in ``SCHED_BATCH`` and the rank free to run on several
+    busy cores, the woken loop waits for a core, and early receives made steps 20 to 30%
+    slower (docs/performance.md, "gloo's event-loop thread")."""
+    if not _BATCHED:
+        return True
+    try:
+        return len(os.sched_getaffinity(0)) <= 1
+    except (AttributeError, OSError):
+        return False
+
 
 # gloo's loop waits in epoll_wait(fd, events, 64, 10 ms); a thread is taken for one when its
 # current system call has that signature (x86-64: epoll_wait or epoll_pwait; arm64 has only
@@ -106,8 +119,8 @@ def set_gloo_loop_policy(batch: bool = True) -> List[int]:
     ``send`` or ``recv`` (see docs/torch.md, "gloo on CPU"). ``batch=False`` moves them back
     to the default policy. Linux only; affects the whole process (every gloo group's loop),
     not only pipelines; has no effect on NCCL. While the loops are in ``SCHED_BATCH``, a
-    :class:`~dualpipe_rs.torch.Pipeline` posts receives at their own commit (see
-    :func:`loops_batched`).
+    :class:`~dualpipe_rs.torch.Pipeline` on a rank free to run on several cores posts
+    receives at their own commit (see :func:`early_receives_pay`).
 
     Returns the thread ids changed (empty where no loop thread was found or off Linux).
     Raises ``PermissionError`` where the system refuses the change.

@@ -287,6 +287,8 @@ class _Step:
         self.criterion: Optional[Callable] = None
         self.return_outputs = False
         self.training = True
+        # Whether each batch's receives are posted at the commit before it (see _commit).
+        self.early = False
 
 
 class Pipeline(nn.Module):
@@ -395,9 +397,9 @@ class Pipeline(nn.Module):
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
         self._post_each = _comm.posts_each(self.group, self._device)
-        # Post each batch's receives at the commit before it (unless the gloo loops are in
-        # SCHED_BATCH: see _gloo.loops_batched), and fuse the messages both ends exchange in
-        # one batch (see _commit).
+        # Post each batch's receives at the commit before it (where it pays: see
+        # _gloo.early_receives_pay), and fuse the messages both ends exchange in one batch
+        # (see _commit).
         self._prepost = self._post_each
         self._fuse = self._post_each
         if fb_streams and self._device.type != "cuda":
@@ -550,6 +552,7 @@ class Pipeline(nn.Module):
         st.training = training
         st.criterion = criterion
         st.return_outputs = return_outputs
+        st.early = self._prepost and _gloo.early_receives_pay()
         self._feed(prog, st, inputs, labels, criterion, training)
         exchange = self._fixed_shapes is None and not self._meta[prog.key]
         return prog, st, exchange
@@ -945,7 +948,7 @@ class Pipeline(nn.Module):
         batch, st.batch = st.batch, []
         # On a group that posts messages one by one (gloo), once shapes are known: the next
         # batch's receives are posted now, and messages travel fused (see _fused_groups).
-        early = self._prepost and not exchange and not _gloo.loops_batched()
+        early = st.early and not exchange
         fuse = self._fuse and not exchange
         ahead = None
         if early:
