@@ -397,11 +397,9 @@ class Pipeline(nn.Module):
         self._device = self._pick_device()
         self._nccl = dist.get_backend(self.group) == "nccl"
         self._post_each = _comm.posts_each(self.group, self._device)
-        # Post each batch's receives at the commit before it (where it pays: see
-        # _gloo.early_receives_pay), and fuse the messages both ends exchange in one batch
-        # (see _commit).
+        # Post each batch's receives at the commit before it, where it pays (see _commit and
+        # _gloo.early_receives_pay).
         self._prepost = self._post_each
-        self._fuse = self._post_each
         if fb_streams and self._device.type != "cuda":
             raise ValueError(
                 f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
@@ -949,7 +947,7 @@ class Pipeline(nn.Module):
         # On a group that posts messages one by one (gloo), once shapes are known: the next
         # batch's receives are posted now, and messages travel fused (see _fused_groups).
         early = st.early and not exchange
-        fuse = self._fuse and not exchange
+        fuse = self._post_each and not exchange
         ahead = None
         if early:
             nxt = prog.next_recvs.get(index)
