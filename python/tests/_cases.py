@@ -755,17 +755,19 @@ def gloo_loop_policy(rank: int):
     import threading
 
     from dualpipe_rs.torch import gloo_loop_threads, set_gloo_loop_policy
-    from dualpipe_rs.torch._gloo import early_receives_pay, loops_batched
+    from dualpipe_rs.torch._gloo import early_receives_pay, leading_pays, loops_batched
 
     dist.barrier()
     found = gloo_loop_threads()
     assert found, f"rank {rank}: no gloo event-loop thread found"
     assert threading.get_native_id() not in found
     try:
-        assert not loops_batched() and early_receives_pay()
+        assert not loops_batched() and early_receives_pay() and leading_pays()
         changed = set_gloo_loop_policy()
         assert changed == found, (changed, found)
         assert loops_batched()
+        # No exchange is ordered while no loop preempts.
+        assert not leading_pays()
         # Early receives: only on a rank held to one core while the loops are batched.
         cores = os.sched_getaffinity(0)
         assert early_receives_pay() == (len(cores) == 1)
@@ -793,7 +795,66 @@ def gloo_loop_policy(rank: int):
     finally:
         back = set_gloo_loop_policy(batch=False)
     assert back == found, (back, found)
-    assert not loops_batched()
+    assert not loops_batched() and leading_pays()
     for tid in back:
         assert os.sched_getscheduler(tid) == os.SCHED_OTHER, tid
     return True
+
+
+def ordered_exchanges(rank: int, late_leader: str):
+    """On gloo, where two ranks exchange messages at one commit, the follower (rank 1 of 2)
+    waits for its leader's messages of that batch before it posts its sends, at every commit
+    the analysis picks, and the leader never waits first. The results are those of the same
+    pipeline without the ordering, bit for bit; a schedule whose exchange cannot be ordered
+    without deadlock (``late_leader``) still runs exactly."""
+    torch.set_num_threads(1)
+    schedule = dualpipe_rs.plan("dualpipev", 2, 4)
+    model = full_model(schedule.num_stages)
+    x, y = data(8)
+    inp, lab, _, _ = feeds(schedule, rank, x, y)
+    results = []
+    for lead in (True, False):
+        modules = [copy.deepcopy(model[s]) for s in schedule.stages_on(rank)]
+        pipe = Pipeline(schedule, modules, timeout=60)
+        pipe._lead = lead
+        events = []
+        post, wait = pipe._post, pipe._wait
+
+        def spy_post(ops, post=post, events=events):
+            events.append(("post", any(o[0] for o in ops)))
+            return post(ops)
+
+        def spy_wait(prog, index, works, what, batch=None, wait=wait, events=events):
+            events.append(("wait", index, what))
+            return wait(prog, index, works, what, batch)
+
+        pipe._post, pipe._wait = spy_post, spy_wait
+        for step in range(2):
+            events.clear()
+            for m in modules:
+                m.zero_grad(set_to_none=True)
+            loss, _ = pipe.step(inp, num_chunks=4, criterion=criterion, labels=(lab,))
+        leaders = pipe._programs["train"].leaders
+        ordered = [e for e in events if e[0] == "wait" and "this batch from rank" in e[2]]
+        if not lead or rank == 0:
+            assert not ordered, (rank, lead, ordered)
+            if rank == 0:
+                assert not leaders
+        else:
+            assert leaders and all(v[0] == {0} for v in leaders.values()), leaders
+            assert sorted(e[1] for e in ordered) == sorted(leaders), (ordered, leaders)
+            for e in ordered:
+                assert e[2] == "the messages of this batch from rank 0", e
+                # Between the commit's first post and this wait, nothing was sent; the next
+                # post sends.
+                at = events.index(e)
+                assert events[at + 1] == ("post", True), events[at - 2 : at + 2]
+                before = events[at - 1]
+                assert before == ("post", False) or before[0] == "wait", before
+        results.append((loss, [p.grad.clone() for m in modules for p in m.parameters()]))
+    (l1, g1), (l2, g2) = results
+    assert (l1 is None) == (l2 is None)
+    if l1 is not None:
+        assert torch.equal(l1, l2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    return conformance(rank, [late_leader], steps=2)

@@ -329,6 +329,12 @@ def test_gloo_loop_policy(world2):
     assert all(world2.run(_cases.gloo_loop_policy))
 
 
+def test_ordered_exchanges(world2):
+    from test_lead import LATE_LEADER
+
+    assert all(world2.run(_cases.ordered_exchanges, LATE_LEADER))
+
+
 def test_rank_mapping(world2):
     assert all(world2.run(_cases.mapped))
 

@@ -20,7 +20,13 @@ import threading
 import time
 from typing import List, Optional, Tuple
 
-__all__ = ["set_gloo_loop_policy", "gloo_loop_threads", "loops_batched", "early_receives_pay"]
+__all__ = [
+    "set_gloo_loop_policy",
+    "gloo_loop_threads",
+    "loops_batched",
+    "early_receives_pay",
+    "leading_pays",
+]
 
 # Whether set_gloo_loop_policy last moved the loops to SCHED_BATCH (read by Pipeline: see
 # early_receives_pay).
@@ -47,6 +53,16 @@ def early_receives_pay() -> bool:
         return len(os.sched_getaffinity(0)) <= 1
     except (AttributeError, OSError):
         return False
+
+
+def leading_pays() -> bool:
+    """Whether a :class:`~dualpipe_rs.torch.Pipeline` on gloo should order the exchanges of
+    two ranks at one commit (one receives the other's messages before it sends; see
+    ``_lead``), checked at every step. Under the default policy both ranks inside gloo's calls
+    on their connection at once can stall each other until the scheduler tick; ordering them
+    took about 40% off a 2-rank dualpipev step at h 64 (docs/performance.md). With the loops in
+    ``SCHED_BATCH`` no loop preempts, and the wait only adds a message's latency."""
+    return not _BATCHED
 
 
 # gloo's loop waits in epoll_wait(fd, events, 64, 10 ms); a thread is taken for one when its

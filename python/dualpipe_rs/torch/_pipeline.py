@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.autograd import Variable
 
 from .. import Schedule, plan
-from . import _comm, _gloo
+from . import _comm, _gloo, _lead
 from ._profile import Profile
 from ._split import backward_input
 from ._store import WeightGradStore, run_backward
@@ -252,6 +252,9 @@ class _Program:
             if batches[j + 1]:
                 self.next_recvs[commits[j]] = tuple(batches[j + 1])
         self.fused = _fused_groups(schedule, rank)
+        # Commit index -> the global ranks whose messages of that batch this rank receives
+        # before it sends (see _lead); set where the group posts messages one by one.
+        self.leaders: Dict[int, Tuple[frozenset, str]] = {}
 
     def local_prev(self, stage: int, mb: int) -> bool:
         """Whether stage-1 of ``mb`` runs on this rank (a hand-off, no message)."""
@@ -289,6 +292,9 @@ class _Step:
         self.training = True
         # Whether each batch's receives are posted at the commit before it (see _commit).
         self.early = False
+        # Whether exchanges at one commit are ordered, a follower receiving before it sends
+        # (see _lead and _post_leading).
+        self.lead = False
 
 
 class Pipeline(nn.Module):
@@ -400,6 +406,9 @@ class Pipeline(nn.Module):
         # Post each batch's receives at the commit before it, where it pays (see _commit and
         # _gloo.early_receives_pay).
         self._prepost = self._post_each
+        # At an exchange with a peer that leads, receive its messages before sending (see
+        # _lead).
+        self._lead = self._post_each
         if fb_streams and self._device.type != "cuda":
             raise ValueError(
                 f"rank {self.rank}: fb_streams=True needs the stages on a CUDA device; they are "
@@ -472,6 +481,15 @@ class Pipeline(nn.Module):
         prog = self._programs.get(key)
         if prog is None:
             prog = _Program(schedule, self.rank, self._global_of.__getitem__)
+            if self._post_each:
+                waits = _lead.leader_waits(schedule)[self.rank]
+                prog.leaders = {
+                    i: (
+                        frozenset(self._global_of[p] for p in peers),
+                        "rank " + ", ".join(str(p) for p in sorted(peers)),
+                    )
+                    for i, peers in waits.items()
+                }
             self._programs[key] = prog
             self._meta[key] = {}
         prog.key = key  # type: ignore[attr-defined]
@@ -551,6 +569,7 @@ class Pipeline(nn.Module):
         st.criterion = criterion
         st.return_outputs = return_outputs
         st.early = self._prepost and _gloo.early_receives_pay()
+        st.lead = self._lead and _gloo.leading_pays()
         self._feed(prog, st, inputs, labels, criterion, training)
         exchange = self._fixed_shapes is None and not self._meta[prog.key]
         return prog, st, exchange
@@ -967,7 +986,7 @@ class Pipeline(nn.Module):
             if code == _RECV:
                 if extra is not None:
                     # Posted at the previous commit: its works are known.
-                    recv_at.append(((act, stage, mb), tensors, extra))
+                    recv_at.append(((act, stage, mb), tensors, extra, gpeer))
                 else:
                     recvs.append((idx, act, stage, mb, None, gpeer))
                 continue
@@ -988,7 +1007,7 @@ class Pipeline(nn.Module):
                 first = len(ops)
                 ops.extend([(False, t, gpeer) for t in post])
                 for key, value in zip(keys, values):
-                    recv_at.append((key, value, (first, len(ops))))
+                    recv_at.append((key, value, (first, len(ops)), gpeer))
         own = len(ops)
         if ahead:
             # The next batch's receives, after this batch's messages (so every peer's
@@ -1000,7 +1019,11 @@ class Pipeline(nn.Module):
                     st.preposted[key] = (value, (first, len(ops)))
         prof = self.profile
         t0 = prof._now() if prof is not None else None
-        works = self._post(ops)
+        waited: set = set()
+        if self._post_each:
+            works = self._post_leading(prog, st.lead, index, ops, recv_at, batch, waited)
+        else:
+            works = self._post(ops)
         per_op = len(works) == len(ops)
         # The members of a fused message share one list of works: a work is waited once (a
         # second wait would wait for a second message).
@@ -1014,19 +1037,24 @@ class Pipeline(nn.Module):
                         mine = shared[span] = works[span[0] : span[1]]
                     st.preposted[key] = (value, mine)
         settled = []
-        for key, value, where in recv_at:
+        for key, value, where, _ in recv_at:
             if type(where) is tuple:
                 mine = shared.get(where)
                 if mine is None:
-                    mine = shared[where] = works[where[0] : where[1]] if per_op else list(works)
+                    mine = works[where[0] : where[1]] if per_op else list(works)
+                    if waited:
+                        mine = [w for w in mine if id(w) not in waited]
+                    shared[where] = mine
             else:
                 mine = where
             settled.append((key, value, mine))
         if self.execution == "blocking":
             # This batch: its own messages and its receives posted at the commit before.
             waits = works[:own] if per_op else list(works)
+            if waited:
+                waits = [w for w in waits if id(w) not in waited]
             seen = set()
-            for _, _, where in recv_at:
+            for _, _, where, _ in recv_at:
                 if type(where) is not tuple and id(where) not in seen:
                     seen.add(id(where))
                     waits.extend(where)
@@ -1135,6 +1163,53 @@ class Pipeline(nn.Module):
             ]
             units.append(([(act, stage, mb)], gpeer, tensors, [tensors]))
         return units
+
+    def _post_leading(self, prog, lead, index, ops, recv_at, batch, waited) -> List[Any]:
+        """Post a commit's messages on a group that posts them one by one (gloo), so that two
+        ranks that exchange messages are not inside gloo's calls on their connection at once
+        (see _lead). A rank that follows a peer at this commit posts its receives from that
+        peer, waits for the messages the peer sends in this batch, then posts its sends and
+        its other receives; any other rank posts its receives, then its sends. The works in
+        the order of ``ops``; the ids of the works waited here are added to ``waited``."""
+        works: List[Any] = [None] * len(ops)
+
+        def post(ix) -> None:
+            if ix:
+                for i, w in zip(ix, self._post([ops[i] for i in ix])):
+                    works[i] = w
+
+        lead = prog.leaders.get(index) if lead else None
+        if lead is not None and any(o[0] for o in ops):
+            leaders, label = lead
+            first: List[int] = []
+            for _, _, where, gpeer in recv_at:
+                if gpeer in leaders and type(where) is tuple:
+                    first.extend(range(where[0], where[1]))
+            first = sorted(set(first))
+            post(first)
+            # A fused message's members share its works: each work is waited once (a second
+            # wait on gloo would wait for a second message).
+            pending = []
+            seen = set()
+            for _, _, where, gpeer in recv_at:
+                if gpeer in leaders:
+                    for w in works[where[0] : where[1]] if type(where) is tuple else where:
+                        if id(w) not in seen:
+                            seen.add(id(w))
+                            pending.append(w)
+            if pending:
+                self._wait(prog, index, pending, f"the messages of this batch from {label}", batch)
+                waited.update(id(w) for w in pending)
+                for _, _, where, gpeer in recv_at:
+                    if gpeer in leaders and type(where) is not tuple:
+                        where.clear()
+            done = set(first)
+            post([i for i, o in enumerate(ops) if o[0]])
+            post([i for i, o in enumerate(ops) if not o[0] and i not in done])
+        else:
+            post([i for i, o in enumerate(ops) if not o[0]])
+            post([i for i, o in enumerate(ops) if o[0]])
+        return works
 
     def _post(self, ops) -> List[Any]:
         """Post ``(is_send, tensor, global peer)`` messages in order, tagged with this call's
