@@ -322,8 +322,10 @@ def _split_bench(hidden, steps, device):
             return time.perf_counter() - t0
 
         times = {"full": [], "split": []}
+        pair = (("full", full), ("split", split))
         for i in range(steps + 3):
-            for name, fn in (("full", full), ("split", split)):
+            # In reverse order every other time, as the steps above.
+            for name, fn in pair if i % 2 == 0 else pair[::-1]:
                 stage.zero_grad(set_to_none=True)
                 t = fn()
                 if i >= 3:
