@@ -13,12 +13,13 @@ A wait added to a commit must not deadlock. The commits of all ranks form a grap
 per rank and batch, *receives posted*, *sends posted*, *waits done*, in program order; a
 receive is done once its matching send is posted, a send once its matching receive is posted
 (receives modelled as posted at their own commit, the later of the runtime's two choices, so the
-result holds with early receives too). Events get a key (longest path from the start, then the
-rank's parity, then the rank); every edge of the graph goes from a smaller key to a larger one.
-A follower's wait adds an edge from the leader's *sends posted* to its own, and is kept only
-where that edge also goes forward: the graph with every kept wait has no cycle, so a schedule
-free of deadlock stays so. The leader of two ranks is the even one where their parities differ
-(so along a pipeline no wait waits for another wait), else the lower one.
+result holds with early receives too). A follower's wait adds an edge from its leader's *sends
+posted* to its own. The events are put in one order that follows every edge of the graph
+(Kahn's algorithm), a follower's event going after its leaders' where that is possible; a wait
+is kept only where its edge goes forward in that order. So the graph with every kept wait has
+no cycle, and a schedule free of deadlock stays so. (In the planner's families every wait is
+kept.) The leader of two ranks is the even one where their parities differ (so along a
+pipeline no wait waits for another wait), else the lower one.
 """
 
 from __future__ import annotations
@@ -102,42 +103,66 @@ def leader_waits(schedule: Schedule) -> List[Dict[int, FrozenSet[int]]]:
                 if last_send.get(key, -1) < i:
                     last_send[key] = i
 
-    # Longest path from the start (Kahn's order); a cycle means no waits at all.
-    indeg = [0] * total
-    for row in succ:
-        for v in row:
-            indeg[v] += 1
-    level = [0] * total
-    queue = collections.deque(i for i in range(total) if indeg[i] == 0)
-    seen = 0
-    while queue:
-        u = queue.popleft()
-        seen += 1
-        lu = level[u] + 1
-        for v in succ[u]:
-            if level[v] < lu:
-                level[v] = lu
-            indeg[v] -= 1
-            if indeg[v] == 0:
-                queue.append(v)
-    if seen != total:
-        return [{} for _ in range(n)]
-
-    out: List[Dict[int, FrozenSet[int]]] = [{} for _ in range(n)]
+    # The candidate waits: a follower's sends-posted event -> (its rank, its batch, a leader,
+    # the leader's sends-posted event whose messages it waits for).
+    cands: Dict[int, List[tuple]] = {}
     for r in range(n):
         sent_in: Dict[int, set] = {}
         for p, batches in sends[r].items():
             for k in batches:
                 sent_in.setdefault(k, set()).add(p)
-        for p in recvs[r]:
+        for p in sorted(recvs[r]):
             if p == r or not _leads(p, r):
                 continue
-            for k in set(recvs[r][p]):
-                if p not in sent_in.get(k, ()):
-                    continue
-                j = last_send[(r, k, p)]
-                mine, theirs = node(r, k, _POSTED_SENDS), node(p, j, _POSTED_SENDS)
-                if (level[theirs], p % 2, p) < (level[mine], r % 2, r):
-                    at = commits[r][k]
-                    out[r][at] = out[r].get(at, frozenset()) | {p}
+            for k in sorted(set(recvs[r][p])):
+                if p in sent_in.get(k, ()):
+                    j = last_send[(r, k, p)]
+                    cands.setdefault(node(r, k, _POSTED_SENDS), []).append(
+                        (r, k, p, node(p, j, _POSTED_SENDS))
+                    )
+    waited_by: Dict[int, List[int]] = {}
+    for mine, row in cands.items():
+        for _, _, _, theirs in row:
+            waited_by.setdefault(theirs, []).append(mine)
+
+    # One order of all events (Kahn's algorithm) that follows every edge of the graph and,
+    # where it can, puts a leader's sends before its follower's. A follower's event waits for
+    # its leaders; when nothing else can go next, the event that has waited longest goes
+    # without the leaders it still waits for. A base graph with a cycle gives no waits.
+    base_in = [0] * total
+    for row in succ:
+        for v in row:
+            base_in[v] += 1
+    lead_in = [len(cands.get(v, ())) for v in range(total)]
+    pos = [-1] * total
+    ready = collections.deque(v for v in range(total) if base_in[v] == 0 and lead_in[v] == 0)
+    stalled = collections.deque(v for v in range(total) if base_in[v] == 0 and lead_in[v] > 0)
+    count = 0
+    while count < total:
+        if ready:
+            u = ready.popleft()
+        else:
+            while stalled and pos[stalled[0]] >= 0:
+                stalled.popleft()
+            if not stalled:
+                return [{} for _ in range(n)]
+            u = stalled.popleft()
+        pos[u] = count
+        count += 1
+        for v in succ[u]:
+            base_in[v] -= 1
+            if base_in[v] == 0:
+                (ready if lead_in[v] == 0 else stalled).append(v)
+        for v in waited_by.get(u, ()):
+            if pos[v] < 0:
+                lead_in[v] -= 1
+                if lead_in[v] == 0 and base_in[v] == 0:
+                    ready.append(v)
+
+    out: List[Dict[int, FrozenSet[int]]] = [{} for _ in range(n)]
+    for mine, row in cands.items():
+        for r, k, p, theirs in row:
+            if pos[theirs] < pos[mine]:
+                at = commits[r][k]
+                out[r][at] = out[r].get(at, frozenset()) | {p}
     return out
