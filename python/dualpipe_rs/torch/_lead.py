@@ -82,12 +82,11 @@ def leader_waits(schedule: Schedule) -> List[Dict[int, FrozenSet[int]]]:
     succ: List[List[int]] = [[] for _ in range(total)]
     for r in range(n):
         for k in range(len(commits[r])):
-            a, s_, d = node(r, k, 0), node(r, k, 1), node(r, k, 2)
-            succ[a].append(s_)
-            succ[s_].append(d)
+            succ[node(r, k, _POSTED_RECVS)].append(node(r, k, _POSTED_SENDS))
+            succ[node(r, k, _POSTED_SENDS)].append(node(r, k, _DONE))
             if k + 1 < len(commits[r]):
-                succ[d].append(node(r, k + 1, _POSTED_RECVS))
-    # leader_of[(r, k, p)]: the last batch of p whose sends r receives in its batch k.
+                succ[node(r, k, _DONE)].append(node(r, k + 1, _POSTED_RECVS))
+    # last_send[(r, k, p)]: the last batch of p whose sends r receives in its batch k.
     last_send: Dict[tuple, int] = {}
     for a in range(n):
         for b, batches in sends[a].items():
