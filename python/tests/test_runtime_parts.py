@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from dualpipe_rs.torch import _pipeline
+from dualpipe_rs.torch import _comm, _pipeline
 
 
 def _sent(tensors):
@@ -63,9 +63,9 @@ def test_fused_message_groups_agree_on_both_ends():
         except ValueError:
             continue
         groups = {r: _pipeline._fused_groups(s, r) for r in range(ranks)}
-        streams = {r: _pipeline._message_streams(s, r) for r in range(ranks)}
+        streams = {r: _comm.message_streams(s, r) for r in range(ranks)}
         for r in range(ranks):
-            sends, recvs = streams[r]
+            sends, recvs, _ = streams[r]
             for peer, mine in sends.items():
                 theirs = streams[peer][1][r]
                 assert len(mine) == len(theirs)

@@ -25,6 +25,7 @@ __all__ = [
     "set_p2p_tensor_dtype",
     "p2p_defaults",
     "step_tag",
+    "message_streams",
 ]
 
 META_LEN = 64
@@ -123,6 +124,25 @@ def wait(works, timeout: Optional[float]) -> None:
 def post(ops: List[dist.P2POp]):
     """Post one batch; the list of works to wait on."""
     return dist.batch_isend_irecv(ops)
+
+
+def message_streams(schedule, rank: int):
+    """``(sends, recvs, commits)`` of ``rank`` in a schedule: per peer pipeline rank,
+    ``[(batch, instruction index)]`` of its messages in program order (batch = the number of
+    commits before it), then the instruction indices of its commits followed by the number of
+    instructions (the index of the step's closing commit)."""
+    sends: Dict[int, List[Tuple[int, int]]] = {}
+    recvs: Dict[int, List[Tuple[int, int]]] = {}
+    commits: List[int] = []
+    ins = schedule.instructions(rank)
+    for i, x in enumerate(ins):
+        op = x["op"]
+        if op == "commit":
+            commits.append(i)
+        elif op in ("send", "recv"):
+            (sends if op == "send" else recvs).setdefault(x["peer"], []).append((len(commits), i))
+    commits.append(len(ins))
+    return sends, recvs, commits
 
 
 def step_tag(pipeline: int, call: int, shared: bool = False) -> int:

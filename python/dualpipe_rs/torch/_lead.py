@@ -28,6 +28,7 @@ import collections
 from typing import Dict, FrozenSet, List
 
 from .. import Schedule
+from ._comm import message_streams
 
 __all__ = ["leader_waits"]
 
@@ -51,24 +52,10 @@ def leader_waits(schedule: Schedule) -> List[Dict[int, FrozenSet[int]]]:
     sends: List[Dict[int, List[int]]] = []
     recvs: List[Dict[int, List[int]]] = []
     for r in range(n):
-        batch = 0
-        at: List[int] = []
-        s: Dict[int, List[int]] = {}
-        v: Dict[int, List[int]] = {}
-        ins = schedule.instructions(r)
-        for i, x in enumerate(ins):
-            op = x["op"]
-            if op == "commit":
-                at.append(i)
-                batch += 1
-            elif op == "send":
-                s.setdefault(x["peer"], []).append(batch)
-            elif op == "recv":
-                v.setdefault(x["peer"], []).append(batch)
-        at.append(len(ins))
+        s, v, at = message_streams(schedule, r)
+        sends.append({p: [b for b, _ in m] for p, m in s.items()})
+        recvs.append({p: [b for b, _ in m] for p, m in v.items()})
         commits.append(at)
-        sends.append(s)
-        recvs.append(v)
 
     base = [0] * n
     total = 0

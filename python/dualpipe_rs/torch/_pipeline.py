@@ -96,33 +96,18 @@ def _scatter(tensors: Sequence[Optional[torch.Tensor]], chunks: int, dim: int):
 _FUSE_MAX_BYTES = 1 << 20
 
 
-def _message_streams(schedule: Schedule, rank: int):
-    """``(sends, recvs)``: per peer pipeline rank, ``[(batch, instruction index)]`` of the
-    rank's messages in program order (batch = the number of commits before it)."""
-    sends: Dict[int, List[Tuple[int, int]]] = {}
-    recvs: Dict[int, List[Tuple[int, int]]] = {}
-    batch = 0
-    for i, ins in enumerate(schedule.instructions(rank)):
-        op = ins["op"]
-        if op == "commit":
-            batch += 1
-        elif op in ("send", "recv"):
-            (sends if op == "send" else recvs).setdefault(ins["peer"], []).append((batch, i))
-    return sends, recvs
-
-
 def _fused_groups(schedule: Schedule, rank: int) -> Dict[int, Tuple[int, ...]]:
     """Instruction index -> the indices of its group, for every message of ``rank`` that
     travels fused with others: consecutive messages between the same two ranks that the
     sender posts in one batch and the receiver receives in one batch. Both ends compute the
     same groups (from the whole schedule), and a group keeps its place in the stream of
     messages between the two, so every message is still matched with its own."""
-    mine = _message_streams(schedule, rank)
+    mine = _comm.message_streams(schedule, rank)
     out: Dict[int, Tuple[int, ...]] = {}
     for peer in set(mine[0]) | set(mine[1]):
         if peer == rank:
             continue
-        theirs = _message_streams(schedule, peer)
+        theirs = _comm.message_streams(schedule, peer)
         for local, remote, local_sends in (
             (mine[0].get(peer, []), theirs[1].get(rank, []), True),
             (mine[1].get(peer, []), theirs[0].get(rank, []), False),
